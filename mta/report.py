@@ -1,0 +1,152 @@
+"""Results: per-user method outputs ─► results.json and results.md (Table 1 and Table 2 layouts)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from mta.lamp import TaskSpec, get_task
+from mta.metrics import TaskScores, paired_t_test, score_outputs
+
+LABELS = {
+    "base": "Non-personalized",
+    "rag1": "RAG (BM25, k=1)",
+    "rag3": "RAG (BM25, k=3)",
+    "rag5": "RAG (BM25, k=5)",
+    "oppu": "OPPU",
+    "adapt_only": "Adapt-only",
+    "merged_only": "Merged-only",
+    "mta": "MTA",
+    "merged_random": "Merged-only, random anchors",
+    "mta_random": "MTA, random anchors",
+    "merged_least": "Merged-only, least similar anchors",
+    "mta_least": "MTA, least similar anchors",
+}
+TABLE1 = ("base", "rag1", "rag3", "rag5", "oppu", "mta")
+TABLE2 = ("adapt_only", "merged_only", "mta")
+CONTROLS = ("merged_random", "mta_random", "merged_least", "mta_least")
+PAPER_RESULTS = Path(__file__).resolve().parents[1] / "data" / "paper_results.json"
+
+# For paired tests: the per-example metric that stands for the task (lower is better for MAE).
+PRIMARY = {"classification": "accuracy", "rating": "mae", "generation": "rouge-1"}
+
+
+def primary_metric(spec: TaskSpec) -> tuple[str, bool]:
+    """(metric name, higher is better)."""
+    return PRIMARY[spec.metric], spec.metric != "rating"
+
+
+def score_methods(task: str, rows: dict[str, dict[str, dict]], users: Sequence[str]) -> dict[str, TaskScores]:
+    """Score every method on the users that every method finished (so comparisons are paired)."""
+    return {
+        method: score_outputs(task, [by_user[u]["output"] for u in users], [by_user[u]["gold"] for u in users])
+        for method, by_user in rows.items()
+    }
+
+
+def build_results(task: str, rows: dict[str, dict[str, dict]], meta: dict, n_boot: int = 1000) -> dict:
+    """rows: method -> user_id -> per-user result (as run_experiment writes it)."""
+    spec = get_task(task)
+    failed = {m: {u: r["error"] for u, r in by_user.items() if r.get("error")} for m, by_user in rows.items()}
+    ok = {m: {u: r for u, r in by_user.items() if not r.get("error")} for m, by_user in rows.items()}
+    users = sorted(set.intersection(*(set(v) for v in ok.values()))) if ok else []
+    scores = score_methods(spec.name, ok, users) if users else {}
+    metric, higher = primary_metric(spec)
+    methods = {}
+    for m, s in scores.items():
+        methods[m] = {
+            "label": LABELS.get(m, m),
+            "n": s.n,
+            "n_unparsable": s.n_unparsable,
+            "metrics": s.summary,
+            "ci95": {k: s.ci(k, n=n_boot) for k in s.summary},
+        }
+    significance = None
+    if "mta" in scores and len(users) >= 2:
+        baselines = [m for m in TABLE1 + TABLE2 if m in scores and m != "mta"]
+        if baselines:
+            pick = max if higher else min
+            best = pick(baselines, key=lambda m: scores[m].summary[metric])
+            t, p = paired_t_test(scores["mta"].per_example[metric], scores[best].per_example[metric])
+            significance = {"metric": metric, "best_baseline": best, "t": t, "p": p,
+                            "mta": scores["mta"].summary[metric], "baseline": scores[best].summary[metric]}
+    per_user = {
+        u: {m: {k: ok[m][u][k] for k in ("output", "prediction", "gold", "seconds") if k in ok[m][u]}
+            for m in ok}
+        for u in users
+    }
+    return {"task": spec.name, "meta": meta, "metric_names": list(spec.metric_names), "users": users,
+            "methods": methods, "significance": significance, "failures": failed, "per_user": per_user}
+
+
+def paper_numbers(task: str) -> dict:
+    table = json.loads(PAPER_RESULTS.read_text())
+    return table.get("tasks", {}).get(get_task(task).name, {})
+
+
+def _cell(result: dict, method: str, metric: str) -> str:
+    r = result["methods"].get(method)
+    if r is None:
+        return "—"
+    lo, hi = r["ci95"][metric]
+    return f"{r['metrics'][metric]:.4f} [{lo:.3f}, {hi:.3f}]"
+
+
+def _table(result: dict, methods: Sequence[str], paper: dict) -> list[str]:
+    names = result["metric_names"]
+    head = ["Method"] + [f"{n} (ours, 95% CI)" for n in names] + [f"{n} (paper)" for n in names]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in methods:
+        if m not in result["methods"]:
+            continue
+        ours = [_cell(result, m, n) for n in names]
+        theirs = [_fmt(paper.get(m, {}).get(n)) for n in names]
+        lines.append("| " + " | ".join([LABELS.get(m, m)] + ours + theirs) + " |")
+    return lines
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def render_markdown(result: dict) -> str:
+    spec = get_task(result["task"])
+    paper = paper_numbers(spec.name)
+    meta = result["meta"]
+    out = [f"# {spec.lamp_id} ({spec.name}): {meta.get('profile', '')} profile, seed {meta.get('seed', '')}", ""]
+    out += [f"{len(result['users'])} test users scored on every method. Metrics: "
+            + ", ".join(result["metric_names"])
+            + (" (`_stem`: with the Porter stemmer, as the authors' evaluation; without: LaMP's convention)"
+               if spec.metric == "generation" else "")
+            + ". Intervals: 95% percentile bootstrap over users.", ""]
+    for note in meta.get("notes", []):
+        out.append(f"- {note}")
+    out += ["", "## Table 1: comparison with baselines", ""] + _table(result, TABLE1, paper)
+    out += ["", "## Table 2: ablation", ""] + _table(result, TABLE2, paper)
+    if any(m in result["methods"] for m in CONTROLS):
+        out += ["", "## Controls: which anchors are merged", ""] + _table(result, ("merged_only", "mta") + CONTROLS, paper)
+    sig = result["significance"]
+    if sig:
+        verdict = "significant at 0.05" if sig["p"] < 0.05 else "not significant at 0.05"
+        out += ["", f"MTA vs the best baseline ({LABELS.get(sig['best_baseline'])}) on {sig['metric']}: "
+                    f"{sig['mta']:.4f} vs {sig['baseline']:.4f}, paired two-sided t-test t = {sig['t']:.3f}, "
+                    f"p = {sig['p']:.4f} ({verdict})."]
+    timing = meta.get("mta_latency_median_s")
+    if timing is not None:
+        out += ["", f"Median per-user MTA latency (match + fuse + adapt + generate): {timing:.1f} s."]
+    failures = {m: f for m, f in result["failures"].items() if f}
+    if failures:
+        out += ["", "## Failures", ""]
+        for m, by_user in failures.items():
+            for u, err in by_user.items():
+                out.append(f"- {LABELS.get(m, m)}, user {u}: {err}")
+    source = json.loads(PAPER_RESULTS.read_text()).get("source", "")
+    out += ["", f"Paper column: {source}", ""]
+    return "\n".join(out)
+
+
+def median(values: Sequence[float]) -> float | None:
+    return float(np.median(values)) if len(values) else None

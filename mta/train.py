@@ -1,0 +1,184 @@
+"""Supervised fine-tuning loop shared by every stage: loss on response tokens only.
+
+Examples are (prompt_ids, response_ids) pairs, batched with right padding. With causal attention a
+right-padded batch needs no attention mask: pad tokens come after every real token, so they are never
+attended to, and their positions are left out of the loss.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+Example = tuple[Sequence[int], Sequence[int]]  # (prompt_ids, response_ids)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings. `batch_size` is per micro-batch; an optimizer step sees batch_size * grad_accum."""
+
+    lr: float = 1e-4
+    epochs: int = 1
+    max_steps: int | None = None  # optimizer steps; overrides epochs when set
+    batch_size: int = 4
+    grad_accum: int = 1
+    weight_decay: float = 0.01  # AdamW, matrices only (no decay on 1-d params)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    schedule: str = "cosine"  # "cosine", "linear" or "constant", all after linear warmup
+    warmup_ratio: float = 0.0
+    max_grad_norm: float | None = 1.0
+    max_len: int | None = None  # prompt is cut from the left first, then the response from the right
+    seed: int = 0
+    shuffle: bool = True
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ValueError(f"TrainConfig.schedule must be cosine, linear or constant, got {self.schedule!r}")
+        if self.batch_size < 1 or self.grad_accum < 1 or self.epochs < 1:
+            raise ValueError("TrainConfig.batch_size, grad_accum and epochs must be >= 1")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"TrainConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
+@dataclass
+class TrainLog:
+    """Per optimizer step: mean response-token loss, learning rate used, gradient norm before clipping."""
+
+    losses: list[float] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
+    tokens: int = 0  # non-pad tokens processed
+    target_tokens: int = 0  # response tokens the loss was computed on
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (0-based), as transformers' schedulers define it.
+
+    With warmup the first step uses lr 0, rising linearly to the peak at step `warmup`; then cosine
+    decays to 0 at `total` (half a period) and linear decays straight to 0.
+    """
+    if step < warmup:
+        return step / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 1.0
+
+
+def make_batch(examples: Sequence[Example], max_len: int | None, pad_id: int) -> tuple[Tensor, Tensor, int]:
+    """Right-padded input_ids (B, T), a bool mask (B, T) of positions whose next token is a response
+    token, and the number of real (non-pad) tokens."""
+    rows = []
+    for prompt, response in examples:
+        prompt, response = list(prompt), list(response)
+        if not response:
+            raise ValueError("training example with an empty response")
+        if max_len is not None and len(prompt) + len(response) > max_len:
+            keep = max(0, max_len - len(response))
+            prompt, response = prompt[len(prompt) - keep:], response[: max_len - keep]
+        rows.append((prompt, response))
+    T = max(len(p) + len(r) for p, r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    predicts_response = torch.zeros(len(rows), T, dtype=torch.bool)
+    for i, (p, r) in enumerate(rows):
+        ids[i, : len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
+        predicts_response[i, max(0, len(p) - 1): len(p) + len(r) - 1] = True
+    return ids, predicts_response, sum(len(p) + len(r) for p, r in rows)
+
+
+def response_loss_sum(model: nn.Module, ids: Tensor, predicts_response: Tensor) -> Tensor:
+    """Summed cross-entropy of the response tokens; lm_head runs on those positions only when the
+    model exposes `hidden_states` (mta.llama), else on full logits."""
+    targets = ids[:, 1:][predicts_response[:, :-1]]  # (N,)
+    if hasattr(model, "hidden_states") and hasattr(model, "lm_head"):
+        logits = model.lm_head(model.hidden_states(ids)[predicts_response])  # (N, V)
+    else:
+        out = model(input_ids=ids)
+        logits = (out if torch.is_tensor(out) else out.logits)[predicts_response]  # (N, V)
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+def train(model: nn.Module, examples: Sequence[Example], config: TrainConfig, pad_id: int = 0) -> TrainLog:
+    """Fine-tune the trainable parameters of `model` on `examples`; returns the step log.
+
+    Raises FloatingPointError on a NaN/inf loss or gradient norm, naming the step.
+    """
+    if not examples:
+        raise ValueError("train: no examples")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("train: the model has no trainable parameters (inject LoRA first?)")
+    device = params[0].device
+    torch.manual_seed(config.seed)
+    order_gen = torch.Generator().manual_seed(config.seed)
+    micro_per_epoch = math.ceil(len(examples) / config.batch_size)
+    steps_per_epoch = math.ceil(micro_per_epoch / config.grad_accum)
+    total = config.max_steps or config.epochs * steps_per_epoch
+    warmup = math.ceil(config.warmup_ratio * total)
+
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=config.betas, eps=config.eps)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def step_batches():
+        """Yield, per optimizer step, the list of micro-batches it accumulates over."""
+        while True:
+            perm = torch.randperm(len(examples), generator=order_gen).tolist() if config.shuffle \
+                else list(range(len(examples)))
+            micro = [[examples[j] for j in perm[i: i + config.batch_size]]
+                     for i in range(0, len(examples), config.batch_size)]
+            for i in range(0, len(micro), config.grad_accum):
+                yield micro[i: i + config.grad_accum]
+
+    log, was_training = TrainLog(), model.training
+    model.train()
+    start = time.perf_counter()
+    batches = step_batches()
+    with tqdm(total=total, desc="train", disable=not config.progress, leave=False) as bar:
+        for step in range(total):
+            lr = config.lr * lr_factor(step, total, warmup, config.schedule)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            micro = [make_batch(b, config.max_len, pad_id) for b in next(batches)]
+            n_targets = sum(int(mask.sum()) for _, mask, _ in micro)
+            loss_sum = 0.0
+            for ids, mask, n_tokens in micro:
+                ids, mask = ids.to(device), mask.to(device)
+                with autocast:
+                    loss = response_loss_sum(model, ids, mask) / n_targets
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"train: non-finite loss {loss.item()} at step {step + 1}/{total} "
+                                             f"(lr {lr:.3g}); lower the lr or check the data")
+                loss.backward()
+                loss_sum += loss.item()
+                log.tokens += n_tokens
+            norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf"))
+            if not torch.isfinite(norm):
+                raise FloatingPointError(f"train: non-finite gradient norm at step {step + 1}/{total}")
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            log.losses.append(loss_sum)
+            log.lrs.append(lr)
+            log.grad_norms.append(float(norm))
+            log.target_tokens += n_targets
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}")
+    log.seconds = time.perf_counter() - start
+    model.train(was_training)
+    return log

@@ -1,0 +1,132 @@
+"""The SFT loop: response-only loss, schedules, accumulation, determinism, NaN stop."""
+import copy
+
+import pytest
+import torch
+
+from mta.lora import LoRAConfig, inject_lora, lora_layers
+from mta.train import TrainConfig, lr_factor, make_batch, response_loss_sum, train
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_llama(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def lora_model(seed=0):
+    model = tiny_llama(seed)
+    torch.manual_seed(seed)
+    inject_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.1, target_modules="all"))
+    return model
+
+
+def examples(n=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        p, r = torch.randint(1, 12, (2,), generator=g).tolist()
+        out.append((torch.randint(1, 64, (p,), generator=g).tolist(), torch.randint(1, 64, (r,), generator=g).tolist()))
+    return out
+
+
+def test_make_batch_right_pads_and_marks_response_predictions():
+    ids, mask, n = make_batch([([5, 6, 7], [8, 9]), ([1], [2, 3, 4, 5])], max_len=None, pad_id=0)
+    assert ids.tolist() == [[5, 6, 7, 8, 9], [1, 2, 3, 4, 5]] and n == 10
+    assert mask.tolist() == [[False, False, True, True, False], [True, True, True, True, False]]
+    ids, mask, _ = make_batch([([1, 2, 3, 4], [5, 6])], max_len=4, pad_id=0)  # prompt cut from the left
+    assert ids.tolist() == [[3, 4, 5, 6]] and mask.tolist() == [[False, True, True, False]]
+    ids, _, _ = make_batch([([1, 2], [3]), ([4], [5, 6, 7])], max_len=None, pad_id=63)
+    assert ids.tolist() == [[1, 2, 3, 63], [4, 5, 6, 7]]
+
+
+def test_loss_is_on_response_tokens_only():
+    model = tiny_llama().eval()
+    batch = [([5, 6, 7, 8], [9, 10]), ([1, 2], [3, 4, 11])]
+    ids, mask, _ = make_batch(batch, None, pad_id=0)
+    labels = torch.full_like(ids, -100)
+    for i, (p, r) in enumerate(batch):
+        labels[i, len(p): len(p) + len(r)] = torch.tensor(r)
+    ref = model(input_ids=ids, labels=labels).loss * 5  # HF: mean over the 5 response tokens
+    torch.testing.assert_close(response_loss_sum(model, ids, mask), ref, rtol=1e-5, atol=1e-5)
+    changed = ids.clone()
+    changed[0, 1] = 33  # a prompt token changes the context but is never a target
+    assert response_loss_sum(model, changed, mask) != response_loss_sum(model, ids, mask)
+    changed = ids.clone()
+    changed[1, 5] = 17  # row 1's pad position
+    torch.testing.assert_close(response_loss_sum(model, changed, mask), response_loss_sum(model, ids, mask))
+
+
+def test_mta_llama_response_head_matches_full_logits():
+    llama = pytest.importorskip("mta.llama")
+    hf = tiny_llama().eval()
+    ours = llama.LlamaForCausalLM(llama.LlamaConfig.from_hf_config(hf.config.to_dict())).eval()
+    ours.load_state_dict(hf.state_dict(), strict=False)
+    ids, mask, _ = make_batch(examples(4), None, pad_id=0)
+    torch.testing.assert_close(response_loss_sum(ours, ids, mask), response_loss_sum(hf, ids, mask),
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_schedule_matches_transformers(schedule):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    make = {"cosine": transformers.get_cosine_schedule_with_warmup,
+            "linear": transformers.get_linear_schedule_with_warmup}[schedule]
+    sched = make(opt, num_warmup_steps=3, num_training_steps=17)
+    for step in range(17):
+        assert lr_factor(step, 17, 3, schedule) == pytest.approx(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lr_factor(0, 17, 3, schedule) == 0.0 and lr_factor(0, 17, 0, schedule) == 1.0
+
+
+def test_same_seed_same_result_and_loss_decreases():
+    cfg = TrainConfig(lr=5e-3, epochs=4, batch_size=3, grad_accum=2, warmup_ratio=0.2, progress=False, seed=7)
+    logs, states = [], []
+    for _ in range(2):
+        model = lora_model()
+        logs.append(train(model, examples(), cfg))
+        states.append({n: l.lora_B.weight.clone() for n, l in lora_layers(model).items()})
+    assert logs[0].losses == logs[1].losses and logs[0].lrs == logs[1].lrs
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert len(logs[0].losses) == 4 * 2 and logs[0].lrs[0] == 0.0
+    assert logs[0].losses[-1] < logs[0].losses[0]
+    assert logs[0].tokens == 4 * sum(len(p) + len(r) for p, r in examples())
+    other = train(lora_model(), examples(), TrainConfig(**{**cfg.__dict__, "seed": 8}))
+    assert other.losses != logs[0].losses
+
+
+def test_gradient_accumulation_equals_big_batch():
+    base = lora_model()
+    for p in base.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.05)
+    for layer in lora_layers(base).values():
+        layer.dropout = torch.nn.Identity()
+    kw = dict(lr=1e-2, max_steps=2, shuffle=False, progress=False, max_grad_norm=None)
+    a, b = copy.deepcopy(base), copy.deepcopy(base)
+    la = train(a, examples(8), TrainConfig(batch_size=4, grad_accum=1, **kw))
+    lb = train(b, examples(8), TrainConfig(batch_size=2, grad_accum=2, **kw))
+    assert la.losses == pytest.approx(lb.losses, rel=1e-5)
+    for (n, x), (_, y) in zip(lora_layers(a).items(), lora_layers(b).items()):
+        torch.testing.assert_close(x.lora_A.weight, y.lora_A.weight, rtol=1e-4, atol=1e-6)
+
+
+def test_nan_loss_stops_clearly():
+    model = lora_model()
+    with torch.no_grad():
+        next(iter(lora_layers(model).values())).lora_B.weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="non-finite loss .* step 1/"):
+        train(model, examples(), TrainConfig(progress=False))
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        train(tiny_llama().requires_grad_(False), examples(), TrainConfig(progress=False))
+    with pytest.raises(ValueError, match="empty response"):
+        make_batch([([1, 2], [])], None, 0)
+    with pytest.raises(ValueError, match="schedule"):
+        TrainConfig(schedule="step")

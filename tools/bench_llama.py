@@ -1,0 +1,123 @@
+"""Benchmark mta.llama against transformers on SmolLM2-135M: same weights, threads and prompts, one run.
+
+Prints greedy decode tokens/s (batch 1 and 8, 64 new tokens), prefill tokens/s, the ratios ours/transformers
+and peak RSS. Targets: >= 1.5x for batch-1 decode, >= 1.0x elsewhere. Runs are interleaved (ours, theirs,
+ours, ...) and the best of --repeats is kept, so load from other processes hits both sides alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mta.checkpoint import load_llm  # noqa: E402
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about autumn leaves falling in a quiet park.",
+    "Explain in two sentences why the sky is blue.",
+    "List three uses of a paperclip.",
+    "Summarize the plot of Romeo and Juliet for a ten-year-old.",
+    "What are the main differences between a virus and a bacterium? Answer briefly.",
+    "Translate 'good morning, how are you today?' into Spanish and German.",
+    "Give me a title for a blog post about learning to bake bread at home during winter.",
+]
+
+
+def reference_model(ours):
+    """A transformers.LlamaForCausalLM holding exactly our (dequantized) weights."""
+    try:
+        transformers = importlib.import_module("transformers")
+    except ImportError:
+        sys.exit("bench_llama: the reference needs transformers: pip install -e '.[test]'")
+    c = ours.config
+    config = transformers.LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps,
+        rope_theta=c.rope_theta, max_position_embeddings=c.max_position_embeddings,
+        tie_word_embeddings=c.tie_word_embeddings, attn_implementation="sdpa",
+    )
+    ref = transformers.LlamaForCausalLM(config).eval()
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    ref.generation_config.eos_token_id = None
+    ref.generation_config.pad_token_id = 0
+    return ref
+
+
+def best_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    ours, tok = load_llm(args.model)
+    rss_ours = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    ref = reference_model(ours)
+    n = args.new_tokens
+
+    def batch(size):
+        return tok.pad([tok.chat_prompt(p) for p in PROMPTS[:size]], side="left")
+
+    def ours_decode(ids, mask):
+        out = ours.generate(ids, attention_mask=mask, max_new_tokens=n)
+        assert out.shape[1] == n
+
+    def ref_decode(ids, mask):
+        out = ref.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        assert out.shape[1] == ids.shape[1] + n
+
+    @torch.inference_mode()
+    def ours_prefill(ids, mask):
+        ours.lm_head(ours.hidden_states(ids, mask)[:, -1])
+
+    @torch.inference_mode()
+    def ref_prefill(ids, mask):
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        ref(ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)
+
+    long_prompts = [tok.encode(" ".join(PROMPTS[i:] + PROMPTS[:i]) * 2)[:256] for i in range(8)]
+    prefill_ids, prefill_mask = tok.pad(long_prompts, side="left")
+    rows = []
+    for label, (ours_fn, ref_fn), (ids, mask), tokens in [
+        ("decode batch 1", (ours_decode, ref_decode), batch(1), n),
+        ("decode batch 8", (ours_decode, ref_decode), batch(8), 8 * n),
+        ("prefill 8x256", (ours_prefill, ref_prefill), (prefill_ids, prefill_mask), int(prefill_mask.sum())),
+    ]:
+        ours_fn(ids, mask), ref_fn(ids, mask)  # warm-up
+        t_ours, t_ref = [], []
+        for _ in range(args.repeats):
+            t_ours.append(best_time(lambda: ours_fn(ids, mask), 1))
+            t_ref.append(best_time(lambda: ref_fn(ids, mask), 1))
+        rows.append((label, tokens / min(t_ours), tokens / min(t_ref)))
+
+    print(f"model {args.model}, fp32, {args.threads} threads, best of {args.repeats} interleaved runs")
+    print(f"{'':16s} {'ours tok/s':>11s} {'transformers':>13s} {'ratio':>7s}")
+    for label, a, b in rows:
+        print(f"{label:16s} {a:11.1f} {b:13.1f} {a / b:6.2f}x")
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak RSS: {rss_ours:.0f} MiB after loading ours, {rss:.0f} MiB with both models")
+
+
+if __name__ == "__main__":
+    main()
