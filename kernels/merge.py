@@ -97,19 +97,19 @@ def fold_(
     out = W0 if out is None else out
     if out.shape != W0.shape or B.shape[0] != W0.shape[0] or A.shape[1] != W0.shape[1]:
         raise ValueError(f"fold: W0 {tuple(W0.shape)}, out {tuple(out.shape)}, B {tuple(B.shape)}, A {tuple(A.shape)}")
-    B = B.to(device=W0.device, dtype=torch.float32)
-    A = A.to(device=W0.device, dtype=torch.float32)
+    B = B.to(device=out.device, dtype=torch.float32)
+    A = A.to(device=out.device, dtype=torch.float32)
     if W0.dtype == torch.float32 and out.dtype == torch.float32:
-        return out.addmm_(B, A) if out is W0 else torch.addmm(W0, B, A, out=out)
+        return torch.addmm(W0.to(out.device), B, A, out=out)
     n_out, n_in = W0.shape
     if workspace is None:
-        workspace = torch.empty(min(n_out * n_in, max(chunk_elements or default_chunk(), n_in)), device=W0.device)
+        workspace = torch.empty(min(n_out * n_in, max(chunk_elements or default_chunk(), n_in)), device=out.device)
     rows = min(n_out, workspace.numel() // n_in)
     if rows == 0 or workspace.dtype != torch.float32:
         raise ValueError(f"fold: workspace of {workspace.numel()} {workspace.dtype} cannot hold a row of {n_in} fp32")
     for i in range(0, n_out, rows):
         j = min(i + rows, n_out)
-        acc = workspace[: (j - i) * n_in].view(j - i, n_in).copy_(W0[i:j])
+        acc = workspace[: (j - i) * n_in].view(j - i, n_in).copy_(W0[i:j])  # (rows, in) fp32
         acc.addmm_(B[i:j], A)
         out[i:j].copy_(acc)
     return out

@@ -244,8 +244,9 @@ def set_adapter(model: nn.Module, adapter: Adapter) -> None:
         layer.scaling = adapter.config.scaling
 
 
-def save_adapter(adapter: Adapter, path: str | os.PathLike) -> None:
-    """Write a PEFT adapter directory (config + safetensors) atomically: it appears complete or not at all."""
+def save_adapter(adapter: Adapter, path: str | os.PathLike, extra: dict[str, str] | None = None) -> None:
+    """Write a PEFT adapter directory (config + safetensors, plus `extra` text files by name)
+    atomically: it appears complete or not at all."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -253,6 +254,10 @@ def save_adapter(adapter: Adapter, path: str | os.PathLike) -> None:
         tensors = {PEFT_PREFIX + k: v.detach().contiguous().cpu() for k, v in adapter.state_dict().items()}
         save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(adapter.config.to_peft(), indent=2, sort_keys=True) + "\n")
+        for name, text in (extra or {}).items():
+            if Path(name).name != name or name in (CONFIG_FILE, WEIGHTS_FILE):
+                raise ValueError(f"save_adapter: bad extra file name {name!r}")
+            (tmp / name).write_text(text)
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
             os.replace(path, old / "adapter")
@@ -333,9 +338,11 @@ def fold_adapters(model: nn.Module, adapters: Sequence[Adapter], weights: Sequen
     if base is not None:
         base.restore(skip=set(plan))
     workspace = None
-    if any(lin.weight.dtype != torch.float32 for lin in plan.values()):  # one fp32 chunk shared by all folds
-        size = max(min(lin.weight.numel(), max(default_chunk(), lin.in_features)) for lin in plan.values())
-        workspace = torch.empty(size, device=next(iter(plan.values())).weight.device)
+    if any(lin.weight.dtype != torch.float32 for lin in plan.values()):
+        # One fp32 chunk shared by all folds, no larger than the largest weight (so extra memory stays below it).
+        largest = max(lin.weight.numel() * lin.weight.element_size() // 4 for lin in plan.values())
+        widest = max(lin.in_features for lin in plan.values())
+        workspace = torch.empty(max(min(default_chunk(), largest), widest), device=next(iter(plan.values())).weight.device)
     for m, lin in plan.items():
         B, A = merged_factors(adapters, weights, m, mode)
         fold_(lin.weight if base is None else base.weights[m], B, A,

@@ -72,7 +72,7 @@ class Run:
     def write_config(self) -> None:
         config = {"task": self.spec.name, "seed": self.seed, "lamp_dir": str(self.lamp_dir),
                   "n_users": self.n_users, "methods": list(self.methods),
-                  "profile": dataclasses.asdict(self.profile)}
+                  "profile": json.loads(json.dumps(dataclasses.asdict(self.profile)))}
         if self.dir.config.exists():
             old = read_json(self.dir.config)
             if old.get("profile") != config["profile"]:
@@ -188,10 +188,14 @@ def write_results(run: Run) -> dict:
     return result
 
 
+def run_and_report(run: Run) -> dict:
+    stage3_run(run)
+    return write_results(run)
+
+
 def reproduce(run: Run) -> dict:
     start = time.perf_counter()
     torch.manual_seed(run.seed)
-    run.write_config()
     stage1_select(run)
     stage1_bank(run)
     stage2_match(run)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -99,10 +100,43 @@ CPU = PAPER.replace(
 PROFILES = {p.name: p for p in (PAPER, CPU)}
 
 
+def profile_from_dict(data: dict, source: str = "<profile>") -> Profile:
+    """A profile from JSON-like data: `base` names the profile it starts from (default `cpu`),
+    every other key replaces a field; the LoRA recipes (`bank`, `oppu`, `stack`) take partial dicts."""
+    data = dict(data)
+    base = resolve_profile(data.pop("base", "cpu"))
+    fields = {f.name: f for f in dataclasses.fields(Profile)}
+    changes = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ValueError(f"{source}: unknown profile field {key!r}")
+        current = getattr(base, key)
+        if isinstance(current, LoRASpec):
+            if not isinstance(value, dict):
+                raise ValueError(f"{source}: field {key!r} must be an object of LoRA settings")
+            unknown = set(value) - {f.name for f in dataclasses.fields(LoRASpec)}
+            if unknown:
+                raise ValueError(f"{source}: field {key!r} has unknown settings {sorted(unknown)}")
+            value = dataclasses.replace(current, **{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})
+        elif isinstance(value, list):
+            value = tuple(value)
+        changes[key] = value
+    return dataclasses.replace(base, **changes)
+
+
 def resolve_profile(name: str = "auto") -> Profile:
-    """`auto` picks `paper` on a CUDA machine and `cpu` elsewhere."""
+    """A profile by name (`auto` picks `paper` on a CUDA machine and `cpu` elsewhere) or a JSON file."""
     if name == "auto":
         name = "paper" if torch.cuda.is_available() else "cpu"
-    if name not in PROFILES:
-        raise ValueError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)} or 'auto'")
-    return PROFILES[name]
+    if name in PROFILES:
+        return PROFILES[name]
+    if name.endswith(".json"):
+        path = Path(name)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: profile file not found") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        return profile_from_dict(data, str(path))
+    raise ValueError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}, 'auto' or a .json file")

@@ -167,7 +167,10 @@ def test_save_here_load_in_peft(tmp_path):
     ref = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ad").eval()
     x = ids(3)
     torch.testing.assert_close(logits(ours, x), logits(ref, x), rtol=1e-5, atol=1e-5)
-    save_adapter(adapter, tmp_path / "ad")  # overwriting is atomic too
+    save_adapter(adapter, tmp_path / "ad", extra={"train_log.json": "{}"})  # overwriting is atomic too
+    assert sorted(os.listdir(tmp_path)) == ["ad"] and (tmp_path / "ad" / "train_log.json").read_text() == "{}"
+    with pytest.raises(ValueError, match="bad extra file name"):
+        save_adapter(adapter, tmp_path / "ad2", extra={"../x": ""})
     assert sorted(os.listdir(tmp_path)) == ["ad"]
 
 

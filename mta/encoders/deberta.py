@@ -12,6 +12,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import sentencepiece
 import torch
@@ -94,6 +95,22 @@ def relative_positions(T: int, config: DebertaV2Config, device: torch.device) ->
     return rel
 
 
+class PosIndex(NamedTuple):
+    """Rows of the relative embedding table per (query i, key j): c2p uses r(i, j), p2c uses r(j, i)."""
+
+    c2p: torch.Tensor  # (T, T)
+    p2c: torch.Tensor  # (T, T)
+
+    @classmethod
+    def build(cls, T: int, config: DebertaV2Config, device: torch.device) -> tuple["PosIndex", slice]:
+        """Indices into the slice of the table (2 * att_span rows) that length-T inputs reach, and that slice."""
+        span = config.att_span
+        rel = relative_positions(T, config, device)
+        c2p, p2c = (rel + span).clamp(0, 2 * span - 1), (-rel + span).clamp(0, 2 * span - 1)
+        lo, hi = int(torch.minimum(c2p, p2c).min()), int(torch.maximum(c2p, p2c).max())
+        return cls(c2p - lo, p2c - lo), slice(lo, hi + 1)
+
+
 class DebertaV2Embeddings(nn.Module):
     def __init__(self, config: DebertaV2Config):
         super().__init__()
@@ -135,35 +152,33 @@ class DisentangledSelfAttention(nn.Module):
         return x.view(*x.shape[:-1], self.n_heads, self.head_dim).transpose(-3, -2)  # (..., n_heads, T, head_dim)
 
     def forward(
-        self, x: torch.Tensor, key_mask: torch.Tensor, rel_pos: torch.Tensor | None, rel_emb: torch.Tensor | None
+        self, x: torch.Tensor, key_mask: torch.Tensor, pos_idx: PosIndex | None, rel_emb: torch.Tensor | None
     ) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.heads(self.query_proj(x)), self.heads(self.key_proj(x)), self.heads(self.value_proj(x))
         scale = 1.0 / math.sqrt(self.head_dim * self.config.scale_factor)
         bias = torch.zeros(B, 1, 1, T, dtype=x.dtype, device=x.device)
         if self.config.relative_attention:
-            bias = bias + self.position_bias(q, k, rel_pos, rel_emb) * scale  # (B, n_heads, T, T)
+            bias = bias + self.position_bias(q, k, pos_idx, rel_emb) * scale  # (B, n_heads, T, T)
         bias = bias.masked_fill(~key_mask[:, None, None, :], torch.finfo(x.dtype).min)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)  # (B, n_heads, T, head_dim)
         return y.transpose(1, 2).reshape(B, T, C)
 
     def position_bias(
-        self, q: torch.Tensor, k: torch.Tensor, rel_pos: torch.Tensor, rel_emb: torch.Tensor
+        self, q: torch.Tensor, k: torch.Tensor, pos_idx: PosIndex, rel_emb: torch.Tensor
     ) -> torch.Tensor:
-        """Unscaled c2p + p2c scores (B, n_heads, T, T) for bucketed distances `rel_pos` (T, T)."""
-        span, share = self.config.att_span, self.config.share_att_key
+        """Unscaled c2p + p2c scores (B, n_heads, T, T); `pos_idx` picks rows of `rel_emb` (R, hidden)."""
+        share = self.config.share_att_key
         B, H, T, _ = q.shape
         score = torch.zeros((), dtype=q.dtype, device=q.device)
         if "c2p" in self.config.pos_att_type:
-            pos_k = self.heads(self.key_proj(rel_emb) if share else self.pos_key_proj(rel_emb))  # (n_heads, 2*span, d)
-            c2p = q @ pos_k.transpose(-1, -2)  # (B, n_heads, T, 2*span)
-            idx = (rel_pos + span).clamp(0, 2 * span - 1)
-            score = score + torch.gather(c2p, -1, idx.expand(B, H, T, T))
+            pos_k = self.heads(self.key_proj(rel_emb) if share else self.pos_key_proj(rel_emb))  # (n_heads, R, head_dim)
+            c2p = q @ pos_k.transpose(-1, -2)  # (B, n_heads, T, R)
+            score = score + torch.gather(c2p, -1, pos_idx.c2p.expand(B, H, T, T))
         if "p2c" in self.config.pos_att_type:
             pos_q = self.heads(self.query_proj(rel_emb) if share else self.pos_query_proj(rel_emb))
-            p2c = k @ pos_q.transpose(-1, -2)  # (B, n_heads, T_key, 2*span)
-            idx = (-rel_pos + span).clamp(0, 2 * span - 1)
-            score = score + torch.gather(p2c, -1, idx.expand(B, H, T, T)).transpose(-1, -2)
+            p2c = k @ pos_q.transpose(-1, -2)  # (B, n_heads, T_key, R)
+            score = score + torch.gather(p2c, -1, pos_idx.p2c.expand(B, H, T, T)).transpose(-1, -2)
         return score
 
 
@@ -185,8 +200,8 @@ class DebertaV2Attention(nn.Module):
         self.self = DisentangledSelfAttention(config)
         self.output = DebertaV2SelfOutput(config.hidden_size, config)
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor, rel_pos, rel_emb) -> torch.Tensor:
-        return self.output(self.self(x, key_mask, rel_pos, rel_emb), x)
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor, pos_idx: PosIndex | None, rel_emb) -> torch.Tensor:
+        return self.output(self.self(x, key_mask, pos_idx, rel_emb), x)
 
 
 class DebertaV2Intermediate(nn.Module):
@@ -205,8 +220,8 @@ class DebertaV2Layer(nn.Module):
         self.intermediate = DebertaV2Intermediate(config)
         self.output = DebertaV2SelfOutput(config.intermediate_size, config)
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor, rel_pos, rel_emb) -> torch.Tensor:
-        x = self.attention(x, key_mask, rel_pos, rel_emb)
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor, pos_idx: PosIndex | None, rel_emb) -> torch.Tensor:
+        x = self.attention(x, key_mask, pos_idx, rel_emb)
         return self.output(self.intermediate(x), x)
 
 
@@ -234,14 +249,14 @@ class DebertaV2Model(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         key_mask = attention_mask.bool()  # (B, T)
         x = self.embeddings(input_ids, attention_mask)  # (B, T, hidden)
-        rel_pos = rel_emb = None
+        pos_idx = rel_emb = None
         if self.config.relative_attention:
-            rel_pos = relative_positions(input_ids.size(1), self.config, input_ids.device)
-            rel_emb = self.encoder.rel_embeddings.weight
+            pos_idx, rows = PosIndex.build(input_ids.size(1), self.config, input_ids.device)
+            rel_emb = self.encoder.rel_embeddings.weight[rows]  # (R, hidden), the rows these distances use
             if self.encoder.LayerNorm is not None:
                 rel_emb = self.encoder.LayerNorm(rel_emb)
         for layer in self.encoder.layer:
-            x = layer(x, key_mask, rel_pos, rel_emb)
+            x = layer(x, key_mask, pos_idx, rel_emb)
         return x
 
 
