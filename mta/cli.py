@@ -55,6 +55,8 @@ def run_from_args(args: argparse.Namespace) -> Run:
     profile = resolve_profile(args.profile)
     for assignment in args.set:
         profile = override(profile, assignment)
+    if args.set:  # an overridden profile gets its own run directory
+        profile = profile.replace(name="+".join([profile.name, *args.set]))
     methods = tuple(m for m in args.methods.split(",") if m)
     unknown = sorted(set(methods) - set(METHODS + CONTROLS))
     if unknown:

@@ -55,13 +55,13 @@ def kmeans_plusplus(X: np.ndarray, k: int, rng: np.random.Generator, x_sq: np.nd
     n_trials = 2 + int(math.log(k))
     chosen = [int(rng.integers(n))]
     closest = _sq_dist(X, X[chosen], x_sq)[:, 0]  # (N,)
-    potential = closest.sum()
+    potential = closest.sum(dtype=np.float64)
     for _ in range(1, k):
-        cum = np.cumsum(closest)
+        cum = np.cumsum(closest, dtype=np.float64)
         candidates = np.searchsorted(cum, rng.random(n_trials) * potential, side="right")
         candidates = np.minimum(candidates, n - 1)
         dist = np.minimum(closest[:, None], _sq_dist(X, X[candidates], x_sq))  # (N, n_trials)
-        totals = dist.sum(axis=0)
+        totals = dist.sum(axis=0, dtype=np.float64)
         best = int(np.argmin(totals))
         chosen.append(int(candidates[best]))
         closest, potential = dist[:, best], totals[best]
@@ -88,7 +88,7 @@ def _lloyd(X: np.ndarray, centers: np.ndarray, x_sq: np.ndarray, max_iter: int, 
         if converged or shift <= tol_abs:
             break
     labels, dist = assign(X, centers, x_sq)  # labels consistent with the final centers
-    return KMeansResult(labels.astype(np.int64), centers, float(dist.sum()), it)
+    return KMeansResult(labels.astype(np.int64), centers, float(dist.sum(dtype=np.float64)), it)
 
 
 def _update_centers(X: np.ndarray, labels: np.ndarray, dist: np.ndarray, k: int) -> np.ndarray:

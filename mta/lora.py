@@ -336,13 +336,18 @@ def fold_adapters(model: nn.Module, adapters: Sequence[Adapter], weights: Sequen
     """
     plan = _plan(model, adapters, weights)
     if base is not None:
+        for m in plan:
+            if m not in base.weights:
+                raise ValueError(f"{adapters[0].source}: module {m!r} has no pristine copy in BaseWeights "
+                                 f"(create it with targets covering the adapters' target_modules)")
         base.restore(skip=set(plan))
     workspace = None
     if any(lin.weight.dtype != torch.float32 for lin in plan.values()):
         # One fp32 chunk shared by all folds, no larger than the largest weight (so extra memory stays below it).
         largest = max(lin.weight.numel() * lin.weight.element_size() // 4 for lin in plan.values())
         widest = max(lin.in_features for lin in plan.values())
-        workspace = torch.empty(max(min(default_chunk(), largest), widest), device=next(iter(plan.values())).weight.device)
+        device = next(iter(plan.values())).weight.device
+        workspace = torch.empty(max(min(default_chunk(), largest), widest), device=device)
     for m, lin in plan.items():
         B, A = merged_factors(adapters, weights, m, mode)
         fold_(lin.weight if base is None else base.weights[m], B, A,

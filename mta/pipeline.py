@@ -127,7 +127,7 @@ def stage2_match(run: Run) -> dict:
     by_id = {u.user_id: u for u in run.candidates}
     log(f"stage 2: matching {len(run.test_users)} users to {len(anchor_ids)} anchors with {p.stage2_encoder}")
     encoder = load_encoder(p.stage2_encoder, device=p.device)
-    matches = match_users(run.test_users, [by_id[a] for a in anchor_ids], run.spec, encoder, p.top_k, p.fusion,
+    matches = match_users(run.test_users, [by_id[a] for a in anchor_ids], run.spec, encoder,
                           p.encoder_batch_size, run.progress)
     write_json(path, matches)
     return matches

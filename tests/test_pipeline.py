@@ -37,7 +37,9 @@ def test_every_artifact_and_both_tables(tiny_run):
     matches = json.loads((run_dir / "stage2" / "matches.json").read_text())
     assert len(matches) == N_USERS
     for m in matches.values():
-        assert len(m["anchors"]) == 2 and abs(sum(m["weights"]) - 1) < 1e-6
+        assert len(m["similarities"]) == len(anchors["anchors"])
+    mta = json.loads(next((run_dir / "users").iterdir()).joinpath("mta.json").read_text())
+    assert len(mta["anchors"]) == 2 and abs(sum(mta["weights"]) - 1) < 1e-6
     assert set(result["methods"]) == set(METHODS)
     assert len(result["users"]) == N_USERS
     for name in ("rouge-1", "rouge-L", "rouge-1_stem", "rouge-L_stem"):
@@ -84,7 +86,8 @@ def test_bad_user_and_missing_adapter_are_recorded(tiny_run, tmp_path):
     assert "profile" in failures["rag1"][users[0]["user_id"]]
     ok_user = users[1]["user_id"]
     assert ok_user not in failures["rag1"]
-    uses_missing = anchor in json.loads((copy / "stage2" / "matches.json").read_text())[ok_user]["anchors"]
+    sims = json.loads((copy / "stage2" / "matches.json").read_text())[ok_user]["similarities"]
+    uses_missing = anchor in sorted(sims, key=lambda a: -sims[a])[:2]
     assert (anchor in failures["merged_only"].get(ok_user, "")) == uses_missing
 
 
@@ -93,3 +96,18 @@ def test_fusion_weights():
     assert fusion_weights([0.6, 0.2], "authors_code") == pytest.approx([0.25, 0.75])
     with pytest.raises(ValueError, match="positive"):
         fusion_weights([-0.1, 0.05], "paper")
+
+
+def test_fused_anchors_top_controls_and_fixed_alpha():
+    from mta.profiles import CPU
+    from mta.stages import fused_anchors
+
+    match = {"similarities": {"a": 0.9, "b": 0.6, "c": 0.3, "d": 0.1}, "seconds": 0.0}
+    assert fused_anchors(match, CPU) == (["a", "b"], pytest.approx([0.6, 0.4]))
+    assert fused_anchors(match, CPU.replace(top_k=3))[0] == ["a", "b", "c"]
+    assert fused_anchors(match, CPU.replace(fixed_alpha=0.3)) == (["a", "b"], [0.3, 0.7])
+    assert fused_anchors(match, CPU, "least") == (["d", "c"], [0.5, 0.5])
+    chosen, _ = fused_anchors(match, CPU, "random", seed=1)
+    assert chosen == fused_anchors(match, CPU, "random", seed=1)[0] and len(set(chosen)) == 2
+    with pytest.raises(ValueError, match="top_k"):
+        fused_anchors(match, CPU.replace(top_k=5))

@@ -36,7 +36,7 @@ def test_gguf_rebuild_llama3_chat_format_and_roundtrip():
     assert tok.chat_format == "llama3"
     eot, eos = tok.token_id("<|eot_id|>"), tok.token_id("<|end_of_text|>")
     assert tok.eos_token_ids == [eot, eos] and tok.pad_token_id == eot
-    text = "the cat said hello, 12345 😀 中文\r\n"
+    text = "so the cat said hello, 12345 😀 中文\r\n"
     ids = tok.encode(text)
     assert tok.decode(ids) == text
     assert tok.token_id("Ġthe") in ids

@@ -7,6 +7,8 @@ Registry short names:
 
 Anything else is a local checkpoint directory or a Hub repo id. The pooling mode is read from the
 sentence-transformers `1_Pooling/config.json` when the checkpoint has one, else from the registry, else mean.
+Texts are truncated at 512 tokens, or at the checkpoint's sentence-transformers `max_seq_length` when
+smaller (256 for all-MiniLM-L6-v2, as sentence-transformers does).
 
 User embeddings (paper Sec. 3): `user_item_embeddings` is Eq. 2, the mean of a user's per-item
 embeddings; `history_document_embeddings` embeds the whole history joined into one text (stage 2).
@@ -68,6 +70,8 @@ class Encoder:
     def encode(self, texts: Sequence[str], batch_size: int = 32, progress: bool = False) -> np.ndarray:
         """Embed `texts` -> float32 (N, D), unit L2 norm. Batches are built from length-sorted texts."""
         texts = _check_texts(texts, "texts")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         ids = self.tokenizer.encode_batch(texts)
         order = np.argsort([-len(x) for x in ids], kind="stable")
         out = np.empty((len(texts), self.dim), dtype=np.float32)
@@ -117,11 +121,11 @@ def user_item_embeddings(
     The mean is not re-normalised, as in the paper's anchor-selection code; cosine similarity
     downstream normalises anyway, and K-Means sees the plain means.
     """
-    counts = [len(_check_texts(items, f"users[{u}]")) for u, items in enumerate(users)]
-    if not counts:
+    users = [_check_texts(items, f"users[{u}]") for u, items in enumerate(users)]
+    if not users:
         raise ValueError("users is empty: nothing to embed")
     flat = encoder.encode([t for items in users for t in items], batch_size=batch_size, progress=progress)
-    bounds = np.cumsum([0] + counts)
+    bounds = np.cumsum([0] + [len(items) for items in users])
     return np.stack([flat[a:b].mean(axis=0) for a, b in zip(bounds[:-1], bounds[1:])]).astype(np.float32)
 
 
@@ -135,7 +139,7 @@ def history_document_embeddings(
 ) -> np.ndarray:
     """Stage 2: each user's whole history joined by `sep` into one text, embedded -> float32 (U, D), unit norm.
 
-    The joined text is truncated at the encoder's maximum length (512 tokens) like any other text.
+    The joined text is truncated at the encoder's maximum length like any other text.
     """
     docs = [sep.join(_check_texts(items, f"users[{u}]")) for u, items in enumerate(users)]
     return encoder.encode(docs, batch_size=batch_size, progress=progress)
@@ -223,6 +227,8 @@ def _resolve_directory(name: str, spec: EncoderSpec | None) -> Path:
         return Path(found.submodule_search_locations[0]) / "model"
     if spec is None and Path(name).exists():
         return Path(name)
+    if spec is None and (Path(name).is_absolute() or name.startswith((".", "~"))):
+        raise FileNotFoundError(f"encoder directory {name} does not exist")
     repo_id = spec.source if spec else name
     from huggingface_hub import snapshot_download
 
