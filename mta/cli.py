@@ -66,12 +66,16 @@ def run_from_args(args: argparse.Namespace) -> Run:
                progress=not args.no_progress)
 
 
-def main(description: str, stage, argv: list[str] | None = None):
-    """Parse the shared arguments and return `stage(run)`; a bad input ends with one clear line."""
-    args = parser(description).parse_args(argv)
+def main(description: str, stage, argv: list[str] | None = None, add_args=None):
+    """Parse the shared arguments and return `stage(run)`, or `stage(run, args)` for a tool whose
+    `add_args(parser)` adds its own; a bad input ends with one clear line."""
+    ap = parser(description)
+    if add_args:
+        add_args(ap)
+    args = ap.parse_args(argv)
     try:
         run = run_from_args(args)
         run.write_config()
-        return stage(run)
+        return stage(run, args) if add_args else stage(run)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")

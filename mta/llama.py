@@ -130,8 +130,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # x / sqrt(mean(x^2) + eps), in fp32
         return self.weight * h.to(x.dtype)
 
 
@@ -201,15 +200,6 @@ class LlamaDecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class LlamaModel(nn.Module):
-    def __init__(self, config: LlamaConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.inv_freq = rope_inv_freq(config)  # fp32 on purpose: not a buffer, so .to(dtype) leaves it alone
-
-
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """(B, S) padding mask -> (B, S) positions counting only kept tokens, as if each row were unpadded."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -225,6 +215,55 @@ def attention_bias_mask(attention_mask: torch.Tensor, T: int) -> torch.Tensor:
     k_pos = torch.arange(S, device=attention_mask.device)[None, :]
     mask = (k_pos <= q_pos) & attention_mask.bool()[:, None, None, :]
     return mask | (k_pos == q_pos)
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.inv_freq = rope_inv_freq(config)  # fp32 on purpose: not a buffer, so .to(dtype) leaves it alone
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final-norm hidden states (B, T, hidden) for input_ids (B, T).
+
+        attention_mask (B, S), 1 = keep, covers the cached tokens plus the new ones (S = cache.length + T).
+        Positions default to counting kept tokens, so left padding does not shift them.
+        """
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        S = past + T
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None
+        if position_ids is None:
+            if attention_mask is None:
+                position_ids = torch.arange(past, S, device=input_ids.device).expand(B, T)
+            else:
+                position_ids = position_ids_from_mask(attention_mask)[:, -T:]
+        if attention_mask is not None:
+            mask, is_causal = attention_bias_mask(attention_mask, T), False
+        elif past and T > 1:  # a chunk after cached tokens: causal with an offset
+            mask, is_causal = attention_bias_mask(torch.ones(B, S, dtype=torch.bool, device=input_ids.device), T), False
+        else:
+            mask, is_causal = None, T > 1
+
+        x = self.embed_tokens(input_ids)  # (B, T, hidden)
+        inv_freq = self.inv_freq.to(x.device)
+        freqs = position_ids[:, :, None].float() * inv_freq[None, None, :]  # (B, T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, is_causal, cache)
+        if cache is not None:
+            cache.length = S
+        return self.norm(x)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -255,38 +294,8 @@ class LlamaForCausalLM(nn.Module):
         cache: KVCache | None = None,
         position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Final-norm hidden states (B, T, hidden) for input_ids (B, T).
-
-        attention_mask (B, S), 1 = keep, covers the cached tokens plus the new ones (S = cache.length + T).
-        Positions default to counting kept tokens, so left padding does not shift them.
-        """
-        B, T = input_ids.shape
-        past = cache.length if cache is not None else 0
-        S = past + T
-        if attention_mask is not None and bool(attention_mask.all()):
-            attention_mask = None
-        if position_ids is None:
-            if attention_mask is None:
-                position_ids = torch.arange(past, S, device=input_ids.device).expand(B, T)
-            else:
-                position_ids = position_ids_from_mask(attention_mask)[:, -T:]
-        if attention_mask is not None:
-            mask, is_causal = attention_bias_mask(attention_mask, T), False
-        elif T == 1 or past == 0:
-            mask, is_causal = None, T > 1
-        else:
-            mask, is_causal = attention_bias_mask(torch.ones(B, S, dtype=torch.bool, device=input_ids.device), T), False
-
-        x = self.model.embed_tokens(input_ids)  # (B, T, hidden)
-        inv_freq = self.model.inv_freq.to(x.device)
-        freqs = position_ids[:, :, None].float() * inv_freq[None, None, :]  # (B, T, hd/2)
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, is_causal, cache)
-        if cache is not None:
-            cache.length = S
-        return self.model.norm(x)
+        """Final-norm hidden states (B, T, hidden), before lm_head (e.g. to apply it on response positions only)."""
+        return self.model(input_ids, attention_mask, cache, position_ids)
 
     def forward(
         self,

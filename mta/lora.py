@@ -105,9 +105,9 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.base(x)
-        x = self.dropout(x.to(self.lora_A.weight.dtype))
-        return (y + self.lora_B(self.lora_A(x)) * self.scaling).to(y.dtype)
+        y = self.base(x)  # (..., out)
+        h = self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))) * self.scaling  # (..., r): scale the narrow side
+        return (y + self.lora_B(h)).to(y.dtype)
 
     def delta_weight(self) -> Tensor:
         """scaling · B @ A in fp32, shape (out, in)."""

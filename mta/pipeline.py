@@ -39,6 +39,7 @@ class Run:
     n_users: int | None = None  # None: every test user
     methods: tuple[str, ...] = METHODS
     progress: bool = True
+    run_dir: RunDir | None = None  # default: <runs>/<task>/<profile>-seed<seed>
     load_errors: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -47,7 +48,7 @@ class Run:
 
     @property
     def dir(self) -> RunDir:
-        return RunDir.create(self.runs, self.spec.name, self.profile.name, self.seed)
+        return self.run_dir or RunDir.create(self.runs, self.spec.name, self.profile.name, self.seed)
 
     @cached_property
     def candidates(self) -> list[User]:

@@ -7,6 +7,7 @@
       stage2/matches.json
       users/<user_id>/<method>.json
       results.json  results.md
+      sweeps/<what>/<point>/...           (a sweep point: a run of its own, sharing what it can)
 
 A unit exists only when complete (written under a temporary name in the same folder,
 then renamed), so a rerun skips what exists and recomputes what is missing.
@@ -76,11 +77,19 @@ def safe_name(user_id: str) -> str:
 
 @dataclass(frozen=True)
 class RunDir:
+    """`root` holds this run's config, per-user results and tables; `shared`, when set, is the run
+    whose stage-1, bank and stage-2 artifacts this one reuses (a sweep point that changes none of them)."""
+
     root: Path
+    shared: Path | None = None
 
     @classmethod
     def create(cls, runs: str | Path, task: str, profile: str, seed: int) -> "RunDir":
         return cls(Path(runs) / task / f"{profile}-seed{seed}")
+
+    @property
+    def artifacts(self) -> Path:
+        return self.shared or self.root
 
     @property
     def config(self) -> Path:
@@ -88,18 +97,18 @@ class RunDir:
 
     @property
     def stage1(self) -> Path:
-        return self.root / "stage1"
+        return self.artifacts / "stage1"
 
     @property
     def anchors(self) -> Path:
         return self.stage1 / "anchors.json"
 
     def adapter(self, anchor_id: str) -> Path:
-        return self.root / "bank" / safe_name(anchor_id)
+        return self.artifacts / "bank" / safe_name(anchor_id)
 
     @property
     def matches(self) -> Path:
-        return self.root / "stage2" / "matches.json"
+        return self.artifacts / "stage2" / "matches.json"
 
     def user_result(self, user_id: str, method: str) -> Path:
         return self.root / "users" / safe_name(user_id) / f"{method}.json"

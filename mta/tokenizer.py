@@ -145,7 +145,7 @@ class Tokenizer:
             return tokens[i] if i is not None and 0 <= i < len(tokens) else None
 
         template = metadata.get("tokenizer.chat_template", "")
-        chat_format = _chat_format(template, tokens)
+        chat_format = _chat_format(template)
         eos = [name("tokenizer.ggml.eos_token_id"), name("tokenizer.ggml.eot_token_id")]
         return cls(
             tok,
@@ -180,8 +180,7 @@ class Tokenizer:
         template = config.get("chat_template") or ""
         if isinstance(template, list):  # named templates
             template = next((t["template"] for t in template if t.get("name") == "default"), "")
-        vocab = [t for t, _ in sorted(tok.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])]
-        chat_format = _chat_format(template, vocab)
+        chat_format = _chat_format(template)
         eos = [content(config.get("eos_token"))] + [tok.id_to_token(i) for i in eos_token_ids or []]
         bare, marked = tok.encode("a", add_special_tokens=False).ids, tok.encode("a").ids
         return cls(
@@ -195,8 +194,9 @@ class Tokenizer:
         )
 
 
-def _chat_format(template: str, vocab: list[str]) -> str:
-    if "<|start_header_id|>" in template or (not template and "<|start_header_id|>" in vocab[-300:]):
+def _chat_format(template: str) -> str:
+    """The format a model's own chat template uses; plain when it has none."""
+    if "<|start_header_id|>" in template:
         return "llama3"
     if "<|im_start|>" in template:
         return "chatml"

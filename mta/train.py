@@ -113,8 +113,10 @@ def response_loss_sum(model: nn.Module, ids: Tensor, predicts_response: Tensor) 
     return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
-def train(model: nn.Module, examples: Sequence[Example], config: TrainConfig, pad_id: int = 0) -> TrainLog:
+def train(model: nn.Module, examples: Sequence[Example], config: TrainConfig, pad_id: int | None = 0) -> TrainLog:
     """Fine-tune the trainable parameters of `model` on `examples`; returns the step log.
+
+    Pad ids are never attended to nor scored, so any valid id works (None means 0).
 
     Raises FloatingPointError on a NaN/inf loss or gradient norm, naming the step.
     """
@@ -155,7 +157,7 @@ def train(model: nn.Module, examples: Sequence[Example], config: TrainConfig, pa
             lr = config.lr * lr_factor(step, total, warmup, config.schedule)
             for g in opt.param_groups:
                 g["lr"] = lr
-            micro = [make_batch(b, config.max_len, pad_id) for b in next(batches)]
+            micro = [make_batch(b, config.max_len, pad_id or 0) for b in next(batches)]
             n_targets = sum(int(mask.sum()) for _, mask, _ in micro)
             loss_sum = 0.0
             for ids, mask, n_tokens in micro:

@@ -5,6 +5,8 @@ import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+N_USERS = 2
+
 
 @pytest.fixture(scope="session")
 def tiny_run_inputs(tmp_path_factory):
@@ -13,3 +15,19 @@ def tiny_run_inputs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny")
     return make_lamp(root / "lamp"), make_llm(root / "llm"), make_bert(root / "bert")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_run_inputs, tmp_path_factory):
+    """A finished `reproduce` on the tiny inputs: (run directory, its argv, results)."""
+    from mta import pipeline
+    from mta.cli import main
+    from tests.fixtures import make_profile
+
+    lamp, llm, bert = tiny_run_inputs
+    root = tmp_path_factory.mktemp("run")
+    profile = make_profile(root / "tiny.json", llm, bert)
+    argv = ["--profile", str(profile), "--lamp-dir", str(lamp), "--runs", str(root / "runs"),
+            "--users", str(N_USERS), "--no-progress"]
+    result = main("test", pipeline.reproduce, argv)
+    return root / "runs" / "news_headline" / "tiny-seed0", argv, result

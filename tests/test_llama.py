@@ -179,3 +179,19 @@ def test_non_llama_config_is_rejected(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "gpt2", "n_embd": 8}')
     with pytest.raises(ValueError, match=r"config\.json.*gpt2.*not a Llama"):
         LlamaConfig.from_hf_config(tmp_path)
+
+
+def test_training_forward_backward_with_right_padding():
+    hf, ours = make_pair("llama3-gqa")
+    ids = torch.randint(0, TINY["vocab_size"], (2, 10))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    ours.train()
+    logits = ours(ids, attention_mask=mask)
+    loss = torch.nn.functional.cross_entropy(logits[mask.bool()], ids[mask.bool()])
+    loss.backward()
+    grads = [p.grad for p in ours.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    with torch.no_grad():
+        ref = hf(ids, attention_mask=mask).logits
+    assert (logits.detach()[mask.bool()] - ref[mask.bool()]).abs().max().item() <= 1e-4

@@ -10,20 +10,7 @@ import pytest
 from mta import pipeline
 from mta.cli import main
 from mta.stages import METHODS, fusion_weights
-from tests.fixtures import make_profile
-
-N_USERS = 2
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tiny_run_inputs, tmp_path_factory):
-    lamp, llm, bert = tiny_run_inputs
-    root = tmp_path_factory.mktemp("run")
-    profile = make_profile(root / "tiny.json", llm, bert)
-    argv = ["--profile", str(profile), "--lamp-dir", str(lamp), "--runs", str(root / "runs"),
-            "--users", str(N_USERS), "--no-progress"]
-    result = main("test", pipeline.reproduce, argv)
-    return root / "runs" / "news_headline" / "tiny-seed0", argv, result
+from tests.conftest import N_USERS
 
 
 def test_every_artifact_and_both_tables(tiny_run):

@@ -53,13 +53,10 @@ def reference_model(ours):
     return ref
 
 
-def best_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -96,25 +93,23 @@ def main() -> None:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         ref(ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)
 
-    long_prompts = [tok.encode(" ".join(PROMPTS[i:] + PROMPTS[:i]) * 2)[:256] for i in range(8)]
+    long_prompts = [tok.encode(" ".join(PROMPTS[i:] + PROMPTS[:i]) * 2)[:128] for i in range(8)]
     prefill_ids, prefill_mask = tok.pad(long_prompts, side="left")
-    rows = []
+    print(f"model {args.model}, fp32, {args.threads} threads, best of {args.repeats} interleaved runs")
+    print(f"{'':16s} {'ours tok/s':>11s} {'transformers':>13s} {'ratio':>7s}", flush=True)
     for label, (ours_fn, ref_fn), (ids, mask), tokens in [
         ("decode batch 1", (ours_decode, ref_decode), batch(1), n),
         ("decode batch 8", (ours_decode, ref_decode), batch(8), 8 * n),
-        ("prefill 8x256", (ours_prefill, ref_prefill), (prefill_ids, prefill_mask), int(prefill_mask.sum())),
+        ("prefill 8x128", (ours_prefill, ref_prefill), (prefill_ids, prefill_mask), int(prefill_mask.sum())),
     ]:
-        ours_fn(ids, mask), ref_fn(ids, mask)  # warm-up
+        ours_fn(ids, mask)  # warm-up
+        ref_fn(ids, mask)
         t_ours, t_ref = [], []
         for _ in range(args.repeats):
-            t_ours.append(best_time(lambda: ours_fn(ids, mask), 1))
-            t_ref.append(best_time(lambda: ref_fn(ids, mask), 1))
-        rows.append((label, tokens / min(t_ours), tokens / min(t_ref)))
-
-    print(f"model {args.model}, fp32, {args.threads} threads, best of {args.repeats} interleaved runs")
-    print(f"{'':16s} {'ours tok/s':>11s} {'transformers':>13s} {'ratio':>7s}")
-    for label, a, b in rows:
-        print(f"{label:16s} {a:11.1f} {b:13.1f} {a / b:6.2f}x")
+            t_ours.append(timed(lambda: ours_fn(ids, mask)))
+            t_ref.append(timed(lambda: ref_fn(ids, mask)))
+        a, b = tokens / min(t_ours), tokens / min(t_ref)
+        print(f"{label:16s} {a:11.1f} {b:13.1f} {a / b:6.2f}x", flush=True)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS: {rss_ours:.0f} MiB after loading ours, {rss:.0f} MiB with both models")
 

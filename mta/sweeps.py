@@ -1,0 +1,225 @@
+"""The paper's analyses as sweeps over the same stage functions (Figs. 2-6).
+
+A sweep point is a run of its own under <run>/sweeps/<what>/<point>/, with the point's profile
+changes. A point that changes nothing stage 1, the bank or stage 2 depend on reuses the main run's
+artifacts; per-user results are cached like any run's, so a finished sweep recomputes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from mta import pipeline, report
+from mta.lamp import get_task
+from mta.lora import load_adapter
+from mta.metrics import paired_t_test
+from mta.pipeline import Run, log
+from mta.profiles import Profile, profile_from_dict
+from mta.rundir import RunDir, atomic_path, read_json, write_json
+
+# Profile fields that stage 1, the bank and stage 2 depend on: a point that keeps them shares them.
+ARTIFACT_FIELDS = ("llm", "stage1_encoder", "stage2_encoder", "dtype", "n_anchors", "min_anchor_items", "bank",
+                   "max_items_per_anchor", "max_prompt_tokens", "chat_template")
+
+
+@dataclass(frozen=True)
+class Sweep:
+    figure: str
+    x_label: str
+    values: tuple
+    change: Callable[[object], dict]  # value -> profile changes (profile_from_dict form)
+    reference: Callable[[Profile], object]  # the value the main profile runs at
+    methods: tuple[str, ...] = ("merged_only", "mta")
+
+    def label(self, value) -> str:
+        return "adaptive" if value is None else str(value)
+
+
+SWEEPS = {
+    "alpha": Sweep("Fig. 3", "merging coefficient α (anchor 1)", (None, 0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7,
+                                                                  0.8, 0.9, 1.0),
+                   lambda a: {"fixed_alpha": a}, lambda p: p.fixed_alpha),
+    "k": Sweep("Fig. 4", "anchors merged K", (1, 2, 3, 4, 5, 6, 7, 8), lambda k: {"top_k": k}, lambda p: p.top_k),
+    "rank": Sweep("Fig. 5", "stacked LoRA rank r (α = 2r)", (2, 4, 6, 8, 16),
+                  lambda r: {"stack": {"rank": r, "alpha": 2.0 * r}}, lambda p: p.stack.rank, methods=("mta",)),
+    "bank": Sweep("Fig. 6", "bank size V", (8, 16, 32), lambda v: {"n_anchors": v}, lambda p: p.n_anchors),
+}
+
+
+def point_run(run: Run, what: str, value) -> Run:
+    sweep = SWEEPS[what]
+    base = _as_dict(run.profile)
+    changes = {k: {**base[k], **v} if isinstance(v, dict) else v for k, v in sweep.change(value).items()}
+    profile = profile_from_dict({**base, **changes}, f"sweep {what}={value}")
+    shares = all(getattr(profile, f) == getattr(run.profile, f) for f in ARTIFACT_FIELDS)
+    root = run.dir.root / "sweeps" / what / sweep.label(value)
+    return dataclasses.replace(run, profile=profile, methods=sweep.methods,
+                               run_dir=RunDir(root, shared=run.dir.artifacts if shares else None))
+
+
+def _as_dict(profile: Profile) -> dict:
+    d = dataclasses.asdict(profile)
+    d["base"] = "cpu"
+    return d
+
+
+def run_sweep(run: Run, what: str, values: tuple | None = None) -> dict:
+    """Every point of one sweep, then <run>/sweeps/<what>.json and .png."""
+    if what == "efficiency":
+        return efficiency(run)
+    if what not in SWEEPS:
+        raise ValueError(f"unknown sweep {what!r}; choose from {', '.join(SWEEPS)} or efficiency")
+    sweep = SWEEPS[what]
+    values = values or sweep.values
+    spec = get_task(run.task)
+    metric, higher = report.primary_metric(spec)
+    points = {}
+    for value in values:
+        point = point_run(run, what, value)
+        point.write_config()
+        log(f"sweep {what}: point {sweep.label(value)}")
+        if point.dir.shared is None:
+            pipeline.stage1_bank(point)
+            pipeline.stage2_match(point)
+        points[sweep.label(value)] = pipeline.run_and_report(point)
+    ref = sweep.label(sweep.reference(run.profile))
+    out = {"what": what, "figure": sweep.figure, "x_label": sweep.x_label, "task": spec.name, "metric": metric,
+           "reference_point": ref, "points": {}}
+    for label, result in points.items():
+        row = {}
+        for m in sweep.methods:
+            r = result["methods"].get(m)
+            if r is None:
+                continue
+            row[m] = {"metrics": r["metrics"], "ci95": r["ci95"], "n": r["n"]}
+            if label != ref and ref in points and m in points[ref]["methods"]:
+                row[m]["vs_reference"] = _paired(result, points[ref], m, metric)
+        out["points"][label] = row
+    path = run.dir.root / "sweeps" / f"{what}.json"
+    write_json(path, out)
+    plot_sweep(out, path.with_suffix(".png"))
+    return out
+
+
+def _paired(a: dict, b: dict, method: str, metric: str) -> dict:
+    """Paired t-test of one method between two sweep points, on the users both scored."""
+    users = sorted(set(a["per_user"]) & set(b["per_user"]))
+    spec_scores = [report.score_methods(a["task"], {method: {u: a["per_user"][u][method] for u in users}}, users),
+                   report.score_methods(b["task"], {method: {u: b["per_user"][u][method] for u in users}}, users)]
+    x, y = (s[method].per_example[metric] for s in spec_scores)
+    t, p = paired_t_test(x, y) if len(users) >= 2 else (math.nan, math.nan)
+    return {"diff": float(x.mean() - y.mean()), "t": t, "p": p,
+            "within_noise": not p < 0.05}
+
+
+def plot_sweep(out: dict, path: Path) -> None:
+    plt = _pyplot()
+    if plt is None:
+        return
+    labels = list(out["points"])
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for m in sorted({m for row in out["points"].values() for m in row}):
+        xs = [i for i, l in enumerate(labels) if m in out["points"][l]]
+        ys = [out["points"][labels[i]][m]["metrics"][out["metric"]] for i in xs]
+        lo = [y - out["points"][labels[i]][m]["ci95"][out["metric"]][0] for i, y in zip(xs, ys)]
+        hi = [out["points"][labels[i]][m]["ci95"][out["metric"]][1] - y for i, y in zip(xs, ys)]
+        ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=report.LABELS.get(m, m))
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_xlabel(out["x_label"])
+    ax.set_ylabel(out["metric"])
+    ax.set_title(f"{out['figure']}: {out['task']} (95% bootstrap CI)")
+    ax.legend()
+    _save(fig, path)
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib is not installed (pip install -e '.[plot]'): JSON written, no PNG")
+        return None
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    fig.clf()
+
+
+# ----------------------------------------------------------------------------- Fig. 2
+
+
+def lora_parameters(shapes: list[tuple[int, int]], rank: int) -> int:
+    """Parameters of a rank-r LoRA on linear layers of (out, in) shapes."""
+    return sum(rank * (o + i) for o, i in shapes)
+
+
+def llama3_8b_shapes() -> list[tuple[int, int]]:
+    """(out, in) of every linear LoRA targets in Llama-3-8B (32 layers, GQA 32/8 heads)."""
+    h, kv, ff = 4096, 1024, 14336
+    return [(h, h), (kv, h), (kv, h), (h, h), (ff, h), (ff, h), (h, ff)] * 32
+
+
+def efficiency(run: Run) -> dict:
+    """Fig. 2: training time and parameter storage against the number of users, MTA vs OPPU."""
+    rows = pipeline.collect(run)
+    bank_logs = [read_json(d / "train_log.json") for d in sorted((run.dir.artifacts / "bank").iterdir())
+                 if (d / "train_log.json").exists()]
+    bank_files = [f for d in (run.dir.artifacts / "bank").iterdir() for f in d.glob("adapter_model.safetensors")]
+    oppu = [r["seconds"]["adapt"] for r in rows.get("oppu", {}).values() if not r.get("error")]
+    mta = [r["seconds"].get("adapt", 0) + r["seconds"].get("fuse", 0)
+           for r in rows.get("mta", {}).values() if not r.get("error")]
+    if not (bank_logs and oppu and mta):
+        raise ValueError(f"{run.dir.root}: efficiency needs a finished bank and OPPU and MTA results; run reproduce first")
+    any_anchor = load_adapter(bank_files[0].parent)
+    engine_shapes = [(any_anchor.B[m].shape[0], any_anchor.A[m].shape[1]) for m in any_anchor.A]
+    p = run.profile
+    bytes_per = 4  # adapters are saved in fp32 here
+    ours = {"oppu_adapter_bytes": lora_parameters(engine_shapes, p.oppu.rank) * bytes_per,
+            "stack_adapter_bytes": lora_parameters(engine_shapes, p.stack.rank) * bytes_per,
+            "bank_bytes": sum(f.stat().st_size for f in bank_files),
+            "bank_seconds": sum(l["seconds"] for l in bank_logs),
+            "oppu_seconds_per_user": sum(oppu) / len(oppu), "mta_seconds_per_user": sum(mta) / len(mta)}
+    shapes = llama3_8b_shapes()
+    paper = {"oppu_adapter_bytes_bf16": lora_parameters(shapes, 8) * 2,
+             "stack_adapter_bytes_bf16": lora_parameters(shapes, 4) * 2,
+             "bank_bytes_bf16": 50 * lora_parameters(shapes, 8) * 2,
+             "note": "Llama-3-8B, all linear layers, bf16; V = 50 rank-8 meta-LoRAs, rank-4 stacked LoRA"}
+    users = [1, 10, 50, 100, 500, 1000]
+    curves = {
+        "oppu_seconds": [n * ours["oppu_seconds_per_user"] for n in users],
+        "mta_seconds": [ours["bank_seconds"] + n * ours["mta_seconds_per_user"] for n in users],
+        "oppu_bytes": [n * ours["oppu_adapter_bytes"] for n in users],
+        "mta_bytes": [ours["bank_bytes"] for _ in users],
+        "mta_bytes_keeping_stacked": [ours["bank_bytes"] + n * ours["stack_adapter_bytes"] for n in users],
+    }
+    out = {"what": "efficiency", "figure": "Fig. 2", "users": users, "measured": ours, "curves": curves,
+           "paper_setting": paper, "n_users_measured": len(mta)}
+    path = run.dir.root / "sweeps" / "efficiency.json"
+    write_json(path, out)
+    log(f"efficiency: OPPU {ours['oppu_seconds_per_user']:.1f} s and {ours['oppu_adapter_bytes'] / 2**20:.2f} MiB per "
+        f"user; MTA bank {ours['bank_seconds']:.0f} s and {ours['bank_bytes'] / 2**20:.1f} MiB once, then "
+        f"{ours['mta_seconds_per_user']:.1f} s per user. Llama-3-8B: OPPU {paper['oppu_adapter_bytes_bf16'] / 2**20:.0f} "
+        f"MiB per user, bank {paper['bank_bytes_bf16'] / 2**20:.0f} MiB")
+    plt = _pyplot()
+    if plt is not None:
+        fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+        a.plot(users, [s / 3600 for s in curves["oppu_seconds"]], "o-", label="OPPU")
+        a.plot(users, [s / 3600 for s in curves["mta_seconds"]], "o-", label="MTA (bank + per-user stack)")
+        a.set(xscale="log", xlabel="users", ylabel="training time (h)", title="time")
+        b.plot(users, [x / 2**20 for x in curves["oppu_bytes"]], "o-", label="OPPU")
+        b.plot(users, [x / 2**20 for x in curves["mta_bytes"]], "o-", label="MTA (bank only)")
+        b.plot(users, [x / 2**20 for x in curves["mta_bytes_keeping_stacked"]], "o--", label="MTA (+ stacked LoRAs)")
+        b.set(xscale="log", yscale="log", xlabel="users", ylabel="storage (MiB)", title="storage")
+        a.legend(), b.legend()
+        _save(fig, path.with_suffix(".png"))
+    return out

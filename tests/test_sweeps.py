@@ -1,0 +1,43 @@
+"""Every sweep (Figs. 2-6) end to end on the tiny run, producing its JSON and PNG."""
+
+import json
+
+import pytest
+
+from mta import pipeline
+from mta.cli import main
+from mta.sweeps import llama3_8b_shapes, lora_parameters, run_sweep
+
+POINTS = {"alpha": (None, 0.0, 1.0), "k": (1, 2), "rank": (2, 4), "bank": (2, 3)}
+
+
+@pytest.mark.parametrize("what", [*POINTS, "efficiency"])
+def test_sweep_writes_json_and_png(tiny_run, what, monkeypatch):
+    run_dir, argv, _ = tiny_run
+    out = main("test", lambda run: run_sweep(run, what, POINTS.get(what)), argv)
+    path = run_dir / "sweeps" / f"{what}.json"
+    assert json.loads(path.read_text())["what"] == what
+    assert path.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    if what != "efficiency":
+        assert len(out["points"]) == len(POINTS[what])
+        ref = out["reference_point"]
+        others = [p for p in out["points"] if p != ref]
+        assert all("vs_reference" in row for p in others for row in out["points"][p].values())
+        # a finished sweep recomputes nothing
+        calls = []
+        monkeypatch.setattr(pipeline, "run_user_method", lambda *a, **k: calls.append(a) or None)
+        main("test", lambda run: run_sweep(run, what, POINTS.get(what)), argv)
+        assert calls == []
+
+
+def test_points_share_the_bank_unless_they_change_it(tiny_run):
+    run_dir, argv, _ = tiny_run
+    for what in ("k", "bank"):
+        main("test", lambda run: run_sweep(run, what, POINTS[what]), argv)
+    assert not (run_dir / "sweeps" / "k" / "1" / "bank").exists()
+    assert (run_dir / "sweeps" / "bank" / "2" / "bank").is_dir()
+
+
+def test_llama3_8b_lora_size():
+    # rank 8 on every linear layer of Llama-3-8B: 8 * 81920 per layer * 32 layers
+    assert lora_parameters(llama3_8b_shapes(), 8) == 20_971_520
