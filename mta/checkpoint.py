@@ -214,8 +214,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     check_state_dict(model, tensors, path)
-    for k in tensors:  # one tensor at a time, so peak memory stays near one copy of the weights
-        tensors[k] = tensors[k].to(device=device, dtype=dtype)
+    for k in tensors:  # one at a time, so peak memory stays near one copy; copy=True gives torch-owned memory
+        tensors[k] = tensors[k].to(device=device, dtype=dtype, copy=True)
     model.load_state_dict(tensors, strict=False, assign=True)  # strictness checked above (tied lm_head)
     model.tie_weights()
     return model.eval(), info

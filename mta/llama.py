@@ -115,14 +115,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
-def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """(B, n_kv, S, hd) -> (B, n_kv * n_rep, S, hd): each key/value head shared by n_rep query heads."""
-    if n_rep == 1:
-        return x
-    B, n_kv, S, hd = x.shape
-    return x[:, :, None].expand(B, n_kv, n_rep, S, hd).reshape(B, n_kv * n_rep, S, hd)
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -171,8 +163,8 @@ class LlamaAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, n_kv, S, hd)
-        k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)  # (B, n_heads, S, hd)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+        # GQA: query heads h*n_rep .. (h+1)*n_rep-1 share kv head h; SDPA broadcasts it in place (no copies)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_rep > 1)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 

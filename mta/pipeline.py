@@ -20,7 +20,7 @@ from mta.lamp import TaskSpec, User, get_task, load_candidates, load_test_users
 from mta.lora import load_adapter, save_adapter
 from mta.profiles import Profile
 from mta.rundir import RunDir, atomic_path, read_json, write_json, write_npy
-from mta.stages import METHODS, Engine, derive_seed, match_users, run_user_method, select_anchors, summarize
+from mta.stages import METHODS, PROMPT_ONLY, Engine, derive_seed, match_users, run_methods, select_anchors, summarize
 
 
 def log(msg: str) -> None:
@@ -148,20 +148,26 @@ def load_bank(run: Run) -> tuple[dict, dict[str, str]]:
 
 def stage3_run(run: Run) -> None:
     matches = read_json(run.dir.matches) if run.dir.matches.exists() else {}
-    todo = [(u, m) for u in run.test_users for m in run.methods if not run.dir.user_result(u.user_id, m).exists()]
+    todo = {u.user_id: [m for m in run.methods if not run.dir.user_result(u.user_id, m).exists()]
+            for u in run.test_users}
+    todo = {u: ms for u, ms in todo.items() if ms}
     if not todo:
         return
-    log(f"stage 3: {len(todo)} (user, method) units to run")
+    log(f"stage 3: {sum(map(len, todo.values()))} (user, method) units to run for {len(todo)} users")
     bank, _ = load_bank(run)
     engine = run.engine
-    for user, method in tqdm(todo, desc="users x methods", disable=not run.progress):
-        try:
-            result = run_user_method(engine, user, method, matches.get(user.user_id), bank, run.seed)
-        except (ValueError, FloatingPointError, KeyError) as e:
-            engine.reset()
-            log(f"user {user.user_id}, {method}: {e}")
-            result = {"user_id": user.user_id, "method": method, "error": str(e)}
-        write_json(run.dir.user_result(user.user_id, method), result)
+    for user in tqdm([u for u in run.test_users if u.user_id in todo], desc="users", disable=not run.progress):
+        groups = [[m for m in todo[user.user_id] if m in PROMPT_ONLY]] + \
+                 [[m] for m in todo[user.user_id] if m not in PROMPT_ONLY]
+        for methods in filter(None, groups):
+            try:
+                results = run_methods(engine, user, methods, matches.get(user.user_id), bank, run.seed)
+            except (ValueError, FloatingPointError, KeyError) as e:
+                engine.reset()
+                log(f"user {user.user_id}, {', '.join(methods)}: {e}")
+                results = {m: {"user_id": user.user_id, "method": m, "error": str(e)} for m in methods}
+            for m, result in results.items():
+                write_json(run.dir.user_result(user.user_id, m), result)
 
 
 def collect(run: Run) -> dict:

@@ -20,7 +20,7 @@ class LoRASpec:
 
     rank: int = 8
     alpha: float = 16.0
-    dropout: float = 0.05
+    dropout: float = 0.0  # the paper gives none: PEFT's and LLaMA-Factory's default
     targets: tuple[str, ...] | str = "all"  # module names, or every linear layer but lm_head
     lr: float = 1e-4
     epochs: int = 3
@@ -29,6 +29,7 @@ class LoRASpec:
     warmup_ratio: float = 0.1
     schedule: str = "cosine"
     max_grad_norm: float = 1.0
+    group_by_length: bool = True
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,8 @@ from mta.profiles import LoRASpec, Profile
 from mta.tokenizer import Tokenizer
 from mta.train import TrainConfig, TrainLog, train
 
-BASELINES = ("base", "rag1", "rag3", "rag5", "oppu", "adapt_only")
+PROMPT_ONLY = ("base", "rag1", "rag3", "rag5")
+BASELINES = PROMPT_ONLY + ("oppu", "adapt_only")
 FUSED = ("merged_only", "mta")
 CONTROLS = ("merged_random", "mta_random", "merged_least", "mta_least")
 METHODS = BASELINES + FUSED
@@ -153,7 +154,7 @@ def lora_config(spec: LoRASpec, base_model: str) -> LoRAConfig:
 def train_config(spec: LoRASpec, seed: int, progress: bool = False) -> TrainConfig:
     return TrainConfig(lr=spec.lr, epochs=spec.epochs, batch_size=spec.batch_size, weight_decay=spec.weight_decay,
                        schedule=spec.schedule, warmup_ratio=spec.warmup_ratio, max_grad_norm=spec.max_grad_norm,
-                       seed=seed, progress=progress)
+                       group_by_length=spec.group_by_length, seed=seed, progress=progress)
 
 
 def summarize(log: TrainLog) -> dict:
@@ -214,49 +215,62 @@ class Engine:
 # ----------------------------------------------------------------------------- stage 3
 
 
-def run_user_method(engine: Engine, user: User, method: str, match: dict | None,
-                    bank: dict[str, Adapter], seed: int) -> dict:
-    """One method for one user's first query: {output, prediction, gold, seconds, ...}."""
-    p, spec = engine.profile, engine.spec
+def method_prompt(spec: TaskSpec, user: User, method: str) -> str:
+    """The query prompt: no history for `base`, BM25 top-k for `rag<k>`, top-1 for the trained methods."""
     query = user.query[0]
-    unit_seed = derive_seed(seed, user.user_id, method)
-    seconds: dict[str, float] = {}
-    extra: dict = {}
-    engine.reset()
     if method == "base":
-        prompt = instruction_only(spec, query)
-    elif method.startswith("rag"):
-        prompt = query_prompt(spec, user.profile, query, k=int(method[3:]))
-    else:
-        prompt = query_prompt(spec, user.profile, query, k=1)
-        if method in ("oppu", "adapt_only"):
-            tic = time.perf_counter()
-            examples = engine.examples(user.profile, unit_seed)
-            _, log = engine.train_lora(examples, p.oppu if method == "oppu" else p.stack, unit_seed)
-            seconds["adapt"] = time.perf_counter() - tic
-            extra["train"] = summarize(log)
-        else:
-            if match is None:
-                raise ValueError(f"user {user.user_id}: no stage-2 match (rerun match_anchors)")
-            kind = "top" if method in FUSED else method.split("_")[1]
-            anchors, weights = fused_anchors(match, p, kind, unit_seed)
-            seconds["match"] = match["seconds"]
-            missing = [a for a in anchors if a not in bank]
-            if missing:
-                raise ValueError(f"bank has no adapter for anchor(s) {missing} (rerun train_bank)")
-            tic = time.perf_counter()
-            engine.fold([bank[a] for a in anchors], weights)
-            seconds["fuse"] = time.perf_counter() - tic
-            extra.update(anchors=anchors, weights=weights)
-            if method.startswith("mta"):
-                tic = time.perf_counter()
-                examples = engine.examples(user.profile, unit_seed)
-                _, log = engine.train_lora(examples, p.stack, unit_seed)
-                seconds["adapt"] = time.perf_counter() - tic
-                extra["train"] = summarize(log)
-    tic = time.perf_counter()
-    output = engine.generate([prompt])[0]
-    seconds["generate"] = time.perf_counter() - tic
-    engine.reset()
-    return {"user_id": user.user_id, "method": method, "query_id": query.id, "output": output,
-            "prediction": spec.parse(output), "gold": query.gold, "seconds": seconds, **extra}
+        return instruction_only(spec, query)
+    return query_prompt(spec, user.profile, query, k=int(method[3:]) if method.startswith("rag") else 1)
+
+
+def prepare_weights(engine: Engine, user: User, method: str, match: dict | None, bank: dict[str, Adapter],
+                    unit_seed: int) -> tuple[dict, dict]:
+    """Set the model up for a trained method: fold the fused LoRA and/or train one on top.
+    Returns (seconds per phase, details for the result)."""
+    p = engine.profile
+    seconds, extra = {}, {}
+    if method in FUSED + CONTROLS:
+        if match is None:
+            raise ValueError(f"user {user.user_id}: no stage-2 match (rerun match_anchors)")
+        kind = "top" if method in FUSED else method.split("_")[1]
+        anchors, weights = fused_anchors(match, p, kind, unit_seed)
+        missing = [a for a in anchors if a not in bank]
+        if missing:
+            raise ValueError(f"bank has no adapter for anchor(s) {missing} (rerun train_bank)")
+        tic = time.perf_counter()
+        engine.fold([bank[a] for a in anchors], weights)
+        seconds.update(match=match["seconds"], fuse=time.perf_counter() - tic)
+        extra.update(anchors=anchors, weights=weights)
+    if method in ("oppu", "adapt_only") or method.startswith("mta"):
+        tic = time.perf_counter()
+        examples = engine.examples(user.profile, unit_seed)
+        _, log = engine.train_lora(examples, p.oppu if method == "oppu" else p.stack, unit_seed)
+        seconds["adapt"] = time.perf_counter() - tic
+        extra["train"] = summarize(log)
+    return seconds, extra
+
+
+def run_methods(engine: Engine, user: User, methods: Sequence[str], match: dict | None,
+                bank: dict[str, Adapter], seed: int) -> dict[str, dict]:
+    """Methods for one user's first query -> method: {output, prediction, gold, seconds, ...}.
+    The prompt-only methods share one batched generation on the base model."""
+    spec, query = engine.spec, user.query[0]
+    unknown = [m for m in methods if m not in METHODS + CONTROLS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}")
+    prompt_only = [m for m in methods if m in PROMPT_ONLY]
+    units = ([prompt_only] if prompt_only else []) + [[m] for m in methods if m not in PROMPT_ONLY]
+    results = {}
+    for unit in units:
+        engine.reset()
+        seconds, extra = ({}, {}) if unit[0] in PROMPT_ONLY else prepare_weights(
+            engine, user, unit[0], match, bank, derive_seed(seed, user.user_id, unit[0]))
+        tic = time.perf_counter()
+        outputs = engine.generate([method_prompt(spec, user, m) for m in unit])
+        generate = (time.perf_counter() - tic) / len(unit)
+        engine.reset()
+        for m, output in zip(unit, outputs):
+            results[m] = {"user_id": user.user_id, "method": m, "query_id": query.id, "output": output,
+                          "prediction": spec.parse(output), "gold": query.gold,
+                          "seconds": {**seconds, "generate": generate}, **extra}
+    return results

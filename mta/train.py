@@ -37,6 +37,7 @@ class TrainConfig:
     max_len: int | None = None  # prompt is cut from the left first, then the response from the right
     seed: int = 0
     shuffle: bool = True
+    group_by_length: bool = False  # as transformers' Trainer: batch similar lengths together, less padding
     progress: bool = True
 
     def __post_init__(self):
@@ -143,6 +144,10 @@ def train(model: nn.Module, examples: Sequence[Example], config: TrainConfig, pa
         while True:
             perm = torch.randperm(len(examples), generator=order_gen).tolist() if config.shuffle \
                 else list(range(len(examples)))
+            if config.group_by_length:  # longest first within mega-batches of 50 micro-batches
+                mega = 50 * config.batch_size
+                perm = [j for i in range(0, len(perm), mega)
+                        for j in sorted(perm[i: i + mega], key=lambda j: -sum(map(len, examples[j])))]
             micro = [[examples[j] for j in perm[i: i + config.batch_size]]
                      for i in range(0, len(examples), config.batch_size)]
             for i in range(0, len(micro), config.grad_accum):

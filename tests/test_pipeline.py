@@ -43,10 +43,10 @@ def test_rerun_recomputes_only_the_deleted_unit(tiny_run, monkeypatch):
     before = json.loads(victim.read_text())
     victim.unlink()
     calls = []
-    real = pipeline.run_user_method
-    monkeypatch.setattr(pipeline, "run_user_method", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    real = pipeline.run_methods
+    monkeypatch.setattr(pipeline, "run_methods", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
     main("test", pipeline.reproduce, argv)
-    assert calls == ["mta"]
+    assert calls == [["mta"]]
     after = json.loads(victim.read_text())
     assert after["output"] == before["output"]  # deterministic under the seed, whatever the order
 

@@ -25,7 +25,7 @@ def test_sweep_writes_json_and_png(tiny_run, what, monkeypatch):
         assert all("vs_reference" in row for p in others for row in out["points"][p].values())
         # a finished sweep recomputes nothing
         calls = []
-        monkeypatch.setattr(pipeline, "run_user_method", lambda *a, **k: calls.append(a) or None)
+        monkeypatch.setattr(pipeline, "run_methods", lambda *a, **k: calls.append(a) or None)
         main("test", lambda run: run_sweep(run, what, POINTS.get(what)), argv)
         assert calls == []
 

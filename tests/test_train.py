@@ -130,3 +130,21 @@ def test_bad_input():
         make_batch([([1, 2], [])], None, 0)
     with pytest.raises(ValueError, match="schedule"):
         TrainConfig(schedule="step")
+
+
+def test_group_by_length_pads_less_and_stays_deterministic(monkeypatch):
+    import mta.train as train_module
+
+    seen = []
+    real = train_module.make_batch
+    monkeypatch.setattr(train_module, "make_batch", lambda b, *a: seen.append([sum(map(len, e)) for e in b]) or real(b, *a))
+    cfg = TrainConfig(lr=1e-3, epochs=2, batch_size=3, group_by_length=True, progress=False)
+    data = examples(9)
+    train(lora_model(), data, cfg)
+    for epoch in (seen[:3], seen[3:]):
+        lengths = [n for batch in epoch for n in batch]
+        assert lengths == sorted(lengths, reverse=True)
+    a, b = lora_model(), lora_model()
+    train(a, data, cfg), train(b, data, cfg)
+    assert all(torch.equal(x.lora_B.weight, y.lora_B.weight)
+               for x, y in zip(lora_layers(a).values(), lora_layers(b).values()))

@@ -72,8 +72,8 @@ def bench_train(steps: int, repeats: int) -> None:
     ours, hf_config = smollm2()
     hf = hf_twin(ours, hf_config)
     g = torch.Generator().manual_seed(0)
-    data = [(torch.randint(0, 49152, (224,), generator=g).tolist(), torch.randint(0, 49152, (32,), generator=g).tolist())
-            for _ in range(4 * (steps + 1))]
+    data = [(torch.randint(0, 49152, (224,), generator=g).tolist(),
+             torch.randint(0, 49152, (32,), generator=g).tolist()) for _ in range(4 * (steps + 1))]
     torch.manual_seed(0)
     inject_lora(ours, LoRAConfig(r=8, alpha=16, target_modules="all"))
     hf = peft.get_peft_model(hf, peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0,
