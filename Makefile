@@ -15,7 +15,9 @@ SEED     ?= 0
 USERS    ?= all
 RUNS     ?= runs
 
-.PHONY: install test reproduce bench clean
+WHAT     ?= alpha
+
+.PHONY: install test reproduce sweep bench clean
 
 install: $(VENV)/.installed
 
@@ -32,6 +34,10 @@ test: install
 
 reproduce: install
 	$(PY) tools/reproduce.py --task $(TASK) --lamp-dir $(LAMP_DIR) --profile $(PROFILE) \
+		--seed $(SEED) --users $(USERS) --runs $(RUNS)
+
+sweep: install
+	$(PY) tools/sweep.py --what $(WHAT) --task $(TASK) --lamp-dir $(LAMP_DIR) --profile $(PROFILE) \
 		--seed $(SEED) --users $(USERS) --runs $(RUNS)
 
 bench: install

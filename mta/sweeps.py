@@ -47,7 +47,17 @@ SWEEPS = {
     "rank": Sweep("Fig. 5", "stacked LoRA rank r (α = 2r)", (2, 4, 6, 8, 16),
                   lambda r: {"stack": {"rank": r, "alpha": 2.0 * r}}, lambda p: p.stack.rank, methods=("mta",)),
     "bank": Sweep("Fig. 6", "bank size V", (8, 16, 32), lambda v: {"n_anchors": v}, lambda p: p.n_anchors),
+    # The CPU profile's adaptation recipe (stacked LoRA, Adapt-only and OPPU alike), chosen on dev users.
+    "adapt_lr": Sweep("CPU profile", "adaptation learning rate", (1e-4, 3e-4, 1e-3, 3e-3),
+                      lambda lr: {"stack": {"lr": lr}, "oppu": {"lr": lr}}, lambda p: p.stack.lr,
+                      methods=("oppu", "adapt_only", "mta")),
+    "adapt_epochs": Sweep("CPU profile", "adaptation epochs", (1, 2, 3, 5),
+                          lambda n: {"stack": {"epochs": n}, "oppu": {"epochs": n}}, lambda p: p.stack.epochs,
+                          methods=("oppu", "adapt_only", "mta")),
 }
+# What a trained method's output is compared with to see whether training changed anything:
+# the same prompt on the weights it started from.
+UNTRAINED = {"mta": "merged_only", "adapt_only": "rag1", "oppu": "rag1"}
 
 
 def point_run(run: Run, what: str, value) -> Run:
@@ -87,6 +97,7 @@ def run_sweep(run: Run, what: str, values: tuple | None = None) -> dict:
             pipeline.stage2_match(point)
         points[sweep.label(value)] = pipeline.run_and_report(point)
     ref = sweep.label(sweep.reference(run.profile))
+    main_rows = pipeline.collect(run)
     out = {"what": what, "figure": sweep.figure, "x_label": sweep.x_label, "task": spec.name, "metric": metric,
            "reference_point": ref, "points": {}}
     for label, result in points.items():
@@ -96,6 +107,8 @@ def run_sweep(run: Run, what: str, values: tuple | None = None) -> dict:
             if r is None:
                 continue
             row[m] = {"metrics": r["metrics"], "ci95": r["ci95"], "n": r["n"]}
+            if m in UNTRAINED:
+                row[m]["changed"] = _changed(result, main_rows.get(UNTRAINED[m], {}), m)
             if label != ref and ref in points and m in points[ref]["methods"]:
                 row[m]["vs_reference"] = _paired(result, points[ref], m, metric)
         out["points"][label] = row
@@ -103,6 +116,13 @@ def run_sweep(run: Run, what: str, values: tuple | None = None) -> dict:
     write_json(path, out)
     plot_sweep(out, path.with_suffix(".png"))
     return out
+
+
+def _changed(result: dict, untrained: dict[str, dict], method: str) -> dict:
+    """For how many users training changed the output (vs the same prompt on the starting weights)."""
+    users = [u for u in result["per_user"] if u in untrained and not untrained[u].get("error")]
+    n = sum(result["per_user"][u][method]["output"] != untrained[u]["output"] for u in users)
+    return {"versus": UNTRAINED[method], "changed": n, "of": len(users)}
 
 
 def _paired(a: dict, b: dict, method: str, metric: str) -> dict:

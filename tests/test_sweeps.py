@@ -8,7 +8,7 @@ from mta import pipeline
 from mta.cli import main
 from mta.sweeps import llama3_8b_shapes, lora_parameters, run_sweep
 
-POINTS = {"alpha": (None, 0.0, 1.0), "k": (1, 2), "rank": (2, 4), "bank": (2, 3)}
+POINTS = {"alpha": (None, 0.0, 1.0), "k": (1, 2), "rank": (2, 4), "bank": (2, 3), "adapt_lr": (1e-3, 3e-3)}
 
 
 @pytest.mark.parametrize("what", [*POINTS, "efficiency"])
@@ -23,6 +23,7 @@ def test_sweep_writes_json_and_png(tiny_run, what, monkeypatch):
         ref = out["reference_point"]
         others = [p for p in out["points"] if p != ref]
         assert all("vs_reference" in row for p in others for row in out["points"][p].values())
+        assert all("changed" in row for p in out["points"].values() for m, row in p.items() if m != "merged_only")
         # a finished sweep recomputes nothing
         calls = []
         monkeypatch.setattr(pipeline, "run_methods", lambda *a, **k: calls.append(a) or None)

@@ -1,8 +1,9 @@
 """The paper's analyses: one sweep over the same stage functions, reusing every cached artifact.
 
-    python tools/sweep.py --what alpha|k|rank|bank|efficiency --task lamp4 --lamp-dir ../shared/lamp
+    python tools/sweep.py --what alpha|k|rank|bank|efficiency|adapt_lr|adapt_epochs --task lamp4
 
-Writes <run>/sweeps/<what>.json and .png (Figs. 3, 4, 5, 6 and 2)."""
+Writes <run>/sweeps/<what>.json and .png (Figs. 3, 4, 5, 6 and 2; adapt_* choose the CPU profile's
+adaptation recipe on dev users)."""
 from mta.cli import main
 from mta.sweeps import SWEEPS, run_sweep
 
@@ -12,8 +13,15 @@ def add_args(ap):
     ap.add_argument("--points", default=None, help="comma-separated values instead of the paper's grid")
 
 
+def number(text: str):
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
 def sweep(run, args):
-    values = tuple(float(v) if "." in v else int(v) for v in args.points.split(",")) if args.points else None
+    values = tuple(map(number, args.points.split(","))) if args.points else None
     return run_sweep(run, args.what, values)
 
 
