@@ -90,9 +90,9 @@ def fold_(
 ) -> Tensor:
     """out = W0 + B @ A as one GEMM (in place on W0 when out is None); returns out.
 
-    fp32 weights are updated by a single addmm. For half-precision weights B @ A is computed in fp32 one
-    row chunk at a time and added to W0 in fp32 with a single rounding, so the extra memory is one fp32
-    chunk (taken from `workspace`, a flat fp32 tensor, when given, so many folds can share it).
+    fp32 weights are updated by a single addmm. Half-precision weights are converted to fp32 one row
+    chunk at a time, accumulated with addmm and rounded once, so the extra memory is one fp32 chunk
+    (taken from `workspace`, a flat fp32 tensor, when given, so many folds can share it).
     """
     out = W0 if out is None else out
     if out.shape != W0.shape or B.shape[0] != W0.shape[0] or A.shape[1] != W0.shape[1]:
@@ -109,6 +109,7 @@ def fold_(
         raise ValueError(f"fold: workspace of {workspace.numel()} {workspace.dtype} cannot hold a row of {n_in} fp32")
     for i in range(0, n_out, rows):
         j = min(i + rows, n_out)
-        delta = torch.mm(B[i:j], A, out=workspace[: (j - i) * n_in].view(j - i, n_in))  # (rows, in) fp32
-        torch.add(W0[i:j].to(out.device), delta, out=out[i:j])  # computed in fp32, rounded once
+        acc = workspace[: (j - i) * n_in].view(j - i, n_in).copy_(W0[i:j])  # (rows, in) fp32
+        acc.addmm_(B[i:j], A)
+        out[i:j].copy_(acc)
     return out

@@ -186,8 +186,13 @@ def collect(run: Run) -> dict:
 def write_results(run: Run) -> dict:
     rows = collect(run)
     latency = [sum(r["seconds"].values()) for r in rows.get("mta", {}).values() if not r.get("error")]
+    anchors = read_json(run.dir.anchors) if run.dir.anchors.exists() else {"anchors": [], "clusters_without_anchor": []}
     meta = {"profile": run.profile.name, "seed": run.seed, "llm": run.profile.llm,
-            "notes": list(run.profile.notes), "mta_latency_median_s": report.median(latency)}
+            "notes": list(run.profile.notes), "mta_latency_median_s": report.median(latency),
+            "anchors": [a["user_id"] for a in anchors["anchors"]],
+            "clusters_without_anchor": anchors["clusters_without_anchor"],
+            "bank_missing": [a["user_id"] for a in anchors["anchors"]
+                             if not (run.dir.adapter(a["user_id"]) / "adapter_model.safetensors").exists()]}
     result = report.build_results(run.spec.name, rows, meta)
     write_json(run.dir.results_json, result)
     with atomic_path(run.dir.results_md) as tmp:
@@ -208,5 +213,7 @@ def reproduce(run: Run) -> dict:
     stage2_match(run)
     stage3_run(run)
     result = write_results(run)
-    log(f"done in {time.perf_counter() - start:.0f} s: {run.dir.results_md}")
+    latency = result["meta"]["mta_latency_median_s"]
+    log(f"done in {time.perf_counter() - start:.0f} s: {run.dir.results_md}; median per-user MTA latency "
+        f"(match + fuse + adapt + generate): {'n/a' if latency is None else f'{latency:.1f} s'}")
     return result

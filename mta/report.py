@@ -137,6 +137,10 @@ def render_markdown(result: dict) -> str:
     timing = meta.get("mta_latency_median_s")
     if timing is not None:
         out += ["", f"Median per-user MTA latency (match + fuse + adapt + generate): {timing:.1f} s."]
+    out += ["", "## Bank", "", f"{len(meta.get('anchors', []))} anchors."]
+    out += [f"- cluster {c['cluster']} ({c['size']} users) has no anchor: {c['reason']}"
+            for c in meta.get("clusters_without_anchor", [])]
+    out += [f"- the bank has no adapter for anchor {a}" for a in meta.get("bank_missing", [])]
     failures = {m: f for m, f in result["failures"].items() if f}
     if failures:
         out += ["", "## Failures", ""]

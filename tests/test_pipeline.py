@@ -76,6 +76,7 @@ def test_bad_user_and_missing_adapter_are_recorded(tiny_run, tmp_path):
     sims = json.loads((copy / "stage2" / "matches.json").read_text())[ok_user]["similarities"]
     uses_missing = anchor in sorted(sims, key=lambda a: -sims[a])[:2]
     assert (anchor in failures["merged_only"].get(ok_user, "")) == uses_missing
+    assert result["meta"]["bank_missing"] == [anchor]
 
 
 def test_fusion_weights():

