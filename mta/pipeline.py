@@ -75,11 +75,16 @@ class Run:
                   "n_users": self.n_users, "methods": list(self.methods),
                   "profile": json.loads(json.dumps(dataclasses.asdict(self.profile)))}
         if self.dir.config.exists():
-            old = read_json(self.dir.config)
-            if old.get("profile") != config["profile"]:
+            old = read_json(self.dir.config).get("profile", {})
+            if _settings(old) != _settings(config["profile"]):
                 raise ValueError(f"{self.dir.config}: this run directory was made with another profile; "
                                  f"use another --runs folder or delete it")
         write_json(self.dir.config, config)
+
+
+def _settings(profile: dict) -> dict:
+    """A profile's fields that change results (its notes do not)."""
+    return {k: v for k, v in profile.items() if k != "notes"}
 
 
 def stage1_select(run: Run) -> dict:
@@ -188,7 +193,7 @@ def write_results(run: Run) -> dict:
     latency = [sum(r["seconds"].values()) for r in rows.get("mta", {}).values() if not r.get("error")]
     anchors = read_json(run.dir.anchors) if run.dir.anchors.exists() else {"anchors": [], "clusters_without_anchor": []}
     meta = {"profile": run.profile.name, "seed": run.seed, "llm": run.profile.llm,
-            "notes": list(run.profile.notes), "mta_latency_median_s": report.median(latency),
+            "notes": [*run.profile.notes, run.profile.describe()], "mta_latency_median_s": report.median(latency),
             "anchors": [a["user_id"] for a in anchors["anchors"]],
             "clusters_without_anchor": anchors["clusters_without_anchor"],
             "bank_missing": [a["user_id"] for a in anchors["anchors"]

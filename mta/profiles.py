@@ -64,6 +64,16 @@ class Profile:
     def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.dtype)
 
+    def describe(self) -> str:
+        """The settings a reader of the results needs, caps included."""
+        caps = f"at most {self.max_items_per_anchor} items per anchor" if self.max_items_per_anchor else "every item"
+        return (f"V = {self.n_anchors}, K = {self.top_k}, fusion {self.fusion}, merge in {self.merge_space} space; "
+                f"bank rank {self.bank.rank}, lr {self.bank.lr:g}, {self.bank.epochs} epochs, {caps}; "
+                f"stacked rank {self.stack.rank}, lr {self.stack.lr:g}, {self.stack.epochs} epochs; "
+                f"OPPU rank {self.oppu.rank}, lr {self.oppu.lr:g}, {self.oppu.epochs} epochs; "
+                f"prompts capped at {self.max_prompt_tokens} tokens, greedy decoding of at most "
+                f"{self.max_new_tokens} tokens")
+
     def replace(self, **changes) -> "Profile":
         return dataclasses.replace(self, **changes)
 
@@ -95,7 +105,6 @@ CPU = PAPER.replace(
     notes=(
         "SmolLM2-135M-Instruct (GGUF Q4_1, dequantised) stands in for Llama-3-8B-Instruct",
         "all-MiniLM-L6-v2 stands in for deberta-v3-large (stage 1) and bge-small (stage 2)",
-        "V = 16 anchors; at most 48 training items per anchor; prompts capped at 384 tokens",
     ),
 )
 

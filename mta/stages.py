@@ -173,6 +173,7 @@ class Engine:
 
     def __post_init__(self):
         self.base = BaseWeights(self.model, targets=self.profile.bank.targets, device="cpu")
+        self.folded = False  # whether W differs from W0
         self.prompt_budget = self.profile.max_prompt_tokens - len(self.tok.chat_prompt(""))
 
     def examples(self, profile_items: list[dict], seed: int, limit: int | None = None) -> list[tuple[list[int], list[int]]]:
@@ -205,11 +206,14 @@ class Engine:
 
     def fold(self, adapters: Sequence[Adapter], weights: Sequence[float]) -> None:
         fold_adapters(self.model, adapters, weights, mode=self.profile.merge_space, base=self.base)
+        self.folded = True
 
     def reset(self) -> None:
         """Back to the plain base model: no LoRA layers, W = W0."""
         unload_lora(self.model)
-        self.base.restore()
+        if self.folded:
+            self.base.restore()
+            self.folded = False
 
 
 # ----------------------------------------------------------------------------- stage 3
