@@ -10,6 +10,7 @@ import numpy as np
 
 from mta.lamp import TaskSpec, get_task
 from mta.metrics import TaskScores, paired_t_test, score_outputs
+from mta.stages import CONTROLS
 
 LABELS = {
     "base": "Non-personalized",
@@ -27,7 +28,6 @@ LABELS = {
 }
 TABLE1 = ("base", "rag1", "rag3", "rag5", "oppu", "mta")
 TABLE2 = ("adapt_only", "merged_only", "mta")
-CONTROLS = ("merged_random", "mta_random", "merged_least", "mta_least")
 PAPER_RESULTS = Path(__file__).resolve().parents[1] / "data" / "paper_results.json"
 
 # For paired tests: the per-example metric that stands for the task (lower is better for MAE).

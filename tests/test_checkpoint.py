@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from mta import checkpoint
 from mta.checkpoint import CheckpointError, load_llm, load_model, resolve
-from mta.gguf import GGML_TYPES, GGUFError, GGUFFile, dequantize
+from mta.gguf import GGML_TYPES, GGUFError, dequantize
 from mta.llama import LlamaConfig, LlamaForCausalLM
 from tests.fixtures import SMOLLM_FILE, smollm_dir
 

@@ -1,7 +1,6 @@
 """Tokenizer: GGUF rebuild, HF directories, chat formats; ids equal to transformers' on SmolLM2."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
