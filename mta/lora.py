@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from kernels.merge import check_weights, combine_factors, default_chunk, fold_
+from mta.rundir import atomic_path
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEFT_PREFIX = "base_model.model."
@@ -247,27 +246,15 @@ def set_adapter(model: nn.Module, adapter: Adapter) -> None:
 def save_adapter(adapter: Adapter, path: str | os.PathLike, extra: dict[str, str] | None = None) -> None:
     """Write a PEFT adapter directory (config + safetensors, plus `extra` text files by name)
     atomically: it appears complete or not at all."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    for name in extra or {}:
+        if Path(name).name != name or name in (CONFIG_FILE, WEIGHTS_FILE):
+            raise ValueError(f"save_adapter: bad extra file name {name!r}")
+    with atomic_path(path, is_dir=True) as tmp:
         tensors = {PEFT_PREFIX + k: v.detach().contiguous().cpu() for k, v in adapter.state_dict().items()}
         save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(adapter.config.to_peft(), indent=2, sort_keys=True) + "\n")
         for name, text in (extra or {}).items():
-            if Path(name).name != name or name in (CONFIG_FILE, WEIGHTS_FILE):
-                raise ValueError(f"save_adapter: bad extra file name {name!r}")
             (tmp / name).write_text(text)
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-            os.replace(path, old / "adapter")
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_adapter(path: str | os.PathLike) -> Adapter:

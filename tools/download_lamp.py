@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -32,6 +31,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mta.rundir import write_json  # noqa: E402
 from mta.lamp import (  # noqa: E402
     CANDIDATES_FILE, TEST_FILE, LampDataError, default_lamp_dir, get_task, select_test_users, validate_user,
 )
@@ -61,18 +61,6 @@ def sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, ensure_ascii=False)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def download(url: str, dest: Path, timeout: float = 60.0) -> None:
@@ -118,7 +106,7 @@ def fetch(task: str, splits: list[str], raw_dir: Path, offline: bool) -> None:
                 raise SystemExit(f"{path}: sha256 {digest} differs from the recorded {sums[key]['sha256']}; "
                                  f"delete it to download again")
             sums[key] = {"url": url, "sha256": digest, "bytes": path.stat().st_size}
-    atomic_write_json(sums_path, sums)
+    write_json(sums_path, sums)
 
 
 def official_users(task: str, splits: list[str], raw_dir: Path) -> list[dict]:
@@ -153,8 +141,8 @@ def build(task: str, users: list[dict], out_dir: Path, n_test: int, seed: int, t
         validate_user(u, spec, with_query=False, source=f"{spec.name} candidates: user #{i}")
     for i, u in enumerate(test):
         validate_user(u, spec, with_query=True, source=f"{test_file or spec.name + ' test'}: user #{i}")
-    atomic_write_json(out_dir / spec.name / CANDIDATES_FILE, candidates)
-    atomic_write_json(out_dir / spec.name / TEST_FILE, test)
+    write_json(out_dir / spec.name / CANDIDATES_FILE, candidates)
+    write_json(out_dir / spec.name / TEST_FILE, test)
     print(f"{spec.name}: {len(candidates)} candidates, {len(test)} test users -> {out_dir / spec.name}")
 
 
