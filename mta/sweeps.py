@@ -8,6 +8,7 @@ artifacts; per-user results are cached like any run's, so a finished sweep recom
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -19,9 +20,11 @@ from mta.pipeline import Run, log
 from mta.profiles import Profile, profile_from_dict
 from mta.rundir import RunDir, atomic_path, read_json, write_json
 
-# Profile fields that stage 1, the bank and stage 2 depend on: a point that keeps them shares them.
-ARTIFACT_FIELDS = ("llm", "stage1_encoder", "stage2_encoder", "dtype", "n_anchors", "min_anchor_items", "bank",
-                   "bank_data", "max_items_per_anchor", "max_prompt_tokens", "chat_template")
+# Profile fields one meta-LoRA depends on (besides its anchor's history and the seed): a point that keeps
+# them reuses the main run's meta-LoRA of every anchor both runs have.
+ADAPTER_FIELDS = ("llm", "dtype", "bank", "bank_data", "max_items_per_anchor", "max_prompt_tokens", "chat_template")
+# Profile fields that stage 1, the bank and stage 2 depend on: a point that keeps them shares all three.
+ARTIFACT_FIELDS = (*ADAPTER_FIELDS, "stage1_encoder", "stage2_encoder", "n_anchors", "min_anchor_items")
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,7 @@ def run_sweep(run: Run, what: str, values: tuple | None = None, methods: tuple[s
             continue
         point.write_config()
         if point.dir.shared is None:
+            _reuse_meta_loras(point, run)
             pipeline.stage1_bank(point)
             pipeline.stage2_match(point)
         points[sweep.label(value)] = pipeline.run_and_report(point)
@@ -142,6 +146,17 @@ def run_sweep(run: Run, what: str, values: tuple | None = None, methods: tuple[s
     write_json(path, out)
     plot_sweep(out, path.with_suffix(".png"))
     return out
+
+
+def _reuse_meta_loras(point: Run, run: Run) -> None:
+    """Copy the main run's meta-LoRAs of the point's anchors into the point's bank, where they would be equal."""
+    if any(getattr(point.profile, f) != getattr(run.profile, f) for f in ADAPTER_FIELDS):
+        return
+    for anchor in pipeline.stage1_select(point)["anchors"]:
+        source, target = run.dir.adapter(anchor["user_id"]), point.dir.adapter(anchor["user_id"])
+        if source.is_dir() and not target.exists():
+            with atomic_path(target, is_dir=True) as tmp:
+                shutil.copytree(source, tmp, dirs_exist_ok=True)
 
 
 def _changed(result: dict, untrained: dict[str, dict], method: str) -> dict:

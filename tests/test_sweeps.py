@@ -6,6 +6,7 @@ import pytest
 
 from mta import pipeline
 from mta.cli import main
+from mta.stages import Engine
 from mta.sweeps import llama3_8b_shapes, lora_parameters, run_sweep
 
 POINTS = {"alpha": (None, 0.0, 1.0), "k": (1, 2), "rank": (2, 4), "bank": (2, 3), "adapt": ((1e-3, 1, 4), (3e-3, 1, 2))}
@@ -37,6 +38,25 @@ def test_points_share_the_bank_unless_they_change_it(tiny_run):
         main("test", lambda run: run_sweep(run, what, POINTS[what]), argv)
     assert not (run_dir / "sweeps" / "k" / "1" / "bank").exists()
     assert (run_dir / "sweeps" / "bank" / "2" / "bank").is_dir()
+
+
+def test_a_bank_point_trains_only_the_anchors_the_main_run_lacks(tiny_run, monkeypatch):
+    run_dir, argv, _ = tiny_run
+    trained = []
+    train_lora = Engine.train_lora
+    monkeypatch.setattr(Engine, "train_lora", lambda self, *a: trained.append(a) or train_lora(self, *a))
+    main("test", lambda run: run_sweep(run, "bank", POINTS["bank"], methods=("merged_only",)), argv)
+
+    def anchors(root):
+        return {a["user_id"] for a in json.loads((root / "stage1" / "anchors.json").read_text())["anchors"]}
+
+    points = [run_dir / "sweeps" / "bank" / "2"]  # V = 3 is the tiny profile's own
+    assert anchors(points[0]) & anchors(run_dir)
+    assert len(trained) == sum(len(anchors(p) - anchors(run_dir)) for p in points)
+    for p in points:
+        for a in anchors(p) & anchors(run_dir):
+            assert (p / "bank" / a / "adapter_model.safetensors").read_bytes() == \
+                (run_dir / "bank" / a / "adapter_model.safetensors").read_bytes()
 
 
 def test_the_main_profile_point_is_the_main_run(tiny_run):
