@@ -232,8 +232,8 @@ class LlamaModel(nn.Module):
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         S = past + T
-        if attention_mask is not None and bool(attention_mask.all()):
-            attention_mask = None
+        if attention_mask is not None and not torch.compiler.is_compiling() and bool(attention_mask.all()):
+            attention_mask = None  # (a data-dependent branch: compiled code keeps the mask)
         if position_ids is None:
             if attention_mask is None:
                 position_ids = torch.arange(past, S, device=input_ids.device).expand(B, T)
@@ -312,11 +312,14 @@ class LlamaForCausalLM(nn.Module):
         stop_token_ids: list[int] | tuple[int, ...] = (),
         pad_token_id: int | None = None,
         generator: torch.Generator | None = None,
+        compile: bool = False,
     ) -> torch.Tensor:
         """New tokens (B, n <= max_new_tokens) for left-padded prompts input_ids (B, T).
 
         A row ends at its first stop token (kept in the output); later positions hold pad_token_id
         (default: the first stop token, else 0). Decoding stops early once every row has ended.
+        compile=True runs each one-token step through torch.compile (compiled once per model, dynamic
+        shapes; worth it for long or many generations, as in gpt-fast): same tokens, less overhead per step.
         """
         B, T = input_ids.shape
         device = input_ids.device
@@ -331,8 +334,8 @@ class LlamaForCausalLM(nn.Module):
         next_pos = positions[:, -1:] + 1  # (B, 1)
 
         cache = KVCache(self.config, B, T + max_new_tokens, self.dtype, device)
-        h = self.hidden_states(input_ids, attention_mask if padded else None, cache, positions)
-        logits = self.lm_head(h[:, -1]).float()  # (B, vocab)
+        logits = self.next_logits(input_ids, attention_mask if padded else None, cache, positions)  # (B, vocab)
+        next_logits = self.compiled_next_logits() if compile else self.next_logits
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         out = []
         for step in range(max_new_tokens):
@@ -346,9 +349,17 @@ class LlamaForCausalLM(nn.Module):
             if step == max_new_tokens - 1 or bool(finished.all()):
                 break
             mask = full_mask[:, : T + step + 1] if padded else None
-            h = self.hidden_states(token[:, None], mask, cache, next_pos + step)
-            logits = self.lm_head(h[:, -1]).float()
+            logits = next_logits(token[:, None], mask, cache, next_pos + step)
         return torch.stack(out, dim=1)
+
+    def next_logits(self, input_ids, attention_mask, cache: KVCache, position_ids) -> torch.Tensor:
+        """fp32 logits (B, vocab) after the last of input_ids (B, T), extending the cache."""
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, cache, position_ids)[:, -1]).float()
+
+    def compiled_next_logits(self):
+        if getattr(self, "_compiled_next_logits", None) is None:
+            self._compiled_next_logits = torch.compile(self.next_logits, dynamic=True)
+        return self._compiled_next_logits
 
 
 def sample_next_token(

@@ -334,7 +334,7 @@ def fold_adapters(model: nn.Module, adapters: Sequence[Adapter], weights: Sequen
         largest = max(lin.weight.numel() * lin.weight.element_size() // 4 for lin in plan.values())
         widest = max(lin.in_features for lin in plan.values())
         device = next(iter(plan.values())).weight.device
-        workspace = torch.empty(max(min(default_chunk(), largest), widest), device=device)
+        workspace = torch.empty(max(min(default_chunk(), largest // 2), widest), device=device)
     for m, lin in plan.items():
         B, A = merged_factors(adapters, weights, m, mode)
         fold_(lin.weight if base is None else base.weights[m], B, A,

@@ -113,6 +113,16 @@ def test_batched_left_padded_generation_matches_transformers():
     assert alone.tolist() == got[1:2].tolist()
 
 
+def test_compiled_decode_gives_the_same_tokens():
+    _, ours = make_pair("llama3-gqa", seed=2)
+    ids = torch.randint(3, TINY["vocab_size"], (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    for m in (None, mask):
+        eager = ours.generate(ids, attention_mask=m, max_new_tokens=8)
+        assert ours.generate(ids, attention_mask=m, max_new_tokens=8, compile=True).tolist() == eager.tolist()
+
+
 def test_stop_tokens_end_rows_and_pad():
     _, ours = make_pair("llama3-gqa", seed=3)
     ids = torch.randint(3, TINY["vocab_size"], (2, 5))
