@@ -107,9 +107,10 @@ def fold_(
     rows = min(n_out, workspace.numel() // n_in)
     if rows == 0 or workspace.dtype != torch.float32:
         raise ValueError(f"fold: workspace of {workspace.numel()} {workspace.dtype} cannot hold a row of {n_in} fp32")
+    chunk = workspace[: rows * n_in].view(rows, n_in)  # (rows, in) fp32
     for i in range(0, n_out, rows):
-        j = min(i + rows, n_out)
-        acc = workspace[: (j - i) * n_in].view(j - i, n_in).copy_(W0[i:j])  # (rows, in) fp32
-        acc.addmm_(B[i:j], A)
-        out[i:j].copy_(acc)
+        acc = chunk if i + rows <= n_out else chunk[: n_out - i]
+        acc.copy_(W0[i:i + rows])
+        acc.addmm_(B[i:i + rows], A)
+        out[i:i + rows].copy_(acc)
     return out

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import importlib
 import sys
 import time
@@ -178,43 +179,37 @@ def bench_merge_one(label: str, make_model, repeats: int) -> None:
     w0 = {m: l.weight.detach().clone() for m, l in linears.items()}
     others = {m: torch.randn_like(w) for m, w in w0.items()}
 
-    def floor():
-        with torch.no_grad():
-            for m, l in linears.items():
-                l.weight.add_(others[m])
-
-    def ours_inplace():
-        fold_adapters(model, adapters, weights)
+    @torch.no_grad()
+    def floor(others: dict) -> None:
+        for m, l in linears.items():
+            l.weight.add_(others[m])
 
     snapshot = BaseWeights(model, "all")
-
-    def ours_from_base():
-        fold_adapters(model, adapters, weights, base=snapshot)
-
     noise = max(measure(lambda: None)[1] for _ in range(3))
-    ours_inplace()  # warm-up: first-call BLAS buffers are not part of a merge
-    t_floor = min(measure(floor)[0] for _ in range(repeats))
-    runs_ip = [measure(ours_inplace) for _ in range(repeats)]
-    runs_b = [measure(ours_from_base) for _ in range(repeats)]
+    fold_adapters(model, adapters, weights)  # warm-up: first-call BLAS buffers are not part of a merge
+    t_floor = min(measure(functools.partial(floor, others))[0] for _ in range(repeats))
+    runs_ip = [measure(functools.partial(fold_adapters, model, adapters, weights)) for _ in range(repeats)]
+    runs_b = [measure(functools.partial(fold_adapters, model, adapters, weights, base=snapshot))
+              for _ in range(repeats)]
     ours_result = {m: l.weight.detach().clone() for m, l in linears.items()}  # last run: W0 + ΔW from the snapshot
     del snapshot, others
 
     runs_peft = []
     merged = None
-    for _ in range(max(1, repeats // 2)):
+
+    def peft_merge(pm: nn.Module) -> None:
+        nonlocal merged
+        pm.add_weighted_adapter(["a0", "a1"], weights, "m", combination_type="cat")
+        pm.set_adapter("m")
+        merged = pm.merge_and_unload()
+
+    for _ in range(repeats):
         ref = make_model()
         with torch.no_grad():
             for m, w in w0.items():
                 ref.get_submodule(m).weight.copy_(w)
         pm = peft_with(ref, adapters)
-
-        def peft_merge():
-            nonlocal merged
-            pm.add_weighted_adapter(["a0", "a1"], weights, "m", combination_type="cat")
-            pm.set_adapter("m")
-            merged = pm.merge_and_unload()
-
-        runs_peft.append(measure(peft_merge))
+        runs_peft.append(measure(functools.partial(peft_merge, pm)))
         del pm
     diff = max((merged.get_submodule(m).weight.float() - ours_result[m].float()).abs().max().item()
                for m in linears)
@@ -257,7 +252,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.only != "merge":
-        bench_train(steps=1 if args.quick else 2, repeats=2 if args.quick else 3)
+        bench_train(steps=1 if args.quick else 2, repeats=2 if args.quick else 5)
     if args.only != "train":
         bench_merge(repeats=2 if args.quick else 4)
 
