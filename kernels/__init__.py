@@ -1,4 +1,4 @@
 """Fused LoRA merge kernels (plain torch GEMMs)."""
-from kernels.merge import MODES, check_weights, combine_factors, fold_
+from kernels.merge import MODES, bf16_factors, check_weights, combine_factors, fold_, uses_workspace
 
-__all__ = ["MODES", "check_weights", "combine_factors", "fold_"]
+__all__ = ["MODES", "bf16_factors", "check_weights", "combine_factors", "fold_", "uses_workspace"]

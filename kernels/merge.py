@@ -9,8 +9,9 @@ and user weights w_i. `combine_factors` turns them into one pair (B, A) with ΔW
   cat     PEFT `cat`: w_i s_i folded into A, B concatenated, new scaling 1
   svd     PEFT `svd`: rank-r truncated SVD of Σ w_i s_i B_i A_i
 
-`fold_` then writes W = W0 + B @ A as one GEMM, in place or into a preallocated buffer, with fp32
-accumulation for half-precision weights in row chunks so the extra memory stays bounded.
+`fold_` then writes W = W0 + B @ A as one GEMM, in place or into a preallocated buffer, rounding once
+from fp32 for half-precision weights: bf16 weights take a bf16 GEMM (fp32 accumulation) over the factors
+split into bf16 parts, which needs no workspace; fp16 weights go through fp32 row chunks of bounded size.
 """
 from __future__ import annotations
 
@@ -78,6 +79,23 @@ def combine_factors(
     raise ValueError(f"unknown merge mode {mode!r}; choose from {MODES}")
 
 
+def bf16_factors(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
+    """bf16 (B', A') of rank 3r with B' @ A' = B @ A (fp32 factors) to about 2^-17 relative.
+
+    Each factor is split into bf16 parts, x = hi + lo + O(2^-18 x); B'A' = B_hi A_hi + B_hi A_lo + B_lo A_hi
+    drops only B_lo A_lo. ΔW's error is then about 1/500 of a bf16 ulp of ΔW, and a bf16 GEMM computes it.
+    """
+    B_hi, A_hi = B.bfloat16(), A.bfloat16()
+    B_lo, A_lo = (B - B_hi).bfloat16(), (A - A_hi).bfloat16()  # the fp32 differences are exact (Sterbenz)
+    return torch.cat([B_hi, B_hi, B_lo], 1), torch.cat([A_hi, A_lo, A_hi], 0)
+
+
+def uses_workspace(W0: Tensor, out: Tensor | None = None) -> bool:
+    """Whether fold_ goes through fp32 row chunks (fp16 or mixed dtypes) rather than a single GEMM."""
+    out = W0 if out is None else out
+    return not (W0.dtype == out.dtype and W0.dtype in (torch.float32, torch.bfloat16))
+
+
 def default_chunk() -> int:
     """fp32 chunk size for folds: a cache-sized piece per intra-op thread."""
     return CHUNK_ELEMENTS * torch.get_num_threads()
@@ -90,16 +108,22 @@ def fold_(
 ) -> Tensor:
     """out = W0 + B @ A as one GEMM (in place on W0 when out is None); returns out.
 
-    fp32 weights are updated by a single addmm. Half-precision weights are converted to fp32 one row
-    chunk at a time, accumulated with addmm and rounded once, so the extra memory is one fp32 chunk
-    (taken from `workspace`, a flat fp32 tensor, when given, so many folds can share it).
+    fp32 weights: one fp32 addmm. bf16 weights: one bf16 addmm over `bf16_factors`; the GEMM accumulates
+    W0 + B'A' in fp32 and rounds once (cuBLAS and oneDNN with beta = 1), with no copy of W0. Other
+    dtypes (fp16, or W0 and out of different dtypes) are converted to fp32 one row chunk at a time,
+    accumulated with addmm and rounded once, so the extra memory is one fp32 chunk (taken from
+    `workspace`, a flat fp32 tensor, when given, so many folds can share it).
     """
     out = W0 if out is None else out
     if out.shape != W0.shape or B.shape[0] != W0.shape[0] or A.shape[1] != W0.shape[1]:
         raise ValueError(f"fold: W0 {tuple(W0.shape)}, out {tuple(out.shape)}, B {tuple(B.shape)}, A {tuple(A.shape)}")
     B = B.to(device=out.device, dtype=torch.float32)
     A = A.to(device=out.device, dtype=torch.float32)
-    if W0.dtype == torch.float32 and out.dtype == torch.float32:
+    if not uses_workspace(W0, out):
+        if W0.dtype == torch.bfloat16:
+            B, A = bf16_factors(B, A)
+        if out is W0:
+            return out.addmm_(B, A)
         return torch.addmm(W0.to(out.device), B, A, out=out)
     n_out, n_in = W0.shape
     if workspace is None:

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from kernels.merge import check_weights, combine_factors, default_chunk, fold_
+from kernels.merge import check_weights, combine_factors, default_chunk, fold_, uses_workspace
 from mta.rundir import atomic_path
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -328,18 +328,19 @@ def fold_adapters(model: nn.Module, adapters: Sequence[Adapter], weights: Sequen
                 raise ValueError(f"{adapters[0].source}: module {m!r} has no pristine copy in BaseWeights "
                                  f"(create it with targets covering the adapters' target_modules)")
         base.restore(skip=set(plan))
+    folds = {m: (lin.weight if base is None else base.weights[m], None if base is None else lin.weight)
+             for m, lin in plan.items()}  # module -> (W0, out)
     workspace = None
-    if any(lin.weight.dtype != torch.float32 for lin in plan.values()):
-        # One fp32 chunk shared by all folds, a third of the largest weight: with the factors and the GEMM's own
-        # buffers (0.5-0.8 MiB measured on CPU), the extra memory of a merge stays below the largest weight.
+    if any(uses_workspace(w0, out) for w0, out in folds.values()):
+        # One fp32 chunk shared by all chunked folds, a third of the largest weight: with the factors and the
+        # GEMM's own buffers (0.5-0.8 MiB measured on CPU), the extra memory stays below the largest weight.
         largest = max(lin.weight.numel() * lin.weight.element_size() // 4 for lin in plan.values())
         widest = max(lin.in_features for lin in plan.values())
         device = next(iter(plan.values())).weight.device
         workspace = torch.empty(max(min(default_chunk(), largest // 3), widest), device=device)
-    for m, lin in plan.items():
+    for m, (w0, out) in folds.items():
         B, A = merged_factors(adapters, weights, m, mode)
-        fold_(lin.weight if base is None else base.weights[m], B, A,
-              out=None if base is None else lin.weight, workspace=workspace)
+        fold_(w0, B, A, out=out, workspace=workspace)
 
 
 class BaseWeights:

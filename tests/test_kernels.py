@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from kernels.merge import MODES, check_weights, combine_factors, fold_
+from kernels.merge import MODES, bf16_factors, check_weights, combine_factors, fold_, uses_workspace
 
 
 def random_loras(K, out, inp, seed, equal_rank=False):
@@ -22,14 +22,15 @@ def naive_delta(As, Bs, scalings, weights):
 
 
 @pytest.mark.parametrize("K", range(1, 9))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("inplace", [True, False])
 def test_fold_matches_naive(K, dtype, inplace):
     g = torch.Generator().manual_seed(K)
     out_f, in_f = torch.randint(3, 70, (2,), generator=g).tolist()
     As, Bs, scalings, weights = random_loras(K, out_f, in_f, seed=K)
     W0 = torch.randn(out_f, in_f, generator=g).to(dtype)
-    expected = (W0.double() + naive_delta(As, Bs, scalings, weights)).to(dtype)
+    exact = W0.double() + naive_delta(As, Bs, scalings, weights)
+    expected = exact.to(dtype)
     B, A = combine_factors(As, Bs, scalings, weights, "delta")
     assert B.shape[1] == A.shape[0] == sum(a.shape[0] for a in As)  # one GEMM over concatenated factors
     W = W0.clone()
@@ -40,18 +41,43 @@ def test_fold_matches_naive(K, dtype, inplace):
         assert torch.equal(W, W0)
     if dtype == torch.float32:
         torch.testing.assert_close(res, expected, rtol=1e-5, atol=1e-4)
-    else:  # fp32 accumulation, one rounding: at most one bf16 ulp away from the exact result
-        ulp = expected.float().abs().clamp(min=2 ** -126) * 2 ** -7
-        assert torch.all((res.float() - expected.float()).abs() <= ulp)
+    else:  # one rounding of W0 + ΔW: one ulp from the exact value, plus ΔW's own error (2^-17 of |B||A| in bf16)
+        ulp = exact.abs().clamp(min=2 ** -14) * torch.finfo(dtype).eps
+        delta_err = 2 ** -16 * (B.double().abs() @ A.double().abs())
+        assert torch.all((res.double() - exact).abs() <= ulp + delta_err)
 
 
-def test_chunked_equals_unchunked_bf16():
+def test_chunked_equals_unchunked_fp16():
     As, Bs, s, w = random_loras(3, 33, 17, seed=0)
     B, A = combine_factors(As, Bs, s, w)
-    W0 = torch.randn(33, 17).bfloat16()
+    W0 = torch.randn(33, 17).half()
     whole = fold_(W0.clone(), B, A, chunk_elements=10 ** 9)
     for chunk in (1, 17, 50, 17 * 33):
         assert torch.equal(fold_(W0.clone(), B, A, chunk_elements=chunk), whole)
+
+
+def test_bf16_factors_carry_fp32_accuracy():
+    g = torch.Generator().manual_seed(0)
+    B, A = torch.randn(300, 16, generator=g), torch.randn(16, 200, generator=g)
+    B3, A3 = bf16_factors(B, A)
+    assert B3.dtype == A3.dtype == torch.bfloat16 and B3.shape == (300, 48) and A3.shape == (48, 200)
+    exact = B.double() @ A.double()
+    err = (B3.double() @ A3.double() - exact).abs() / (B.double().abs() @ A.double().abs())
+    assert err.max() < 2 ** -16
+
+
+def test_bf16_fold_rounds_once_without_workspace():
+    """One bf16 GEMM, no workspace: W0 + ΔW rounded once, so within one ulp (plus ΔW's 2^-17 error) of the
+    exact value, and equal to its correct rounding but where that error meets a rounding tie."""
+    g = torch.Generator().manual_seed(1)
+    W0 = (torch.randn(512, 384, generator=g) * 0.02).bfloat16()
+    B, A = torch.randn(512, 16, generator=g) * 0.05, torch.randn(16, 384, generator=g) * 0.02
+    assert not uses_workspace(W0)
+    exact = W0.double() + B.double() @ A.double()
+    ulp = exact.abs() * 2 ** -7 + 2 ** -16 * (B.double().abs() @ A.double().abs())
+    for res in (fold_(W0.clone(), B, A), fold_(W0, B, A, out=torch.empty_like(W0))):
+        assert torch.all((res.double() - exact).abs() <= ulp)
+        assert (res != exact.bfloat16()).float().mean() < 2e-3
 
 
 def test_fold_from_fp32_snapshot_into_bf16_weight():
