@@ -176,22 +176,27 @@ def _paired(a: dict, b: dict, method: str, metric: str) -> dict:
 
 
 def plot_sweep(out: dict, path: Path) -> None:
+    """One line per method with 95% intervals; the adaptive point (Fig. 3's Eq. 6) as a dashed level."""
     plt = _pyplot()
     if plt is None:
         return
-    labels = list(out["points"])
+    metric, points = out["metric"], out["points"]
+    labels = [l for l in points if l != "adaptive"]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for m in sorted({m for row in out["points"].values() for m in row}):
-        xs = [i for i, l in enumerate(labels) if m in out["points"][l]]
-        ys = [out["points"][labels[i]][m]["metrics"][out["metric"]] for i in xs]
-        lo = [y - out["points"][labels[i]][m]["ci95"][out["metric"]][0] for i, y in zip(xs, ys)]
-        hi = [out["points"][labels[i]][m]["ci95"][out["metric"]][1] - y for i, y in zip(xs, ys)]
-        ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=report.LABELS.get(m, m))
+    for m in sorted({m for row in points.values() for m in row}):
+        xs = [i for i, l in enumerate(labels) if m in points[l]]
+        ys = [points[labels[i]][m]["metrics"][metric] for i in xs]
+        lo = [y - points[labels[i]][m]["ci95"][metric][0] for i, y in zip(xs, ys)]
+        hi = [points[labels[i]][m]["ci95"][metric][1] - y for i, y in zip(xs, ys)]
+        line = ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=report.LABELS.get(m, m))
+        if m in points.get("adaptive", {}):
+            ax.axhline(points["adaptive"][m]["metrics"][metric], color=line[0].get_color(), linestyle="--",
+                       label=f"{report.LABELS.get(m, m)}, adaptive (Eq. 6)")
     ax.set_xticks(range(len(labels)), labels)
     ax.set_xlabel(out["x_label"])
-    ax.set_ylabel(out["metric"])
+    ax.set_ylabel(metric)
     ax.set_title(f"{out['figure']}: {out['task']} (95% bootstrap CI)")
-    ax.legend()
+    ax.legend(fontsize="small", loc="best")
     _save(fig, path)
 
 
