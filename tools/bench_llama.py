@@ -1,10 +1,13 @@
 """Benchmark mta.llama against transformers on SmolLM2-135M: same weights, threads and prompts, one run.
 
-Prints greedy decode tokens/s (batch 1 and 8, 64 new tokens; ours eager and with the decode step compiled),
-prefill tokens/s, the ratios ours/transformers and peak RSS. Targets: >= 1.5x for batch-1 decode, >= 1.0x
-elsewhere. transformers runs eager, its default; the first compiled run pays the compile (minutes on a CPU),
-which the warm-up absorbs. Runs are interleaved (ours, theirs,
-ours, ...) and the best of --repeats is kept, so load from other processes hits both sides alike.
+Prints, per dtype (fp32, the dequantized GGUF values, and bf16, those values rounded once; both sides
+always hold the same tensors): greedy decode tokens/s (batch 1 and 8, 64 new tokens; ours eager and with
+the decode step compiled), prefill tokens/s, the ratios ours/transformers and peak RSS. Targets: >= 1.5x
+for batch-1 decode, >= 1.0x elsewhere. Batch-1 decode streams every weight once per token, so the time
+of exactly that (one F.linear per weight matrix, nothing else) is printed as its roofline.
+transformers runs eager, its default; the first compiled run pays the compile (minutes on a CPU), which
+the warm-up absorbs. Runs are interleaved (ours, theirs, ours, ...) and the best of --repeats is kept,
+so load from other processes hits both sides alike.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ PROMPTS = [
 
 
 def reference_model(ours):
-    """A transformers.LlamaForCausalLM holding exactly our (dequantized) weights."""
+    """A transformers.LlamaForCausalLM holding exactly our weights, in our dtype."""
     try:
         transformers = importlib.import_module("transformers")
     except ImportError:
@@ -48,7 +51,7 @@ def reference_model(ours):
         rope_theta=c.rope_theta, max_position_embeddings=c.max_position_embeddings,
         tie_word_embeddings=c.tie_word_embeddings, attn_implementation="sdpa",
     )
-    ref = transformers.LlamaForCausalLM(config).eval()
+    ref = transformers.LlamaForCausalLM(config).to(ours.dtype).eval()
     ref.load_state_dict(ours.state_dict(), strict=True)
     ref.generation_config.eos_token_id = None
     ref.generation_config.pad_token_id = 0
@@ -61,16 +64,23 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+def weight_streaming_floor(model, repeats: int) -> float:
+    """Best seconds of one batch-1 F.linear per weight matrix (lm_head included): the bytes a decode step reads."""
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    x = {w.shape[1]: torch.ones(1, w.shape[1], dtype=w.dtype) for w in weights}
 
+    @torch.inference_mode()
+    def stream():
+        for w in weights:
+            torch.nn.functional.linear(x[w.shape[1]], w)
+
+    stream()
+    return min(timed(stream) for _ in range(repeats))
+
+
+def bench(args, dtype: torch.dtype) -> None:
     ours, tok = load_llm(args.model)
+    ours.to(dtype)
     rss_ours = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     ref = reference_model(ours)
     n = args.new_tokens
@@ -100,7 +110,7 @@ def main() -> None:
 
     long_prompts = [tok.encode(" ".join(PROMPTS[i:] + PROMPTS[:i]) * 2)[:128] for i in range(8)]
     prefill_ids, prefill_mask = tok.pad(long_prompts, side="left")
-    print(f"model {args.model}, fp32, {args.threads} threads, best of {args.repeats} interleaved runs")
+    print(f"\nmodel {args.model}, {dtype}, {args.threads} threads, best of {args.repeats} interleaved runs")
     print(f"{'':16s} {'ours tok/s':>11s} {'transformers':>13s} {'ratio':>7s}", flush=True)
     for label, (ours_fn, ref_fn), (ids, mask), tokens in [
         ("decode batch 1", (ours_decode, ref_decode), batch(1), n),
@@ -117,8 +127,25 @@ def main() -> None:
             t_ref.append(timed(lambda: ref_fn(ids, mask)))
         a, b = tokens / min(t_ours), tokens / min(t_ref)
         print(f"{label:16s} {a:11.1f} {b:13.1f} {a / b:6.2f}x", flush=True)
+        if label == "decode batch 1":
+            roof = 1 / weight_streaming_floor(ours, args.repeats)
+            print(f"{'  roofline':16s} {roof:11.1f} {'':13s} {roof / b:6.2f}x  (weights streamed once per token, "
+                  f"ours eager at {a / roof:.0%} of it)", flush=True)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS: {rss_ours:.0f} MiB after loading ours, {rss:.0f} MiB with both models")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated torch dtypes")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    for dtype in args.dtypes.split(","):
+        bench(args, getattr(torch, dtype))
 
 
 if __name__ == "__main__":
