@@ -66,7 +66,7 @@ SWEEPS = {
     "k": Sweep("Fig. 4", "anchors merged K", (1, 2, 3, 4, 5, 6, 7, 8), lambda k: {"top_k": k}, lambda p: p.top_k),
     "rank": Sweep("Fig. 5", "stacked LoRA rank r (α = 2r)", (2, 4, 6, 8, 16),
                   lambda r: {"stack": {"rank": r, "alpha": 2.0 * r}}, lambda p: p.stack.rank, methods=("mta",)),
-    "bank": Sweep("Fig. 6", "bank size V", (8, 16, 32), lambda v: {"n_anchors": v}, lambda p: p.n_anchors),
+    "bank": Sweep("Fig. 6", "bank size V", (8, 16, 32, 64), lambda v: {"n_anchors": v}, lambda p: p.n_anchors),
     # The CPU profile's adaptation recipe (stacked LoRA, Adapt-only and OPPU alike), chosen on dev users:
     # (learning rate, epochs, batch size); the first point is Table 4.
     "adapt": Sweep("CPU profile", "adaptation recipe (lr, epochs, batch)",
