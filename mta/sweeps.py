@@ -149,12 +149,20 @@ def run_sweep(run: Run, what: str, values: tuple | None = None, methods: tuple[s
 
 
 def _reuse_meta_loras(point: Run, run: Run) -> None:
-    """Copy the main run's meta-LoRAs of the point's anchors into the point's bank, where they would be equal."""
-    if any(getattr(point.profile, f) != getattr(run.profile, f) for f in ADAPTER_FIELDS):
-        return
+    """Copy into the point's bank every meta-LoRA of its anchors that the main run, or another of its sweep
+    points, trained under the same adapter settings (so it would come out equal)."""
+    def same_adapters(profile: Profile) -> bool:
+        return all(getattr(profile, f) == getattr(point.profile, f) for f in ADAPTER_FIELDS)
+
+    banks = [run.dir.artifacts / "bank"] if same_adapters(run.profile) else []
+    for config in sorted((run.dir.root / "sweeps").glob("*/*/config.json")):
+        if config.parent != point.dir.root and (config.parent / "bank").is_dir() and same_adapters(
+                profile_from_dict({**read_json(config)["profile"], "base": "cpu"}, str(config))):
+            banks.append(config.parent / "bank")
     for anchor in pipeline.stage1_select(point)["anchors"]:
-        source, target = run.dir.adapter(anchor["user_id"]), point.dir.adapter(anchor["user_id"])
-        if source.is_dir() and not target.exists():
+        target = point.dir.adapter(anchor["user_id"])
+        source = next((b / target.name for b in banks if (b / target.name).is_dir()), None)
+        if source is not None and not target.exists():
             with atomic_path(target, is_dir=True) as tmp:
                 shutil.copytree(source, tmp, dirs_exist_ok=True)
 

@@ -40,16 +40,21 @@ def test_points_share_the_bank_unless_they_change_it(tiny_run):
     assert (run_dir / "sweeps" / "bank" / "2" / "bank").is_dir()
 
 
-def test_a_bank_point_trains_only_the_anchors_the_main_run_lacks(tiny_run, monkeypatch):
-    run_dir, argv, _ = tiny_run
+def anchors(root):
+    return {a["user_id"] for a in json.loads((root / "stage1" / "anchors.json").read_text())["anchors"]}
+
+
+def count_trainings(monkeypatch) -> list:
     trained = []
     train_lora = Engine.train_lora
     monkeypatch.setattr(Engine, "train_lora", lambda self, *a: trained.append(a) or train_lora(self, *a))
+    return trained
+
+
+def test_a_bank_point_trains_only_the_anchors_the_main_run_lacks(tiny_run, monkeypatch):
+    run_dir, argv, _ = tiny_run
+    trained = count_trainings(monkeypatch)
     main("test", lambda run: run_sweep(run, "bank", POINTS["bank"], methods=("merged_only",)), argv)
-
-    def anchors(root):
-        return {a["user_id"] for a in json.loads((root / "stage1" / "anchors.json").read_text())["anchors"]}
-
     points = [run_dir / "sweeps" / "bank" / "2"]  # V = 3 is the tiny profile's own
     assert anchors(points[0]) & anchors(run_dir)
     assert len(trained) == sum(len(anchors(p) - anchors(run_dir)) for p in points)
@@ -57,6 +62,17 @@ def test_a_bank_point_trains_only_the_anchors_the_main_run_lacks(tiny_run, monke
         for a in anchors(p) & anchors(run_dir):
             assert (p / "bank" / a / "adapter_model.safetensors").read_bytes() == \
                 (run_dir / "bank" / a / "adapter_model.safetensors").read_bytes()
+
+
+def test_a_bank_point_reuses_the_meta_loras_of_other_points(tiny_run, monkeypatch):
+    run_dir, argv, _ = tiny_run
+    main("test", lambda run: run_sweep(run, "bank", (4,), methods=("merged_only",)), argv)
+    trained = count_trainings(monkeypatch)
+    main("test", lambda run: run_sweep(run, "bank", (5,), methods=("merged_only",)), argv)
+    bank = run_dir / "sweeps" / "bank"
+    known = anchors(run_dir) | anchors(bank / "4")
+    assert anchors(bank / "5") & (anchors(bank / "4") - anchors(run_dir))  # something to reuse from V = 4
+    assert len(trained) == len(anchors(bank / "5") - known)
 
 
 def test_the_main_profile_point_is_the_main_run(tiny_run):
