@@ -23,7 +23,8 @@ def parser(description: str) -> argparse.ArgumentParser:
     ap.add_argument("--users", default="all", help="'all' or the number of test users to run")
     ap.add_argument("--runs", type=Path, default=Path("runs"), help="root of the run directories")
     ap.add_argument("--methods", default=None,
-                    help=f"comma-separated subset of {','.join(METHODS + CONTROLS)} (default: {','.join(METHODS)})")
+                    help=f"comma-separated subset of {','.join(METHODS + CONTROLS)}, or 'all' for every one of "
+                         f"them (default: {','.join(METHODS)})")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a profile field, e.g. --set stack.lr=3e-4 --set n_anchors=8")
     ap.add_argument("--no-progress", action="store_true")
@@ -57,7 +58,10 @@ def run_from_args(args: argparse.Namespace) -> Run:
         profile = override(profile, assignment)
     if args.set:  # an overridden profile gets its own run directory
         profile = profile.replace(name="+".join([profile.name, *args.set]))
-    methods = tuple(m for m in (args.methods or ",".join(METHODS)).split(",") if m)
+    if args.methods == "all":
+        methods = METHODS + CONTROLS
+    else:
+        methods = tuple(m for m in (args.methods or ",".join(METHODS)).split(",") if m)
     unknown = sorted(set(methods) - set(METHODS + CONTROLS))
     if unknown:
         raise ValueError(f"--methods: unknown {unknown}; choose from {', '.join(METHODS + CONTROLS)}")

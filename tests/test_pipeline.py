@@ -134,3 +134,12 @@ def test_bank_data_selects_how_bank_examples_are_built(tiny_run, monkeypatch):
         assert run.engine.examples(user.profile, seed=0, bank=True)
         run.engine.examples(user.profile, seed=0)
     assert seen == [False, False, True, False]
+
+
+def test_methods_all_runs_the_controls_beside_every_method(tiny_run):
+    from mta import cli
+    from mta.stages import CONTROLS
+
+    _, argv, _ = tiny_run
+    assert cli.run_from_args(cli.parser("test").parse_args(argv + ["--methods", "all"])).methods == METHODS + CONTROLS
+    assert cli.run_from_args(cli.parser("test").parse_args(argv)).methods == METHODS

@@ -132,7 +132,7 @@ def bench(args, dtype: torch.dtype) -> None:
             print(f"{'  roofline':16s} {roof:11.1f} {'':13s} {roof / b:6.2f}x  (weights streamed once per token, "
                   f"ours eager at {a / roof:.0%} of it)", flush=True)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"peak RSS: {rss_ours:.0f} MiB after loading ours, {rss:.0f} MiB with both models")
+    print(f"peak RSS of the process so far: {rss_ours:.0f} MiB after loading ours, {rss:.0f} MiB with both models")
 
 
 def main() -> None:
