@@ -75,12 +75,17 @@ class Run:
         config = {"task": self.spec.name, "seed": self.seed, "lamp_dir": str(self.lamp_dir),
                   "profile": json.loads(json.dumps(dataclasses.asdict(self.profile)))}
         if self.dir.config.exists():
-            # read back as a profile, so that a field added since takes its default; notes change no result
-            old = profile_from_dict({**read_json(self.dir.config)["profile"], "base": "cpu"}, str(self.dir.config))
+            # notes change no result
+            old = stored_profile(self.dir.config)
             if old.replace(notes=()) != self.profile.replace(notes=()):
                 raise ValueError(f"{self.dir.config}: this run directory was made with another profile; "
                                  f"use another --runs folder or delete it")
         write_json(self.dir.config, config)
+
+
+def stored_profile(config: Path) -> Profile:
+    """The profile a run directory's config.json records (a field added since takes its default)."""
+    return profile_from_dict({**read_json(config)["profile"], "base": "cpu"}, str(config))
 
 
 def stage1_select(run: Run) -> dict:

@@ -156,8 +156,8 @@ def _reuse_meta_loras(point: Run, run: Run) -> None:
 
     banks = [run.dir.artifacts / "bank"] if same_adapters(run.profile) else []
     for config in sorted((run.dir.root / "sweeps").glob("*/*/config.json")):
-        if config.parent != point.dir.root and (config.parent / "bank").is_dir() and same_adapters(
-                profile_from_dict({**read_json(config)["profile"], "base": "cpu"}, str(config))):
+        if config.parent != point.dir.root and (config.parent / "bank").is_dir() and \
+                same_adapters(pipeline.stored_profile(config)):
             banks.append(config.parent / "bank")
     for anchor in pipeline.stage1_select(point)["anchors"]:
         target = point.dir.adapter(anchor["user_id"])

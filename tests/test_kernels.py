@@ -56,7 +56,7 @@ def test_chunked_equals_unchunked_fp16():
         assert torch.equal(fold_(W0.clone(), B, A, chunk_elements=chunk), whole)
 
 
-def test_bf16_factors_carry_fp32_accuracy():
+def test_bf16_factors_carry_16_bit_accuracy():
     g = torch.Generator().manual_seed(0)
     B, A = torch.randn(300, 16, generator=g), torch.randn(16, 200, generator=g)
     B3, A3 = bf16_factors(B, A)
