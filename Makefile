@@ -12,11 +12,12 @@ TASK     ?= lamp4
 LAMP_DIR ?= ../shared/lamp
 PROFILE  ?= auto
 SEED     ?= 0
+SEEDS    ?= $(SEED)
 USERS    ?= all
 RUNS     ?= runs
 
 WHAT     ?= alpha
-# Optional: METHODS=rag1,mta  SET="n_anchors=8 stack.lr=3e-4"  POINTS=1,2,4 (a sweep's grid)
+# Optional: METHODS=rag1,mta  SET="n_anchors=8 stack.lr=3e-4"  SEEDS="0 1 2"  POINTS=1,2,4 (a sweep's grid)
 
 .PHONY: install test reproduce sweep bench clean
 
@@ -31,11 +32,12 @@ $(VENV)/.installed: setup.py
 	touch $@
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q
 
 reproduce: install
 	$(PY) tools/reproduce.py --task $(TASK) --lamp-dir $(LAMP_DIR) --profile $(PROFILE) \
-		--seed $(SEED) --users $(USERS) --runs $(RUNS) $(if $(METHODS),--methods $(METHODS)) \
+		--seed "$(SEEDS)" --users $(USERS) --runs $(RUNS) $(if $(METHODS),--methods $(METHODS)) \
 		$(foreach s,$(SET),--set $(s))
 
 sweep: install

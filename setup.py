@@ -21,7 +21,11 @@ setup(
     ],
     extras_require={
         # Test oracles: never imported by mta/, kernels/ or tools/.
-        "test": ["pytest>=8", "transformers>=4.45", "peft>=0.13", "scikit-learn>=1.4", "gguf>=0.10", "matplotlib>=3.7"],
+        # ruff is the lint step of `make test`; its settings are in pyproject.toml.
+        "test": [
+            "pytest>=8", "ruff>=0.17,<0.18", "transformers>=4.45", "peft>=0.13", "scikit-learn>=1.4", "gguf>=0.10",
+            "matplotlib>=3.7",
+        ],
         "plot": ["matplotlib>=3.7"],
     },
 )

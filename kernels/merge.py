@@ -42,7 +42,7 @@ def combine_factors(
     Bs: Sequence[Tensor],
     scalings: Sequence[float],
     weights: Sequence[float],
-    mode: str = "delta",
+    mode: str,
     svd_rank: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Merge K LoRAs of one layer into fp32 factors (B (out, r'), A (r', in)) with ΔW = B @ A."""
@@ -51,11 +51,11 @@ def combine_factors(
         raise ValueError(f"merge: got {len(As)} A, {len(Bs)} B and {len(scalings)} scalings")
     As = [a.float() for a in As]
     Bs = [b.float() for b in Bs]
-    ws = [w * s for w, s in zip(weights, scalings)]
+    ws = [w * s for w, s in zip(weights, scalings, strict=True)]
     if mode in ("delta", "cat"):
         if mode == "delta":
-            return torch.cat([w * b for w, b in zip(ws, Bs)], 1), torch.cat(As, 0)
-        return torch.cat(Bs, 1), torch.cat([w * a for w, a in zip(ws, As)], 0)
+            return torch.cat([w * b for w, b in zip(ws, Bs, strict=True)], 1), torch.cat(As, 0)
+        return torch.cat(Bs, 1), torch.cat([w * a for w, a in zip(ws, As, strict=True)], 0)
     if mode in ("param", "linear"):
         if len({a.shape[0] for a in As}) != 1:
             raise ValueError(f"merge mode {mode!r} needs equal ranks, got {[a.shape[0] for a in As]}")
@@ -68,11 +68,11 @@ def combine_factors(
             wa = [math.copysign(math.sqrt(abs(w)), w) for w in ws]
             wb = [math.sqrt(abs(w)) for w in ws]
             s = 1.0
-        A = sum(w * a for w, a in zip(wa, As))
-        B = sum(w * b for w, b in zip(wb, Bs))
+        A = sum(w * a for w, a in zip(wa, As, strict=True))
+        B = sum(w * b for w, b in zip(wb, Bs, strict=True))
         return s * B, A
     if mode == "svd":
-        delta = sum(w * (b @ a) for w, a, b in zip(ws, As, Bs))
+        delta = sum(w * (b @ a) for w, a, b in zip(ws, As, Bs, strict=True))
         r = svd_rank or max(a.shape[0] for a in As)
         U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
         return U[:, :r] * S[:r], Vh[:r]

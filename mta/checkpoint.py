@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +10,8 @@ import torch
 
 from mta.gguf import GGUFFile, unpermute_rope_rows
 from mta.llama import LlamaConfig, LlamaForCausalLM
+from mta.rundir import read_json
+from mta.state_dict import check_state_dict
 from mta.tokenizer import Tokenizer
 
 
@@ -89,8 +90,8 @@ def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
     index = directory / "model.safetensors.index.json"
     if index.exists():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            weight_map = read_json(index)["weight_map"]
+        except (KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
         files = sorted(set(weight_map.values()))
     elif (directory / "model.safetensors").exists():
@@ -172,30 +173,6 @@ def read_gguf(gguf: GGUFFile, config: LlamaConfig) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def check_state_dict(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str | Path) -> None:
-    """Fail unless `tensors` has exactly the model's parameters, with the right shapes.
-
-    With tied embeddings a checkpoint may omit `lm_head.weight` (or carry a copy of the embedding).
-    """
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    tied = getattr(model, "config", None) is not None and model.config.tie_word_embeddings
-    if tied:
-        expected.pop("lm_head.weight", None)
-        tensors.pop("lm_head.weight", None)
-    missing = sorted(expected.keys() - tensors.keys())
-    extra = sorted(tensors.keys() - expected.keys())
-    wrong = sorted(f"{k} {tuple(tensors[k].shape)} != {expected[k]}"
-                   for k in expected.keys() & tensors.keys() if tuple(tensors[k].shape) != expected[k])
-    problems = [f"{label} {_short(keys)}" for label, keys in
-                (("missing", missing), ("unexpected", extra), ("wrong shape", wrong)) if keys]
-    if problems:
-        raise CheckpointError(f"{source}: checkpoint does not match the model: " + "; ".join(problems))
-
-
-def _short(keys: list[str], n: int = 5) -> str:
-    return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
-
-
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu") -> tuple[LlamaForCausalLM, dict]:
     """(model, info) from a local GGUF file or HF directory; info holds the tokenizer source."""
     path = Path(path)
@@ -212,7 +189,9 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu
         info = {"gguf_metadata": gguf.metadata}
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
-    check_state_dict(model, tensors, path)
+    # With tied embeddings a checkpoint may omit lm_head.weight or carry a copy of the embedding (dropped).
+    tied = ("lm_head.weight",) if config.tie_word_embeddings else ()
+    tensors = check_state_dict(model, tensors, path, ignore=tied, optional=tied)
     for k in tensors:  # one at a time, so peak memory stays near one copy; copy=True gives torch-owned memory
         tensors[k] = tensors[k].to(device=device, dtype=dtype, copy=True)
     model.load_state_dict(tensors, strict=False, assign=True)  # strictness checked above (tied lm_head)
@@ -222,16 +201,11 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu
 
 def _generation_eos(directory: Path, config: LlamaConfig) -> list[int]:
     ids = []
-    for value in (config.eos_token_id, _json(directory / "generation_config.json").get("eos_token_id")):
+    generation = directory / "generation_config.json"
+    generation_eos = read_json(generation).get("eos_token_id") if generation.exists() else None
+    for value in (config.eos_token_id, generation_eos):
         ids += value if isinstance(value, list) else [value] if value is not None else []
     return ids
-
-
-def _json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text()) if path.exists() else {}
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
 def load_llm(

@@ -79,7 +79,7 @@ def assign(X: np.ndarray, centers: np.ndarray, x_sq: np.ndarray | None = None) -
 def _lloyd(X: np.ndarray, centers: np.ndarray, x_sq: np.ndarray, max_iter: int, tol_abs: float) -> KMeansResult:
     k = centers.shape[0]
     labels = None
-    for it in range(1, max_iter + 1):
+    for it in range(1, max_iter + 1):  # noqa: B007 - `it` is the iteration count, returned after the loop
         new_labels, dist = assign(X, centers, x_sq)
         new_centers = _update_centers(X, new_labels, dist, k)
         shift = float(((new_centers - centers) ** 2).sum())

@@ -19,15 +19,17 @@ Retrieval is a plain callable, `mta.bm25.top_k` by default.
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
+from mta import paper_prompts
 from mta.bm25 import top_k as bm25_top_k
+from mta.errors import InputError
+from mta.rundir import read_json
 
 # retrieve(query, docs, k) -> indices of the k best docs, best first (default: mta.bm25.top_k).
 Retriever = Callable[[str, Sequence[str], int], list[int]]
@@ -55,7 +57,7 @@ CANDIDATES_FILE = "user_anchor_candidate.json"
 TEST_FILE = os.path.join("test_100", "test_100.json")
 
 
-class LampDataError(ValueError):
+class LampDataError(InputError):
     """Bad LaMP input; the message names the file, the user and the field."""
 
 
@@ -280,7 +282,7 @@ class Query:
 @dataclass
 class User:
     user_id: str
-    profile: list[dict]
+    history: list[dict]  # LaMP's "profile": the user's past items
     query: list[Query] = field(default_factory=list)
 
 
@@ -308,12 +310,14 @@ def load_test_users(lamp_dir: str | os.PathLike, task: str, errors: dict[str, st
 def _load_users(path: Path, spec: TaskSpec, with_query: bool, errors: dict[str, str] | None = None) -> list[User]:
     if not path.is_file():
         raise LampDataError(f"{path}: file not found (set LAMP_DIR or run tools/download_lamp.py)")
-    try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise LampDataError(f"{path}: not valid JSON ({e})") from e
+    rows = read_json(path)
     if not isinstance(rows, list):
         raise LampDataError(f"{path}: expected a JSON list of users")
+    seen: dict[str, int] = {}
+    for i, row in enumerate(rows):
+        uid = row.get("user_id") if isinstance(row, dict) else None
+        if uid not in (None, "") and seen.setdefault(str(uid), i) != i:
+            raise LampDataError(f"{path}: user id {str(uid)!r} appears twice (users #{seen[str(uid)]} and #{i})")
     users = []
     for i, row in enumerate(rows):
         try:
@@ -355,7 +359,7 @@ def validate_user(row: dict, spec: TaskSpec, with_query: bool, source: str = "<d
             except ValueError as e:
                 raise LampDataError(f"{where}: query[{j}] field 'input': {e}") from e
             queries.append(Query(id=str(q["id"]), input=q["input"], gold=str(q["gold"])))
-    return User(user_id=str(row["user_id"]), profile=profile, query=queries)
+    return User(user_id=str(row["user_id"]), history=profile, query=queries)
 
 
 def select_test_users(users: Sequence[dict], task: str, n_test: int = 100, seed: int = 0
@@ -377,9 +381,22 @@ def select_test_users(users: Sequence[dict], task: str, n_test: int = 100, seed:
 # ----------------------------------------------------------------------------- prompts
 
 
+PROMPT_STYLES = ("authors_code", "paper")
+
+
 def format_prompt(history: Sequence[str], instruction: str, gap: str = LONG_GAP) -> str:
     """The paper code's prompt: history block, `gap`, instruction block."""
     return f"{HISTORY_HEADER}{RAG_SEPARATOR.join(history)}{gap}{INSTRUCTION_HEADER}{instruction}"
+
+
+def render_prompt(spec: TaskSpec, history: Sequence[str], fields: dict, instruction: str, gap: str,
+                  style: str) -> str:
+    """One prompt in the authors' code format (`instruction` after `gap`), or as Appendix E prints it."""
+    if style == "paper":
+        return paper_prompts.render(spec.name, history, fields)
+    if style != "authors_code":
+        raise ValueError(f"prompt style must be one of {PROMPT_STYLES}; got {style!r}")
+    return format_prompt(history, instruction, gap)
 
 
 def retrieve_history(spec: TaskSpec, query_text: str, items: Sequence[dict], k: int,
@@ -418,7 +435,8 @@ def citation_options(item: dict, others: Sequence[dict], retrieve: Retriever, rn
 
 
 def training_pairs(spec: TaskSpec | str, profile: Sequence[dict], retrieve: Retriever = bm25_top_k,
-                   k: int = 1, seed: int = 0, bank: bool = False) -> list[tuple[str, str]]:
+                   k: int = 1, seed: int = 0, bank: bool = False, style: str = "authors_code"
+                   ) -> list[tuple[str, str]]:
     """(prompt, target) per profile item: the item's instruction, with history taken
     leave-one-out from the user's other items, and the item's label as target.
 
@@ -452,7 +470,7 @@ def training_pairs(spec: TaskSpec | str, profile: Sequence[dict], retrieve: Retr
             history, gap = [spec.render_history(p) for p in others[:k]], spec.train_gap
         else:
             history, gap = retrieve_history(spec, fields[spec.input_field], others, k, retrieve), spec.train_gap
-        pairs.append((format_prompt(history, spec.render_instruction(fields), gap), target))
+        pairs.append((render_prompt(spec, history, fields, spec.render_instruction(fields), gap, style), target))
     return pairs
 
 
@@ -463,16 +481,17 @@ def _query_fields(spec: TaskSpec, query: Query | str) -> dict:
 
 
 def query_prompt(spec: TaskSpec | str, profile: Sequence[dict], query: Query | str,
-                 retrieve: Retriever = bm25_top_k, k: int = 1) -> str:
+                 retrieve: Retriever = bm25_top_k, k: int = 1, style: str = "authors_code") -> str:
     """Prompt for a test query (data/<task>/create_eval_data.py): its instruction with the top-k
     BM25 items of the profile. k=1 is the format of every trained method; k=1,3,5 are the RAG baseline."""
     spec = get_task(spec)
     fields = _query_fields(spec, query)
     history = retrieve_history(spec, spec.query_retrieval.format(**fields), profile, k, retrieve)
-    return format_prompt(history, spec.render_query_instruction(fields), spec.query_gap)
+    return render_prompt(spec, history, fields, spec.render_query_instruction(fields), spec.query_gap, style)
 
 
-def instruction_only(spec: TaskSpec | str, query: Query | str) -> str:
+def instruction_only(spec: TaskSpec | str, query: Query | str, style: str = "authors_code") -> str:
     """The query's instruction without history (the no-personalization baseline)."""
     spec = get_task(spec)
-    return spec.render_query_instruction(_query_fields(spec, query))
+    fields = _query_fields(spec, query)
+    return paper_prompts.instruction(spec.name, fields) if style == "paper" else spec.render_query_instruction(fields)

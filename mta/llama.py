@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +9,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from mta.rundir import read_json
 
 
 @dataclass
@@ -55,19 +56,14 @@ class LlamaConfig:
         return self.num_attention_heads // self.num_key_value_heads
 
     @classmethod
-    def from_hf_config(cls, config: dict | str | Path) -> "LlamaConfig":
+    def from_hf_config(cls, config: dict | str | Path) -> LlamaConfig:
         """Build from a Hugging Face `config.json` (a dict, the file, or its directory)."""
         source = "config"
         if not isinstance(config, dict):
             path = Path(config)
             path = path / "config.json" if path.is_dir() else path
             source = str(path)
-            try:
-                config = json.loads(path.read_text())
-            except FileNotFoundError:
-                raise FileNotFoundError(f"{path}: no such file") from None
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"{path}: not valid JSON ({e})") from None
+            config = read_json(path)
         model_type = config.get("model_type")
         architectures = config.get("architectures") or []
         if model_type != "llama" and "LlamaForCausalLM" not in architectures:
@@ -339,10 +335,7 @@ class LlamaForCausalLM(nn.Module):
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         out = []
         for step in range(max_new_tokens):
-            if do_sample:
-                token = sample_next_token(logits, temperature, top_k, top_p, generator)
-            else:
-                token = logits.argmax(-1)
+            token = sample_next_token(logits, temperature, top_k, top_p, generator) if do_sample else logits.argmax(-1)
             token = token.masked_fill(finished, pad_token_id)
             out.append(token)
             finished |= torch.isin(token, stop)

@@ -20,8 +20,8 @@ LaMP-4/5: ROUGE-1 and ROUGE-L F-measure with rouge-score, without a stemmer (LaM
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -93,7 +93,7 @@ def rating_scores(preds: Sequence[str | float | None], golds: Sequence[str | flo
     """MAE and RMSE; an unparsable prediction becomes 1 or 5, whichever is farther from gold."""
     y = np.array([float(g) for g in golds], dtype=np.float64)
     p = np.array([float(x) if x is not None else (1.0 if abs(1 - g) > abs(5 - g) else 5.0)
-                  for x, g in zip(preds, y)], dtype=np.float64)
+                  for x, g in zip(preds, y, strict=True)], dtype=np.float64)
     abs_err, sq_err = np.abs(p - y), (p - y) ** 2
     summary = {"mae": float(abs_err.mean()) if len(y) else 0.0,
                "rmse": float(math.sqrt(sq_err.mean())) if len(y) else 0.0}
@@ -112,7 +112,8 @@ def rouge_scores(preds: Sequence[str], golds: Sequence[str]) -> tuple[dict[str, 
         if stem not in _SCORERS:
             _SCORERS[stem] = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=stem)
         scorer, suffix = _SCORERS[stem], "_stem" if stem else ""
-        scores = [scorer.score(g.strip(), p.strip()) for p, g in zip(preds, golds)]  # score(target, prediction)
+        # rouge-score's argument order is score(target, prediction)
+        scores = [scorer.score(g.strip(), p.strip()) for p, g in zip(preds, golds, strict=True)]
         per_example["rouge-1" + suffix] = np.array([s["rouge1"].fmeasure for s in scores], dtype=np.float64)
         per_example["rouge-L" + suffix] = np.array([s["rougeL"].fmeasure for s in scores], dtype=np.float64)
     summary = {k: float(v.mean()) if len(v) else 0.0 for k, v in per_example.items()}

@@ -13,14 +13,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from mta import report
+from mta import report, seeds
+from mta.adapter import load_adapter, save_adapter
 from mta.checkpoint import load_llm
 from mta.encoders import load_encoder
-from mta.lamp import TaskSpec, User, get_task, load_candidates, load_test_users
-from mta.lora import load_adapter, save_adapter
+from mta.errors import InputError
+from mta.lamp import LampDataError, TaskSpec, User, get_task, load_candidates, load_test_users
+from mta.methods import DEFAULT, get, units
 from mta.profiles import Profile, profile_from_dict
 from mta.rundir import RunDir, atomic_path, read_json, write_json, write_npy
-from mta.stages import METHODS, PROMPT_ONLY, Engine, derive_seed, match_users, run_methods, select_anchors, summarize
+from mta.stages import Engine, derive_seed, match_anchors, run_unit, select_anchors, summarize
 
 
 def log(msg: str) -> None:
@@ -37,26 +39,31 @@ class Run:
     runs: Path = Path("runs")
     seed: int = 0
     n_users: int | None = None  # None: every test user
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = DEFAULT
     progress: bool = True
     run_dir: RunDir | None = None  # default: <runs>/<task>/<profile>-seed<seed>
     load_errors: dict[str, str] = field(default_factory=dict)
 
+    def __post_init__(self):
+        for m in self.methods:
+            get(m)
+        self.profile = self.profile.for_task(self.task_spec.name)  # the settings of this task (Table 4)
+
     @property
-    def spec(self) -> TaskSpec:
+    def task_spec(self) -> TaskSpec:
         return get_task(self.task)
 
     @property
     def dir(self) -> RunDir:
-        return self.run_dir or RunDir.create(self.runs, self.spec.name, self.profile.name, self.seed)
+        return self.run_dir or RunDir.create(self.runs, self.task_spec.name, self.profile.name, self.seed)
 
     @cached_property
     def candidates(self) -> list[User]:
-        return load_candidates(self.lamp_dir, self.spec.name)
+        return load_candidates(self.lamp_dir, self.task_spec.name)
 
     @cached_property
     def test_users(self) -> list[User]:
-        users = load_test_users(self.lamp_dir, self.spec.name, errors=self.load_errors)
+        users = load_test_users(self.lamp_dir, self.task_spec.name, errors=self.load_errors)
         for uid, err in self.load_errors.items():
             log(f"skipping test user {uid}: {err}")
         return users[: self.n_users] if self.n_users else users
@@ -68,11 +75,22 @@ class Run:
         model, tok = load_llm(p.llm, dtype=p.torch_dtype, device=p.device)
         if not p.chat_template:
             tok.chat_format = "plain"
-        return Engine(p, self.spec, model, tok)
+        return Engine(p, self.task_spec, model, tok)
+
+    def check_inputs(self) -> None:
+        """Read and check the data before anything is written: a missing or malformed file, a user id twice
+        in one file, or a test user who is also a bank candidate fails here, naming the file and the id."""
+        candidates = {u.user_id for u in self.candidates}
+        overlap = sorted(u.user_id for u in self.test_users if u.user_id in candidates)
+        overlap += sorted(uid for uid in self.load_errors if uid in candidates)
+        if overlap:
+            raise LampDataError(f"{self.lamp_dir / self.task_spec.name}: test user {overlap[0]!r} is also a bank "
+                                f"candidate ({len(overlap)} such users); bank and test users must be disjoint")
 
     def write_config(self) -> None:
-        """The settings that key this directory (which users and methods ran is in results.json)."""
-        config = {"task": self.spec.name, "seed": self.seed, "lamp_dir": str(self.lamp_dir),
+        """Record the settings that key this directory (which users and methods ran is in results.json),
+        refusing a directory made with others, and clear what a killed run left under temporary names."""
+        config = {"task": self.task_spec.name, "seed": self.seed, "lamp_dir": str(self.lamp_dir),
                   "profile": json.loads(json.dumps(dataclasses.asdict(self.profile)))}
         if self.dir.config.exists():
             # notes change no result
@@ -81,6 +99,7 @@ class Run:
                 raise ValueError(f"{self.dir.config}: this run directory was made with another profile; "
                                  f"use another --runs folder or delete it")
         write_json(self.dir.config, config)
+        self.dir.remove_stale_temporaries()
 
 
 def stored_profile(config: Path) -> Profile:
@@ -95,8 +114,8 @@ def stage1_select(run: Run) -> dict:
     p = run.profile
     log(f"stage 1a: embedding {len(run.candidates)} candidates with {p.stage1_encoder}, K-Means into V={p.n_anchors}")
     encoder = load_encoder(p.stage1_encoder, device=p.device)
-    vectors, doc = select_anchors(run.candidates, run.spec, encoder, p.n_anchors, p.min_anchor_items, run.seed,
-                                  p.encoder_batch_size, run.progress)
+    vectors, doc = select_anchors(run.candidates, run.task_spec, encoder, p.n_anchors, p.min_anchor_items, run.seed,
+                                  p.encoder_batch_size, run.progress, p.empty_cluster)
     for empty in doc["clusters_without_anchor"]:
         log(f"cluster {empty['cluster']} ({empty['size']} users) has no anchor: {empty['reason']}")
     write_npy(run.dir.stage1 / "user_vectors.npy", vectors)
@@ -118,14 +137,15 @@ def stage1_bank(run: Run) -> None:
     for a in tqdm(todo, desc="bank", disable=not run.progress):
         seed = derive_seed(run.seed, "bank", a["user_id"])
         engine.reset()
-        examples = engine.examples(by_id[a["user_id"]].profile, seed, limit=p.max_items_per_anchor, bank=True)
-        adapter, train_log = engine.train_lora(examples, p.bank, seed)
+        examples = engine.examples(by_id[a["user_id"]].history, seed, limit=p.max_items_per_anchor, bank=True)
+        train_log, _ = engine.personalize([], [], p.bank, examples, seed)
+        adapter = engine.trained_adapter()
         engine.reset()
         train_log = {"examples": len(examples), **summarize(train_log)}
         save_adapter(adapter, run.dir.adapter(a["user_id"]), extra={"train_log.json": json.dumps(train_log, indent=2)})
 
 
-def stage2_match(run: Run) -> dict:
+def stage2_match_anchors(run: Run) -> dict:
     path = run.dir.matches
     if path.exists():
         return read_json(path)
@@ -134,7 +154,7 @@ def stage2_match(run: Run) -> dict:
     by_id = {u.user_id: u for u in run.candidates}
     log(f"stage 2: matching {len(run.test_users)} users to {len(anchor_ids)} anchors with {p.stage2_encoder}")
     encoder = load_encoder(p.stage2_encoder, device=p.device)
-    matches = match_users(run.test_users, [by_id[a] for a in anchor_ids], run.spec, encoder,
+    matches = match_anchors(run.test_users, [by_id[a] for a in anchor_ids], run.task_spec, encoder,
                           p.encoder_batch_size, run.progress)
     write_json(path, matches)
     return matches
@@ -163,15 +183,12 @@ def stage3_run(run: Run) -> None:
     bank, _ = load_bank(run)
     engine = run.engine
     for user in tqdm([u for u in run.test_users if u.user_id in todo], desc="users", disable=not run.progress):
-        groups = [[m for m in todo[user.user_id] if m in PROMPT_ONLY]] + \
-                 [[m] for m in todo[user.user_id] if m not in PROMPT_ONLY]
-        for methods in filter(None, groups):
+        for unit in units(todo[user.user_id]):
             try:
-                results = run_methods(engine, user, methods, matches.get(user.user_id), bank, run.seed)
-            except (ValueError, FloatingPointError, KeyError) as e:
-                engine.reset()
-                log(f"user {user.user_id}, {', '.join(methods)}: {e}")
-                results = {m: {"user_id": user.user_id, "method": m, "error": str(e)} for m in methods}
+                results = run_unit(engine, user, unit, matches.get(user.user_id), bank, run.seed)
+            except InputError as e:
+                log(f"user {user.user_id}, {', '.join(m.name for m in unit)}: {e}")
+                results = {m.name: {"user_id": user.user_id, "method": m.name, "error": str(e)} for m in unit}
             for m, result in results.items():
                 write_json(run.dir.user_result(user.user_id, m), result)
 
@@ -197,10 +214,11 @@ def results(run: Run) -> dict:
     meta = {"profile": run.profile.name, "seed": run.seed, "llm": run.profile.llm,
             "notes": [*run.profile.notes, run.profile.describe()], "mta_latency_median_s": report.median(latency),
             "anchors": [a["user_id"] for a in anchors["anchors"]],
+            "anchor_rules": {a["user_id"]: a.get("rule", "") for a in anchors["anchors"]},
             "clusters_without_anchor": anchors["clusters_without_anchor"],
             "bank_missing": [a["user_id"] for a in anchors["anchors"]
                              if not (run.dir.adapter(a["user_id"]) / "adapter_model.safetensors").exists()]}
-    return report.build_results(run.spec.name, rows, meta)
+    return report.build_results(run.task_spec.name, rows, meta)
 
 
 def write_results(run: Run) -> dict:
@@ -221,10 +239,19 @@ def reproduce(run: Run) -> dict:
     torch.manual_seed(run.seed)
     stage1_select(run)
     stage1_bank(run)
-    stage2_match(run)
+    stage2_match_anchors(run)
     stage3_run(run)
     result = write_results(run)
     latency = result["meta"]["mta_latency_median_s"]
     log(f"done in {time.perf_counter() - start:.0f} s: {run.dir.results_md}; median per-user MTA latency "
         f"(match + fuse + adapt + generate): {'n/a' if latency is None else f'{latency:.1f} s'}")
     return result
+
+
+def reproduce_seeds(runs: list[Run], results: list[dict]) -> dict:
+    """Several seeds of one reproduction: the summary across them (`mta.seeds`), next to their directories."""
+    first = runs[0].dir.root
+    folder = first.parent / first.name.replace(f"-seed{runs[0].seed}", "-seeds" + "-".join(str(r.seed) for r in runs))
+    summary = seeds.write_summary(folder, results, [r.seed for r in runs])
+    log(f"{len(runs)} seeds: {folder / 'summary.md'}")
+    return summary

@@ -8,10 +8,64 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from kernels.merge import MODES as MERGE_MODES
+from mta.lamp import PROMPT_STYLES, TASKS
+from mta.lora import LoRAConfig
+from mta.train import TrainConfig
+
+DTYPES = ("float32", "bfloat16", "float16")
+FUSIONS = ("paper", "authors_code")
+BANK_DATA = ("adaptation", "authors_code")
+EMPTY_CLUSTER = ("most_active", "none")
+
+
+def choose(owner: str, field: str, value, allowed: tuple) -> None:
+    """Fail at once, naming the allowed values, when a choice field holds something else."""
+    if value not in allowed:
+        raise ValueError(f"{owner}: {field} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+
+
+def check_types(obj) -> None:
+    """Every field of a dataclass against its annotation (int, float, bool, str, tuples, None and unions
+    of these), so a `--set` typo such as `n_anchors=abc` fails when the profile is built."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if not _is_instance(value, hints[f.name]):
+            owner = f"{type(obj).__name__} {getattr(obj, 'name', '')}".strip()
+            raise ValueError(f"{owner}: {f.name} must be {_type_name(hints[f.name])}; got {value!r}")
+
+
+def _is_instance(value, hint) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_instance(value, a) for a in args)
+    if origin is tuple:
+        return isinstance(value, tuple) and all(_is_instance(v, args[0]) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _type_name(hint) -> str:
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is tuple:
+        return f"a tuple of {_type_name(args[0])}"
+    if args:
+        return " or ".join(_type_name(a) for a in args)
+    return "None" if hint is type(None) else getattr(hint, "__name__", str(hint))
 
 
 @dataclass(frozen=True)
@@ -32,6 +86,23 @@ class LoRASpec:
     max_grad_norm: float = 1.0
     group_by_length: bool = True
 
+    def __post_init__(self):
+        check_types(self)
+        if self.lr <= 0 or not 0 <= self.dropout < 1:
+            raise ValueError(f"LoRASpec: lr must be positive and dropout in [0, 1); got {self.lr}, {self.dropout}")
+        self.lora_config()  # LoRAConfig and TrainConfig check the rest, each in its one place
+        self.train_config(seed=0)
+
+    def lora_config(self, base_model: str | None = None) -> LoRAConfig:
+        return LoRAConfig(r=self.rank, alpha=self.alpha, dropout=self.dropout, target_modules=self.targets,
+                          base_model_name_or_path=base_model)
+
+    def train_config(self, seed: int, progress: bool = False) -> TrainConfig:
+        return TrainConfig(lr=self.lr, epochs=self.epochs, batch_size=self.batch_size, grad_accum=self.grad_accum,
+                           weight_decay=self.weight_decay, schedule=self.schedule, warmup_ratio=self.warmup_ratio,
+                           max_grad_norm=self.max_grad_norm, group_by_length=self.group_by_length, seed=seed,
+                           progress=progress)
+
 
 @dataclass(frozen=True)
 class Profile:
@@ -44,6 +115,9 @@ class Profile:
     n_anchors: int = 50  # V
     top_k: int = 2  # K
     min_anchor_items: int = 11  # the authors' code only takes users with more than 10 items
+    # A cluster where no member has min_anchor_items: "most_active" takes its most active member anyway
+    # (Eq. 3 as the paper states it); "none" leaves it without an anchor (the authors' code).
+    empty_cluster: str = "most_active"
     # Batch 1 for the bank: the paper gives no batch size, and with 8 the meta-LoRAs barely move in
     # 3 epochs (see the README); 1 reproduces the issue's independent cross-check of Merged-only.
     bank: LoRASpec = LoRASpec(batch_size=1)
@@ -54,7 +128,9 @@ class Profile:
     # (1 - a) * anchor_1 + a * anchor_2 with a = s_1 / (s_1 + s_2), K = 2 only.
     fusion: str = "paper"
     fixed_alpha: float | None = None  # Fig. 3: alpha * anchor_1 + (1 - alpha) * anchor_2 instead of Eq. 6
-    merge_space: str = "param"  # "param": Eq. 5 literally; "delta": sum_i a_i * B_i A_i
+    # The one default of the merge space: "param" is Eq. 5 literally, "delta" merges sum_i a_i B_i A_i
+    # exactly; PEFT's "linear", "cat" and "svd" are there for comparison (kernels.merge).
+    merge_space: str = "param"
     max_items_per_anchor: int | None = None  # cap on bank training examples per anchor
     # "adaptation": bank examples are built like a user's adaptation data (one BM25 history item over the
     # other items). "authors_code": as the released prepare_meta_lora.py builds them (mta.lamp.bank_history).
@@ -62,14 +138,52 @@ class Profile:
     max_prompt_tokens: int = 512  # prompts are left-truncated to this many tokens
     max_new_tokens: int = 32
     chat_template: bool = True  # the authors' LaMP-4 evaluation prompt omits it
-    rag_ks: tuple[int, ...] = (1, 3, 5)
+    # "authors_code": prompts as the released scripts build them; "paper": Appendix E's templates.
+    prompt_style: str = "authors_code"
     encoder_batch_size: int = 32
+    # Task directory name -> the fields that differ for that task, in `profile_from_dict`'s form, e.g.
+    # {"citation": {"stack": {"epochs": 2, "lr": 5e-5}}}; a run applies its task's row (`for_task`).
+    per_task: dict = field(default_factory=dict)
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self):
-        if self.bank_data not in ("adaptation", "authors_code"):
-            raise ValueError(f"profile {self.name}: bank_data must be 'adaptation' or 'authors_code', "
-                             f"got {self.bank_data!r}")
+        check_types(self)
+        owner = f"profile {self.name}"
+        choose(owner, "dtype", self.dtype, DTYPES)
+        choose(owner, "fusion", self.fusion, FUSIONS)
+        choose(owner, "merge_space", self.merge_space, MERGE_MODES)
+        choose(owner, "bank_data", self.bank_data, BANK_DATA)
+        choose(owner, "prompt_style", self.prompt_style, PROMPT_STYLES)
+        choose(owner, "empty_cluster", self.empty_cluster, EMPTY_CLUSTER)
+        if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.device):
+            raise ValueError(f"{owner}: device must be 'cpu', 'cuda', 'cuda:<index>' or 'mps'; got {self.device!r}")
+        if not 1 <= self.top_k <= 8:
+            raise ValueError(f"{owner}: top_k must be in 1..8 (the paper merges 2..8); got {self.top_k}")
+        if self.top_k > self.n_anchors:
+            raise ValueError(f"{owner}: top_k = {self.top_k} exceeds n_anchors = {self.n_anchors}")
+        if self.fixed_alpha is not None and (self.top_k != 2 or not 0 <= self.fixed_alpha <= 1):
+            raise ValueError(f"{owner}: fixed_alpha must be in [0, 1] with top_k = 2; got {self.fixed_alpha} "
+                             f"with top_k = {self.top_k}")
+        if self.fusion == "authors_code" and self.top_k != 2:
+            raise ValueError(f"{owner}: fusion 'authors_code' merges exactly 2 anchors; top_k is {self.top_k}")
+        for name in ("n_anchors", "min_anchor_items", "max_prompt_tokens", "max_new_tokens", "encoder_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{owner}: {name} must be at least 1; got {getattr(self, name)}")
+        if self.max_items_per_anchor is not None and self.max_items_per_anchor < 1:
+            raise ValueError(f"{owner}: max_items_per_anchor must be at least 1 or None")
+        for task in self.per_task:
+            self.for_task(task)
+
+    def for_task(self, task: str) -> Profile:
+        """This profile with `task`'s row of `per_task` applied (and no rows left: the settings a run uses)."""
+        unknown = sorted(set(self.per_task) - set(TASKS))
+        if unknown:
+            raise ValueError(f"profile {self.name}: per_task has unknown task {unknown[0]!r}; "
+                             f"choose from {', '.join(TASKS)}")
+        changes = self.per_task.get(task, {})
+        if "per_task" in changes:
+            raise ValueError(f"profile {self.name}: per_task[{task!r}] cannot itself hold per_task")
+        return apply_changes(self.replace(per_task={}), changes, f"profile {self.name}, per_task[{task!r}]")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -88,11 +202,40 @@ class Profile:
                 f"prompts capped at {self.max_prompt_tokens} tokens, greedy decoding of at most "
                 f"{self.max_new_tokens} tokens")
 
-    def replace(self, **changes) -> "Profile":
+    def replace(self, **changes) -> Profile:
         return dataclasses.replace(self, **changes)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+
+def profile_from_dict(data: dict, source: str = "<profile>") -> Profile:
+    """A profile from JSON-like data: `base` names the profile it starts from (default `cpu`),
+    every other key replaces a field; the LoRA recipes (`bank`, `oppu`, `stack`) take partial dicts."""
+    data = dict(data)
+    return apply_changes(resolve_profile(data.pop("base", "cpu")), data, source)
+
+
+def apply_changes(base: Profile, data: dict, source: str) -> Profile:
+    """`base` with the fields of `data` replaced; a LoRA recipe takes a partial dict of its settings."""
+    fields = {f.name: f for f in dataclasses.fields(Profile)}
+    changes = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ValueError(f"{source}: unknown profile field {key!r}")
+        current = getattr(base, key)
+        if isinstance(current, LoRASpec):
+            if not isinstance(value, dict):
+                raise ValueError(f"{source}: field {key!r} must be an object of LoRA settings")
+            unknown = set(value) - {f.name for f in dataclasses.fields(LoRASpec)}
+            if unknown:
+                raise ValueError(f"{source}: field {key!r} has unknown settings {sorted(unknown)}")
+            value = dataclasses.replace(current, **{k: tuple(v) if isinstance(v, list) else v
+                                                    for k, v in value.items()})
+        elif isinstance(value, list):
+            value = tuple(value)
+        changes[key] = value
+    return dataclasses.replace(base, **changes)
 
 
 PAPER = Profile(
@@ -103,6 +246,14 @@ PAPER = Profile(
     dtype="bfloat16",
     device="cuda",
     n_anchors=50,
+    # Table 4: rank 4, batch 2 with 4 accumulation steps; lr 1e-4 and 3 epochs for LaMP-2 and LaMP-4,
+    # lr 5e-5 with 2 epochs for LaMP-1 and LaMP-5 and 1 epoch for LaMP-3.
+    stack=LoRASpec(rank=4, alpha=8.0, lr=1e-4, epochs=3, batch_size=2, grad_accum=4),
+    per_task={
+        "citation": {"stack": {"lr": 5e-5, "epochs": 2}},
+        "product_rating": {"stack": {"lr": 5e-5, "epochs": 1}},
+        "scholarly_title": {"stack": {"lr": 5e-5, "epochs": 2}},
+    },
     notes=("Llama-3-8B-Instruct, Table 4 settings for the stacked LoRA, bf16 on a GPU",),
 )
 
@@ -120,6 +271,7 @@ CPU = PAPER.replace(
     # stacked LoRA changed 4 of 20 outputs; this recipe changes most of them in a third of the compute.
     stack=LoRASpec(rank=4, alpha=8.0, lr=1e-3, epochs=1, batch_size=2),
     oppu=LoRASpec(lr=1e-3, epochs=1, batch_size=2),
+    per_task={},
     notes=(
         "SmolLM2-135M-Instruct (GGUF Q4_1, dequantised) stands in for Llama-3-8B-Instruct",
         "all-MiniLM-L6-v2 stands in for deberta-v3-large (stage 1) and bge-small (stage 2)",
@@ -127,30 +279,6 @@ CPU = PAPER.replace(
 )
 
 PROFILES = {p.name: p for p in (PAPER, CPU)}
-
-
-def profile_from_dict(data: dict, source: str = "<profile>") -> Profile:
-    """A profile from JSON-like data: `base` names the profile it starts from (default `cpu`),
-    every other key replaces a field; the LoRA recipes (`bank`, `oppu`, `stack`) take partial dicts."""
-    data = dict(data)
-    base = resolve_profile(data.pop("base", "cpu"))
-    fields = {f.name: f for f in dataclasses.fields(Profile)}
-    changes = {}
-    for key, value in data.items():
-        if key not in fields:
-            raise ValueError(f"{source}: unknown profile field {key!r}")
-        current = getattr(base, key)
-        if isinstance(current, LoRASpec):
-            if not isinstance(value, dict):
-                raise ValueError(f"{source}: field {key!r} must be an object of LoRA settings")
-            unknown = set(value) - {f.name for f in dataclasses.fields(LoRASpec)}
-            if unknown:
-                raise ValueError(f"{source}: field {key!r} has unknown settings {sorted(unknown)}")
-            value = dataclasses.replace(current, **{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})
-        elif isinstance(value, list):
-            value = tuple(value)
-        changes[key] = value
-    return dataclasses.replace(base, **changes)
 
 
 def resolve_profile(name: str = "auto") -> Profile:

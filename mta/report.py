@@ -3,31 +3,19 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 from mta.lamp import TaskSpec, get_task
+from mta.methods import label, table
 from mta.metrics import TaskScores, bootstrap_ci, paired_t_test, score_outputs
-from mta.stages import CONTROLS
 
-LABELS = {
-    "base": "Non-personalized",
-    "rag1": "RAG (BM25, k=1)",
-    "rag3": "RAG (BM25, k=3)",
-    "rag5": "RAG (BM25, k=5)",
-    "oppu": "OPPU",
-    "adapt_only": "Adapt-only",
-    "merged_only": "Merged-only",
-    "mta": "MTA",
-    "merged_random": "Merged-only, random anchors",
-    "mta_random": "MTA, random anchors",
-    "merged_least": "Merged-only, least similar anchors",
-    "mta_least": "MTA, least similar anchors",
-}
-TABLE1 = ("base", "rag1", "rag3", "rag5", "oppu", "mta")
-TABLE2 = ("adapt_only", "merged_only", "mta")
+TABLE1, TABLE2, CONTROLS = table("table1"), table("table2"), table("controls")
+# Table 1 baselines of the paper that this code does not run yet: the paper's value gets a row of its own.
+PAPER_ONLY = {"perpcs": "Per-Pcs", "proper": "PROPER"}
 PAPER_RESULTS = Path(__file__).resolve().parents[1] / "data" / "paper_results.json"
 
 # For paired tests: the per-example metric that stands for the task (lower is better for MAE).
@@ -58,7 +46,7 @@ def build_results(task: str, rows: dict[str, dict[str, dict]], meta: dict, n_boo
     methods = {}
     for m, s in scores.items():
         methods[m] = {
-            "label": LABELS.get(m, m),
+            "label": label(m),
             "n": s.n,
             "n_unparsable": s.n_unparsable,
             "metrics": s.summary,
@@ -66,7 +54,7 @@ def build_results(task: str, rows: dict[str, dict[str, dict]], meta: dict, n_boo
         }
     comparisons = compare_with_mta(scores, ok, users, metric, n_boot) if "mta" in scores and len(users) >= 2 else {}
     significance = None
-    baselines = [m for m in TABLE1 + TABLE2 if m in comparisons]
+    baselines = [m for m in dict.fromkeys(TABLE1 + TABLE2) if m in comparisons]
     if baselines:
         best = (max if higher else min)(baselines, key=lambda m: scores[m].summary[metric])
         significance = {"metric": metric, "best_baseline": best, "t": comparisons[best]["t"],
@@ -98,34 +86,57 @@ def compare_with_mta(scores: dict[str, TaskScores], rows: dict[str, dict[str, di
             for m, s in scores.items() if m != "mta"}
 
 
+def paper_results() -> dict:
+    return json.loads(PAPER_RESULTS.read_text())
+
+
 def paper_numbers(task: str) -> dict:
-    table = json.loads(PAPER_RESULTS.read_text())
-    return table.get("tasks", {}).get(get_task(task).name, {})
+    """method -> metric -> value of the paper's Table 1 and Table 2 for one task (Llama-3-8B-Instruct)."""
+    return paper_results().get("tasks", {}).get(get_task(task).name, {})
 
 
 def _cell(result: dict, method: str, metric: str) -> str:
     r = result["methods"].get(method)
     if r is None:
-        return "—"
+        return "not run"
     lo, hi = r["ci95"][metric]
     return f"{r['metrics'][metric]:.4f} [{lo:.3f}, {hi:.3f}]"
 
 
 def _table(result: dict, methods: Sequence[str], paper: dict) -> list[str]:
+    """Our value with its interval beside the paper's, metric by metric; a method only the paper ran
+    (or only we did) gets its row all the same."""
     names = result["metric_names"]
-    head = ["Method"] + [f"{n} (ours, 95% CI)" for n in names] + [f"{n} (paper)" for n in names]
+    head = ["Method"] + [f"{n} {side}" for n in names for side in ("(ours, 95% CI)", "(paper)")]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in methods:
-        if m not in result["methods"]:
+        if m not in result["methods"] and m not in paper:
             continue
-        ours = [_cell(result, m, n) for n in names]
-        theirs = [_fmt(paper.get(m, {}).get(n)) for n in names]
-        lines.append("| " + " | ".join([LABELS.get(m, m)] + ours + theirs) + " |")
+        cells = [c for n in names for c in (_cell(result, m, n), _fmt(paper.get(m, {}).get(n)))]
+        lines.append("| " + " | ".join([PAPER_ONLY.get(m) or label(m), *cells]) + " |")
     return lines
 
 
 def _fmt(v) -> str:
-    return "n/a" if v is None else f"{v:.4f}"
+    return "—" if v is None else f"{v:.4f}"
+
+
+def ranking_lines(result: dict, spec: TaskSpec) -> list[str]:
+    """The paper's order of the methods beside ours, on the paper's first metric, over the methods both ran."""
+    paper = paper_numbers(spec.name)
+    metric = next((n for n in result["metric_names"] if any(n in v for v in paper.values())), None)
+    shared = [m for m in paper if m in result["methods"]]
+    if metric is None or len(shared) < 2:
+        return []
+    reverse = spec.metric != "rating"
+
+    def order(value) -> str:
+        return " > ".join(label(m) for m in sorted(shared, key=value, reverse=reverse))
+
+    return ["", f"Ranking on {metric} ({'higher' if reverse else 'lower'} is better), over the {len(shared)} "
+                f"methods both ran:", "",
+            f"- paper: {order(lambda m: paper[m][metric])}",
+            f"- ours:  {order(lambda m: result['methods'][m]['metrics'][metric])}"]
 
 
 def _comparison_table(result: dict, spec: TaskSpec) -> list[str]:
@@ -136,11 +147,11 @@ def _comparison_table(result: dict, spec: TaskSpec) -> list[str]:
     lines = ["", f"## MTA against every other method ({metric}, paired over the same users)", "",
              "| Method | MTA − method (95% CI) | t | p | at 0.05 | users whose output differs |",
              "|---|---|---|---|---|---|"]
-    for m in [m for m in TABLE1 + TABLE2 + CONTROLS if m in rows]:
+    for m in [m for m in dict.fromkeys(TABLE1 + TABLE2 + CONTROLS) if m in rows]:
         r = rows[m]
         better = (r["diff"] > 0) == higher
         verdict = "within noise" if not r["p"] < 0.05 else ("MTA better" if better else "MTA worse")
-        lines.append(f"| {LABELS.get(m, m)} | {r['diff']:+.4f} [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}] | "
+        lines.append(f"| {label(m)} | {r['diff']:+.4f} [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}] | "
                      f"{r['t']:.2f} | {r['p']:.3f} | {verdict} | {r['outputs_differ']} of {len(result['users'])} |")
     return lines
 
@@ -157,14 +168,22 @@ def render_markdown(result: dict) -> str:
             + ". Intervals: 95% percentile bootstrap over users.", ""]
     for note in meta.get("notes", []):
         out.append(f"- {note}")
-    out += ["", "## Table 1: comparison with baselines", ""] + _table(result, TABLE1, paper)
+    setup = paper_results().get("setup")
+    if setup:
+        out += ["", f"**Not the paper's setup.** The paper: {setup} Here: the `{meta.get('profile', '')}` profile "
+                    f"({meta.get('llm', '')}) on {len(result['users'])} users, so the paper column is a reference "
+                    f"point, not a value this run should match."]
+    table1 = [*TABLE1[:-1], *(m for m in PAPER_ONLY if m not in TABLE1), TABLE1[-1]]  # MTA last, as in the paper
+    out += ["", "## Table 1: comparison with baselines", ""] + _table(result, table1, paper)
     out += ["", "## Table 2: ablation", ""] + _table(result, TABLE2, paper)
+    out += ranking_lines(result, spec)
     if any(m in result["methods"] for m in CONTROLS):
-        out += ["", "## Controls: which anchors are merged", ""] + _table(result, ("merged_only", "mta") + CONTROLS, paper)
+        out += ["", "## Controls: which anchors are merged", ""]
+        out += _table(result, ("merged_only", "mta", *CONTROLS), paper)
     sig = result["significance"]
     if sig:
         verdict = "significant at 0.05" if sig["p"] < 0.05 else "not significant at 0.05"
-        out += ["", f"MTA vs the best baseline ({LABELS.get(sig['best_baseline'])}) on {sig['metric']}: "
+        out += ["", f"MTA vs the best baseline ({label(sig['best_baseline'])}) on {sig['metric']}: "
                     f"{sig['mta']:.4f} vs {sig['baseline']:.4f}, paired two-sided t-test t = {sig['t']:.3f}, "
                     f"p = {sig['p']:.4f} ({verdict})."]
     out += _comparison_table(result, spec)
@@ -172,6 +191,8 @@ def render_markdown(result: dict) -> str:
     if timing is not None:
         out += ["", f"Median per-user MTA latency (match + fuse + adapt + generate): {timing:.1f} s."]
     out += ["", "## Bank", "", f"{len(meta.get('anchors', []))} anchors."]
+    rules = Counter(meta.get("anchor_rules", {}).values())
+    out += [f"- {n} chosen as the {rule}" for rule, n in sorted(rules.items()) if rule]
     out += [f"- cluster {c['cluster']} ({c['size']} users) has no anchor: {c['reason']}"
             for c in meta.get("clusters_without_anchor", [])]
     out += [f"- the bank has no adapter for anchor {a}" for a in meta.get("bank_missing", [])]
@@ -180,8 +201,8 @@ def render_markdown(result: dict) -> str:
         out += ["", "## Failures", ""]
         for m, by_user in failures.items():
             for u, err in by_user.items():
-                out.append(f"- {LABELS.get(m, m)}, user {u}: {err}")
-    source = json.loads(PAPER_RESULTS.read_text()).get("source", "")
+                out.append(f"- {label(m)}, user {u}: {err}")
+    source = paper_results().get("source", "")
     out += ["", f"Paper column: {source}", ""]
     return "\n".join(out)
 

@@ -11,21 +11,26 @@
 
 A unit exists only when complete (written under a temporary name in the same folder,
 then renamed), so a rerun skips what exists and recomputes what is missing.
+<anchor_id> and <user_id> stand for the folder names `id_folder` makes of them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
+
+from mta.errors import InputError
 
 
 @contextlib.contextmanager
@@ -55,24 +60,70 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 
 def read_json(path: str | Path) -> Any:
+    """The one JSON reader: a missing or malformed file fails naming the file."""
     path = Path(path)
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: file not found") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise InputError(f"{path}: not valid JSON ({e})") from None
 
 
 def write_npy(path: str | Path, array: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
 
 
-def safe_name(user_id: str) -> str:
-    """A user or anchor id as a folder name."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", user_id)
+_SAFE = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_-")
+_MAX_EXACT = 120  # the longest name that is the plain escape of its id
+_HEAD = 96  # escaped characters kept before the hash when the escape is longer
+
+
+def id_folder(uid: str) -> str:
+    """A user or anchor id as a folder name: one per id, always inside its parent.
+
+    [a-z0-9_-] are kept (`news_headline-a310` as is), an upper-case letter becomes
+    `+` and its lower case (`A1` -> `+a1`), any other character (a leading `-` too)
+    %xx per UTF-8 byte (`.` -> `%2e`). So names are lower-case ASCII without `.`:
+    distinct where the filesystem folds case or normalises Unicode, never `.`,
+    `..`, hidden or `*.tmp`, and they decode back to the id. An escape over 120
+    characters becomes its first 96, `~` and 16 hex of sha256(id): only two such
+    long ids can collide (odds 2**-64 a pair). An empty id raises ValueError.
+    """
+    if not isinstance(uid, str):
+        raise TypeError(f"id must be a str, not {type(uid).__name__}")
+    if not uid:
+        raise ValueError("id must not be empty")
+    parts = []
+    for i, c in enumerate(uid):
+        if c in _SAFE and (i or c != "-"):
+            parts.append(c)
+        elif "A" <= c <= "Z":
+            parts.append("+" + c.lower())
+        else:
+            parts.extend(f"%{b:02x}" for b in c.encode("utf-8", "surrogatepass"))
+    escaped = "".join(parts)
+    if len(escaped) <= _MAX_EXACT:
+        return escaped
+    head = escaped[:_HEAD]
+    # don't end on half an escape
+    cut = max(head.rfind("%", len(head) - 2), head.rfind("+", len(head) - 1))
+    if cut != -1:
+        head = head[:cut]
+    digest = hashlib.sha256(uid.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"{head}~{digest[:16]}"
+
+
+_READABLE_RUN = re.compile(r"[a-z0-9][a-z0-9_.+=,-]{0,99}")
+
+
+def run_folder(profile: str, seed: int) -> str:
+    """`<profile>-seed<k>`. A profile name of plain lower-case characters without `..` stays as it is
+    (`cpu`, `cpu+stack.lr=0.001`); any other (`--set llm=../x`, upper case) becomes `~` + `id_folder`,
+    which no plain name starts with: one folder per profile name, always inside runs/<task>/."""
+    plain = _READABLE_RUN.fullmatch(profile) and ".." not in profile
+    return f"{profile if plain else '~' + id_folder(profile)}-seed{seed}"
 
 
 @dataclass(frozen=True)
@@ -84,8 +135,15 @@ class RunDir:
     shared: Path | None = None
 
     @classmethod
-    def create(cls, runs: str | Path, task: str, profile: str, seed: int) -> "RunDir":
-        return cls(Path(runs) / task / f"{profile}-seed{seed}")
+    def create(cls, runs: str | Path, task: str, profile: str, seed: int) -> RunDir:
+        return cls(Path(runs) / task / run_folder(profile, seed))
+
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Delete what a killed run left under a temporary name (`.<name>.*.tmp`, never read as an artifact)."""
+        stale = sorted(self.root.rglob(".*.tmp"), reverse=True) if self.root.is_dir() else []
+        for path in stale:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        return stale
 
     @property
     def artifacts(self) -> Path:
@@ -104,14 +162,14 @@ class RunDir:
         return self.stage1 / "anchors.json"
 
     def adapter(self, anchor_id: str) -> Path:
-        return self.artifacts / "bank" / safe_name(anchor_id)
+        return self.artifacts / "bank" / id_folder(anchor_id)
 
     @property
     def matches(self) -> Path:
         return self.artifacts / "stage2" / "matches.json"
 
     def user_result(self, user_id: str, method: str) -> Path:
-        return self.root / "users" / safe_name(user_id) / f"{method}.json"
+        return self.root / "users" / id_folder(user_id) / f"{method}.json"
 
     @property
     def results_json(self) -> Path:

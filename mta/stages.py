@@ -3,10 +3,12 @@
 Stage 1a  select_anchors   per-item embeddings, user vector = mean (Eq. 2), K-Means into V clusters,
                            the most active eligible user of each cluster is its anchor (Eq. 3).
 Stage 1b  train_anchor     one LoRA per anchor on its own history: the Meta-LoRA Bank.
-Stage 2   match_users      whole-history embeddings, cosine to every anchor (Eq. 4), top-K,
-                           alpha_i = sim_i / sum(sim) (Eq. 6).
-Stage 3   Personalizer     fuse the top-K meta-LoRAs (Eq. 5), fold them into W0, train a rank-4
-                           LoRA on top (Eq. 7), generate; and every baseline on the same prompts.
+Stage 2   match_anchors    whole-history embeddings, cosine to every anchor (Eq. 4), kept for every
+                           anchor; `fused_anchors` takes the top K and alpha_i = sim_i / sum(sim)
+                           (Eq. 6) when a method uses them.
+Stage 3   run_unit         per user, each method of `mta.methods`: fuse its meta-LoRAs (Eq. 5), fold
+                           them into W0 and train a fresh LoRA on top (Eq. 7) as the method's row says,
+                           then generate.
 """
 
 from __future__ import annotations
@@ -14,25 +16,23 @@ from __future__ import annotations
 import hashlib
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
 
+from mta.adapter import Adapter, get_adapter
 from mta.encoders import Encoder, history_document_embeddings, user_item_embeddings
+from mta.errors import InputError
+from mta.fusion import BaseWeights, fold_adapters, stack_lora
 from mta.kmeans import kmeans
 from mta.lamp import TaskSpec, User, instruction_only, query_prompt, training_pairs
-from mta.lora import Adapter, BaseWeights, LoRAConfig, fold_adapters, get_adapter, inject_lora, unload_lora
+from mta.lora import unload_lora
+from mta.methods import Method
 from mta.profiles import LoRASpec, Profile
 from mta.tokenizer import Tokenizer
-from mta.train import TrainConfig, TrainLog, train
-
-PROMPT_ONLY = ("base", "rag1", "rag3", "rag5")
-BASELINES = PROMPT_ONLY + ("oppu", "adapt_only")
-FUSED = ("merged_only", "mta")
-CONTROLS = ("merged_random", "mta_random", "merged_least", "mta_least")
-METHODS = BASELINES + FUSED
+from mta.train import TrainLog, train
 
 
 def derive_seed(seed: int, *parts: str) -> int:
@@ -41,32 +41,38 @@ def derive_seed(seed: int, *parts: str) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
-def item_texts(spec: TaskSpec, user: User) -> list[str]:
+def item_texts(task: TaskSpec, user: User) -> list[str]:
     """How a user's history items are shown to the encoders."""
-    return [spec.render_history(item) for item in user.profile]
+    return [task.render_history(item) for item in user.history]
 
 
 # ----------------------------------------------------------------------------- stage 1a
 
 
 def select_anchors(
-    candidates: Sequence[User], spec: TaskSpec, encoder: Encoder, n_anchors: int, min_items: int, seed: int,
-    batch_size: int = 32, progress: bool = True,
+    candidates: Sequence[User], task: TaskSpec, encoder: Encoder, n_anchors: int, min_items: int, seed: int,
+    batch_size: int = 32, progress: bool = True, empty_cluster: str = "most_active",
 ) -> tuple[np.ndarray, dict]:
-    """(user vectors (U, D), anchors document). Ties in activity go to the smallest user id."""
-    vectors = user_item_embeddings(encoder, [item_texts(spec, u) for u in candidates], batch_size, progress)
+    """(user vectors (U, D), anchors document). The anchor of a cluster is its most active member with at
+    least `min_items` items (the authors' code); in a cluster without one, its most active member (Eq. 3 as
+    the paper states it), or none with `empty_cluster="none"`. Each anchor records the rule that chose it.
+    Ties in activity go to the smallest user id."""
+    vectors = user_item_embeddings(encoder, [item_texts(task, u) for u in candidates], batch_size, progress)
     result = kmeans(vectors, n_anchors, seed=seed)
     anchors, empty = [], []
     for c in range(n_anchors):
         members = [candidates[i] for i in np.flatnonzero(result.labels == c)]
-        eligible = [u for u in members if len(u.profile) >= min_items]
+        eligible = [u for u in members if len(u.history) >= min_items]
+        rule = f"most active with at least {min_items} items"
+        if not eligible and members and empty_cluster == "most_active":
+            eligible, rule = members, f"most active (no member has {min_items} items)"
         if not eligible:
-            empty.append({"cluster": c, "size": len(members),
+            empty.append({"cluster": c, "size": len(members), "members": [u.user_id for u in members],
                           "reason": f"no user with at least {min_items} history items"})
             continue
-        anchor = min(eligible, key=lambda u: (-len(u.profile), u.user_id))
-        anchors.append({"cluster": c, "user_id": anchor.user_id, "n_items": len(anchor.profile),
-                        "cluster_size": len(members)})
+        anchor = min(eligible, key=lambda u: (-len(u.history), u.user_id))
+        anchors.append({"cluster": c, "user_id": anchor.user_id, "n_items": len(anchor.history), "rule": rule,
+                        "cluster_size": len(members), "members": [u.user_id for u in members]})
     doc = {"n_clusters": n_anchors, "min_items": min_items, "seed": seed, "inertia": result.inertia,
            "anchors": anchors, "clusters_without_anchor": empty}
     return vectors, doc
@@ -80,7 +86,7 @@ def fusion_weights(sims: Sequence[float], fusion: str) -> list[float]:
     *less* similar anchor the larger weight: (1 - a) * anchor_1 + a * anchor_2, a = s_1 / (s_1 + s_2)."""
     total = float(sum(sims))
     if total <= 0:
-        raise ValueError(f"fusion weights: similarities {list(sims)} do not sum to a positive number")
+        raise InputError(f"fusion weights: similarities {list(sims)} do not sum to a positive number")
     if fusion == "paper":
         return [s / total for s in sims]
     if fusion == "authors_code":
@@ -91,20 +97,20 @@ def fusion_weights(sims: Sequence[float], fusion: str) -> list[float]:
     raise ValueError(f"unknown fusion {fusion!r}; choose 'paper' or 'authors_code'")
 
 
-def match_users(
-    users: Sequence[User], anchors: Sequence[User], spec: TaskSpec, encoder: Encoder,
+def match_anchors(
+    users: Sequence[User], anchors: Sequence[User], task: TaskSpec, encoder: Encoder,
     batch_size: int = 32, progress: bool = True,
 ) -> dict[str, dict]:
     """Per user: cosine of whole-history embeddings to every anchor (Eq. 4), most similar first.
     Top-K and the fusion weights are taken at use time (`fused_anchors`), so one match serves every K."""
     start = time.perf_counter()
-    anchor_emb = history_document_embeddings(encoder, [item_texts(spec, a) for a in anchors], batch_size=batch_size)
-    user_emb = history_document_embeddings(encoder, [item_texts(spec, u) for u in users],
+    anchor_emb = history_document_embeddings(encoder, [item_texts(task, a) for a in anchors], batch_size=batch_size)
+    user_emb = history_document_embeddings(encoder, [item_texts(task, u) for u in users],
                                            batch_size=batch_size, progress=progress)
     sims = user_emb @ anchor_emb.T  # (U, V), embeddings are unit-norm
     seconds = (time.perf_counter() - start) / max(len(users), 1)
     out = {}
-    for u, row in zip(users, sims):
+    for u, row in zip(users, sims, strict=True):
         order = np.argsort(-row, kind="stable")
         out[u.user_id] = {"similarities": {anchors[i].user_id: float(row[i]) for i in order}, "seconds": seconds}
     return out
@@ -119,13 +125,11 @@ def fused_anchors(match: dict, profile: Profile, kind: str = "top", seed: int = 
     sims = match["similarities"]
     k = profile.top_k
     if not 1 <= k <= len(sims):
-        raise ValueError(f"top_k = {k} but the bank has {len(sims)} anchors")
+        raise InputError(f"top_k = {k} but the bank has {len(sims)} anchors")
     ranked = sorted(sims, key=lambda a: (-sims[a], a))
     if kind == "top":
         chosen = ranked[:k]
         if profile.fixed_alpha is not None:
-            if k != 2:
-                raise ValueError(f"fixed_alpha merges exactly 2 anchors, top_k is {k}")
             return chosen, [profile.fixed_alpha, 1 - profile.fixed_alpha]
         return chosen, fusion_weights([sims[a] for a in chosen], profile.fusion)
     if kind == "random":
@@ -137,25 +141,13 @@ def fused_anchors(match: dict, profile: Profile, kind: str = "top", seed: int = 
     return chosen, [1.0 / k] * k
 
 
-# ----------------------------------------------------------------------------- prompts and training
+# ----------------------------------------------------------------------------- the engine
 
 
 def fit_text(tok: Tokenizer, text: str, max_tokens: int) -> str:
     """Drop tokens from the start of `text` (the oldest history) so it fits in `max_tokens`."""
     ids = tok.encode(text)
     return text if len(ids) <= max_tokens else tok.decode(ids[-max_tokens:])
-
-
-def lora_config(spec: LoRASpec, base_model: str) -> LoRAConfig:
-    return LoRAConfig(r=spec.rank, alpha=spec.alpha, dropout=spec.dropout, target_modules=spec.targets,
-                      base_model_name_or_path=base_model)
-
-
-def train_config(spec: LoRASpec, seed: int, progress: bool = False) -> TrainConfig:
-    return TrainConfig(lr=spec.lr, epochs=spec.epochs, batch_size=spec.batch_size, grad_accum=spec.grad_accum,
-                       weight_decay=spec.weight_decay,
-                       schedule=spec.schedule, warmup_ratio=spec.warmup_ratio, max_grad_norm=spec.max_grad_norm,
-                       group_by_length=spec.group_by_length, seed=seed, progress=progress)
 
 
 def summarize(log: TrainLog) -> dict:
@@ -168,21 +160,22 @@ class Engine:
     """The base model, its tokenizer and a pristine copy of W0: everything that trains and generates."""
 
     profile: Profile
-    spec: TaskSpec
+    task: TaskSpec
     model: torch.nn.Module
     tok: Tokenizer
 
     def __post_init__(self):
         self.base = BaseWeights(self.model, targets=self.profile.bank.targets, device="cpu")
         self.folded = False  # whether W differs from W0
+        self.lora_config = None  # of the LoRA `personalize` last trained
         self.prompt_budget = self.profile.max_prompt_tokens - len(self.tok.chat_prompt(""))
 
-    def examples(self, profile_items: list[dict], seed: int, limit: int | None = None, bank: bool = False
+    def examples(self, history: list[dict], seed: int, limit: int | None = None, bank: bool = False
                  ) -> list[tuple[list[int], list[int]]]:
         """Tokenized (prompt, response) training examples; `bank` builds a meta-LoRA's in the format
         the profile's `bank_data` names."""
-        pairs = training_pairs(self.spec, profile_items, seed=seed,
-                               bank=bank and self.profile.bank_data == "authors_code")
+        pairs = training_pairs(self.task, history, seed=seed, bank=bank and self.profile.bank_data == "authors_code",
+                               style=self.profile.prompt_style)
         if limit is not None and len(pairs) > limit:
             keep = sorted(random.Random(seed).sample(range(len(pairs)), limit))
             pairs = [pairs[i] for i in keep]
@@ -192,14 +185,33 @@ class Engine:
             out.append((ids[:start], ids[start:]))
         return out
 
-    def train_lora(self, examples, spec: LoRASpec, seed: int) -> tuple[Adapter, TrainLog]:
-        """Inject a fresh LoRA on the current weights and train it; the adapter stays injected."""
-        torch.manual_seed(seed)
-        config = lora_config(spec, self.profile.llm)
-        inject_lora(self.model, config)
-        log = train(self.model, examples, train_config(spec, seed), pad_id=self.tok.pad_token_id)
+    def personalize(self, adapters: Sequence[Adapter], weights: Sequence[float], recipe: LoRASpec | None,
+                    examples=(), seed: int = 0) -> tuple[TrainLog | None, dict]:
+        """Set up the weights a method generates with: W0 plus the fused LoRA of `adapters` (Eq. 5), and,
+        with a `recipe`, a fresh LoRA on top trained on `examples` (Eq. 7, `mta.fusion.stack_lora`); the
+        trained LoRA stays injected (`trained_adapter`). Returns (training log, seconds per phase)."""
+        mode, seconds = self.profile.merge_space, {}
+        tic = time.perf_counter()
+        if recipe is None:
+            if adapters:
+                fold_adapters(self.model, adapters, weights, mode, self.base)
+        else:
+            torch.manual_seed(seed)  # the fresh LoRA's initialisation
+            self.lora_config = recipe.lora_config(self.profile.llm)
+            stack_lora(self.model, adapters, weights, self.lora_config, mode, self.base)
+        self.folded = bool(adapters)
+        if adapters:
+            seconds["fuse"] = time.perf_counter() - tic
+        if recipe is None:
+            return None, seconds
+        log = train(self.model, examples, recipe.train_config(seed), pad_id=self.tok.pad_token_id)
         self.model.eval()
-        return get_adapter(self.model, config), log
+        seconds["adapt"] = log.seconds
+        return log, seconds
+
+    def trained_adapter(self) -> Adapter:
+        """The LoRA `personalize` trained, detached from the model."""
+        return get_adapter(self.model, self.lora_config)
 
     def generate(self, prompts: Sequence[str]) -> list[str]:
         seqs = [self.tok.chat_prompt(fit_text(self.tok, p, self.prompt_budget)) for p in prompts]
@@ -208,10 +220,6 @@ class Engine:
         new = self.model.generate(ids.to(device), mask.to(device), max_new_tokens=self.profile.max_new_tokens,
                                   stop_token_ids=self.tok.eos_token_ids, pad_token_id=self.tok.pad_token_id)
         return [self.tok.decode(row.tolist()).strip() for row in new]
-
-    def fold(self, adapters: Sequence[Adapter], weights: Sequence[float]) -> None:
-        fold_adapters(self.model, adapters, weights, mode=self.profile.merge_space, base=self.base)
-        self.folded = True
 
     def reset(self) -> None:
         """Back to the plain base model: no LoRA layers, W = W0."""
@@ -224,62 +232,54 @@ class Engine:
 # ----------------------------------------------------------------------------- stage 3
 
 
-def method_prompt(spec: TaskSpec, user: User, method: str) -> str:
-    """The query prompt: no history for `base`, BM25 top-k for `rag<k>`, top-1 for the trained methods."""
+def method_prompt(task: TaskSpec, user: User, method: Method, style: str) -> str:
+    """The query prompt with the method's number of BM25-retrieved history items (none: the instruction)."""
     query = user.query[0]
-    if method == "base":
-        return instruction_only(spec, query)
-    return query_prompt(spec, user.profile, query, k=int(method[3:]) if method.startswith("rag") else 1)
+    if method.history_items == 0:
+        return instruction_only(task, query, style)
+    return query_prompt(task, user.history, query, k=method.history_items, style=style)
 
 
-def prepare_weights(engine: Engine, user: User, method: str, match: dict | None, bank: dict[str, Adapter],
+def prepare_weights(engine: Engine, user: User, method: Method, match: dict | None, bank: dict[str, Adapter],
                     unit_seed: int) -> tuple[dict, dict]:
-    """Set the model up for a trained method: fold the fused LoRA and/or train one on top.
-    Returns (seconds per phase, details for the result)."""
+    """Set the model up as the method's row says. Returns (seconds per phase, details for the result)."""
     p = engine.profile
     seconds, extra = {}, {}
-    if method in FUSED + CONTROLS:
+    adapters, weights = [], []
+    if method.anchors != "none":
         if match is None:
-            raise ValueError(f"user {user.user_id}: no stage-2 match (rerun match_anchors)")
-        kind = "top" if method in FUSED else method.split("_")[1]
-        anchors, weights = fused_anchors(match, p, kind, unit_seed)
+            raise InputError(f"user {user.user_id}: no stage-2 match (rerun tools/match_anchors.py)")
+        anchors, weights = fused_anchors(match, p, method.anchors, unit_seed)
         missing = [a for a in anchors if a not in bank]
         if missing:
-            raise ValueError(f"bank has no adapter for anchor(s) {missing} (rerun train_bank)")
-        tic = time.perf_counter()
-        engine.fold([bank[a] for a in anchors], weights)
-        seconds.update(match=match["seconds"], fuse=time.perf_counter() - tic)
+            raise InputError(f"bank has no adapter for anchor(s) {missing} (rerun tools/train_bank.py)")
+        adapters = [bank[a] for a in anchors]
+        seconds["match"] = match["seconds"]
         extra.update(anchors=anchors, weights=weights)
-    if method in ("oppu", "adapt_only") or method.startswith("mta"):
-        tic = time.perf_counter()
-        examples = engine.examples(user.profile, unit_seed)
-        _, log = engine.train_lora(examples, p.oppu if method == "oppu" else p.stack, unit_seed)
-        seconds["adapt"] = time.perf_counter() - tic
+    recipe = None if method.recipe == "none" else getattr(p, method.recipe)
+    examples = engine.examples(user.history, unit_seed) if recipe else ()
+    log, phases = engine.personalize(adapters, weights, recipe, examples, unit_seed)
+    seconds.update(phases)
+    if log is not None:
         extra["train"] = summarize(log)
     return seconds, extra
 
 
-def run_methods(engine: Engine, user: User, methods: Sequence[str], match: dict | None,
-                bank: dict[str, Adapter], seed: int) -> dict[str, dict]:
-    """Methods for one user's first query -> method: {output, prediction, gold, seconds, ...}.
-    The prompt-only methods share one batched generation on the base model."""
-    spec, query = engine.spec, user.query[0]
-    unknown = [m for m in methods if m not in METHODS + CONTROLS]
-    if unknown:
-        raise ValueError(f"unknown methods {unknown}")
-    prompt_only = [m for m in methods if m in PROMPT_ONLY]
-    units = ([prompt_only] if prompt_only else []) + [[m] for m in methods if m not in PROMPT_ONLY]
-    results = {}
-    for unit in units:
-        engine.reset()
-        seconds, extra = ({}, {}) if unit[0] in PROMPT_ONLY else prepare_weights(
-            engine, user, unit[0], match, bank, derive_seed(seed, user.user_id, unit[0]))
+def run_unit(engine: Engine, user: User, unit: Sequence[Method], match: dict | None,
+             bank: dict[str, Adapter], seed: int) -> dict[str, dict]:
+    """One unit of stage 3 (`mta.methods.units`) for one user's first query -> method name: {output,
+    prediction, gold, seconds, ...}. A unit's methods share its weights and one batched generation."""
+    task, query = engine.task, user.query[0]
+    engine.reset()
+    try:
+        seconds, extra = ({}, {}) if unit[0].on_base_weights else prepare_weights(
+            engine, user, unit[0], match, bank, derive_seed(seed, user.user_id, unit[0].name))
         tic = time.perf_counter()
-        outputs = engine.generate([method_prompt(spec, user, m) for m in unit])
+        outputs = engine.generate([method_prompt(task, user, m, engine.profile.prompt_style) for m in unit])
         generate = (time.perf_counter() - tic) / len(unit)
+    finally:
         engine.reset()
-        for m, output in zip(unit, outputs):
-            results[m] = {"user_id": user.user_id, "method": m, "query_id": query.id, "output": output,
-                          "prediction": spec.parse(output), "gold": query.gold,
-                          "seconds": {**seconds, "generate": generate}, **extra}
-    return results
+    return {m.name: {"user_id": user.user_id, "method": m.name, "query_id": query.id, "output": output,
+                     "prediction": task.parse(output), "gold": query.gold,
+                     "seconds": {**seconds, "generate": generate}, **extra}
+            for m, output in zip(unit, outputs, strict=True)}

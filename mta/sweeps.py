@@ -9,22 +9,25 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from mta import pipeline, report
+from mta.adapter import load_adapter
 from mta.lamp import get_task
-from mta.lora import load_adapter
+from mta.methods import get, label
 from mta.pipeline import Run, log
 from mta.profiles import Profile, profile_from_dict
 from mta.rundir import RunDir, atomic_path, read_json, write_json
 
 # Profile fields one meta-LoRA depends on (besides its anchor's history and the seed): a point that keeps
 # them reuses the main run's meta-LoRA of every anchor both runs have.
-ADAPTER_FIELDS = ("llm", "dtype", "bank", "bank_data", "max_items_per_anchor", "max_prompt_tokens", "chat_template")
+ADAPTER_FIELDS = ("llm", "dtype", "bank", "bank_data", "max_items_per_anchor", "max_prompt_tokens", "chat_template",
+                  "prompt_style")
 # Profile fields that stage 1, the bank and stage 2 depend on: a point that keeps them shares all three.
-ARTIFACT_FIELDS = (*ADAPTER_FIELDS, "stage1_encoder", "stage2_encoder", "n_anchors", "min_anchor_items")
+ARTIFACT_FIELDS = (*ADAPTER_FIELDS, "stage1_encoder", "stage2_encoder", "n_anchors", "min_anchor_items",
+                   "empty_cluster")
 
 
 @dataclass(frozen=True)
@@ -75,9 +78,6 @@ SWEEPS = {
                    lambda p: (p.stack.lr, p.stack.epochs, p.stack.batch_size),
                    methods=("oppu", "adapt_only", "mta"), parse=_recipe),
 }
-# What a trained method's output is compared with to see whether training changed anything:
-# the same prompt on the weights it started from.
-UNTRAINED = {"mta": "merged_only", "adapt_only": "rag1", "oppu": "rag1"}
 
 
 def point_run(run: Run, what: str, value, methods: tuple[str, ...]) -> Run:
@@ -111,7 +111,7 @@ def run_sweep(run: Run, what: str, values: tuple | None = None, methods: tuple[s
     values = values or sweep.values
     methods = methods or sweep.methods
     spec = get_task(run.task)
-    metric, higher = report.primary_metric(spec)
+    metric, _ = report.primary_metric(spec)
     points = {}
     for value in values:
         point = point_run(run, what, value, methods)
@@ -124,24 +124,25 @@ def run_sweep(run: Run, what: str, values: tuple | None = None, methods: tuple[s
         if point.dir.shared is None:
             _reuse_meta_loras(point, run)
             pipeline.stage1_bank(point)
-            pipeline.stage2_match(point)
+            pipeline.stage2_match_anchors(point)
         points[sweep.label(value)] = pipeline.run_and_report(point)
     ref = sweep.label(sweep.reference(run.profile))
-    main_rows = pipeline.collect(dataclasses.replace(run, methods=tuple(sorted(set(UNTRAINED.values())))))
+    versus = {m: get(m).changed_versus for m in methods if get(m).changed_versus}
+    main_rows = pipeline.collect(dataclasses.replace(run, methods=tuple(sorted(set(versus.values())))))
     out = {"what": what, "figure": sweep.figure, "x_label": sweep.x_label, "task": spec.name, "metric": metric,
            "reference_point": ref, "points": {}}
-    for label, result in points.items():
+    for point_label, result in points.items():
         row = {}
         for m in methods:
             r = result["methods"].get(m)
             if r is None:
                 continue
             row[m] = {"metrics": r["metrics"], "ci95": r["ci95"], "n": r["n"]}
-            if m in UNTRAINED:
-                row[m]["changed"] = _changed(result, main_rows.get(UNTRAINED[m], {}), m)
-            if label != ref and ref in points and m in points[ref]["methods"]:
+            if m in versus:
+                row[m]["changed"] = _changed(result, main_rows.get(versus[m], {}), m, versus[m])
+            if point_label != ref and ref in points and m in points[ref]["methods"]:
                 row[m]["vs_reference"] = _paired(result, points[ref], m, metric)
-        out["points"][label] = row
+        out["points"][point_label] = row
     path = run.dir.root / "sweeps" / f"{what}.json"
     write_json(path, out)
     plot_sweep(out, path.with_suffix(".png"))
@@ -167,11 +168,11 @@ def _reuse_meta_loras(point: Run, run: Run) -> None:
                 shutil.copytree(source, tmp, dirs_exist_ok=True)
 
 
-def _changed(result: dict, untrained: dict[str, dict], method: str) -> dict:
+def _changed(result: dict, untrained: dict[str, dict], method: str, versus: str) -> dict:
     """For how many users training changed the output (vs the same prompt on the starting weights)."""
     users = [u for u in result["per_user"] if u in untrained and not untrained[u].get("error")]
     n = sum(result["per_user"][u][method]["output"] != untrained[u]["output"] for u in users)
-    return {"versus": UNTRAINED[method], "changed": n, "of": len(users)}
+    return {"versus": versus, "changed": n, "of": len(users)}
 
 
 def _paired(a: dict, b: dict, method: str, metric: str) -> dict:
@@ -189,17 +190,17 @@ def plot_sweep(out: dict, path: Path) -> None:
     if plt is None:
         return
     metric, points = out["metric"], out["points"]
-    labels = [l for l in points if l != "adaptive"]
+    labels = [p for p in points if p != "adaptive"]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for m in sorted({m for row in points.values() for m in row}):
-        xs = [i for i, l in enumerate(labels) if m in points[l]]
+        xs = [i for i, p in enumerate(labels) if m in points[p]]
         ys = [points[labels[i]][m]["metrics"][metric] for i in xs]
-        lo = [y - points[labels[i]][m]["ci95"][metric][0] for i, y in zip(xs, ys)]
-        hi = [points[labels[i]][m]["ci95"][metric][1] - y for i, y in zip(xs, ys)]
-        line = ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=report.LABELS.get(m, m))
+        lo = [y - points[labels[i]][m]["ci95"][metric][0] for i, y in zip(xs, ys, strict=True)]
+        hi = [points[labels[i]][m]["ci95"][metric][1] - y for i, y in zip(xs, ys, strict=True)]
+        line = ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=label(m))
         if m in points.get("adaptive", {}):
             ax.axhline(points["adaptive"][m]["metrics"][metric], color=line[0].get_color(), linestyle="--",
-                       label=f"{report.LABELS.get(m, m)}, adaptive (Eq. 6)")
+                       label=f"{label(m)}, adaptive (Eq. 6)")
     ax.set_xticks(range(len(labels)), labels)
     ax.set_xlabel(out["x_label"])
     ax.set_ylabel(metric)
@@ -251,7 +252,8 @@ def efficiency(run: Run) -> dict:
     mta = [r["seconds"].get("adapt", 0) + r["seconds"].get("fuse", 0)
            for r in rows.get("mta", {}).values() if not r.get("error")]
     if not (bank_logs and oppu and mta):
-        raise ValueError(f"{run.dir.root}: efficiency needs a finished bank and OPPU and MTA results; run reproduce first")
+        raise ValueError(f"{run.dir.root}: efficiency needs a finished bank and OPPU and MTA results; "
+                         f"run reproduce first")
     any_anchor = load_adapter(bank_files[0].parent)
     engine_shapes = [(any_anchor.B[m].shape[0], any_anchor.A[m].shape[1]) for m in any_anchor.A]
     p = run.profile
@@ -259,7 +261,7 @@ def efficiency(run: Run) -> dict:
     ours = {"oppu_adapter_bytes": lora_parameters(engine_shapes, p.oppu.rank) * bytes_per,
             "stack_adapter_bytes": lora_parameters(engine_shapes, p.stack.rank) * bytes_per,
             "bank_bytes": sum(f.stat().st_size for f in bank_files),
-            "bank_seconds": sum(l["seconds"] for l in bank_logs),
+            "bank_seconds": sum(log["seconds"] for log in bank_logs),
             "oppu_seconds_per_user": sum(oppu) / len(oppu), "mta_seconds_per_user": sum(mta) / len(mta)}
     shapes = llama3_8b_shapes()
     paper = {"oppu_adapter_bytes_bf16": lora_parameters(shapes, 8) * 2,
@@ -280,8 +282,8 @@ def efficiency(run: Run) -> dict:
     write_json(path, out)
     log(f"efficiency: OPPU {ours['oppu_seconds_per_user']:.1f} s and {ours['oppu_adapter_bytes'] / 2**20:.2f} MiB per "
         f"user; MTA bank {ours['bank_seconds']:.0f} s and {ours['bank_bytes'] / 2**20:.1f} MiB once, then "
-        f"{ours['mta_seconds_per_user']:.1f} s per user. Llama-3-8B: OPPU {paper['oppu_adapter_bytes_bf16'] / 2**20:.0f} "
-        f"MiB per user, bank {paper['bank_bytes_bf16'] / 2**20:.0f} MiB")
+        f"{ours['mta_seconds_per_user']:.1f} s per user. Llama-3-8B: OPPU "
+        f"{paper['oppu_adapter_bytes_bf16'] / 2**20:.0f} MiB per user, bank {paper['bank_bytes_bf16'] / 2**20:.0f} MiB")
     plt = _pyplot()
     if plt is not None:
         fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))

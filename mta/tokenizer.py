@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -10,11 +9,14 @@ import torch
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
+from mta.rundir import read_json
+
 CHAT_FORMATS = ("llama3", "chatml", "plain")
 
 # Pre-tokenizer regexes by llama.cpp's `tokenizer.ggml.pre` name (byte-level BPE vocabularies).
 LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 _GGUF_PRE_TOKENIZERS = {
     "llama-bpe": lambda: pre_tokenizers.Sequence([
@@ -97,7 +99,7 @@ class Tokenizer:
         """Ids of one user turn followed by the assistant generation prompt."""
         ids = self.encode(self._prompt_text(user, system))
         if self.chat_format == "plain" and self.add_bos and self.bos_token_id is not None:
-            ids = [self.bos_token_id] + ids
+            ids = [self.bos_token_id, *ids]
         return ids
 
     def chat_example(self, user: str, response: str, system: str | None = None) -> tuple[list[int], int]:
@@ -121,7 +123,7 @@ class Tokenizer:
         return ids, mask
 
     @classmethod
-    def from_gguf_metadata(cls, metadata: dict, source: str = "GGUF") -> "Tokenizer":
+    def from_gguf_metadata(cls, metadata: dict, source: str = "GGUF") -> Tokenizer:
         """Rebuild a byte-level BPE tokenizer from llama.cpp's `tokenizer.ggml.*` metadata."""
         model = metadata.get("tokenizer.ggml.model")
         if model != "gpt2":
@@ -131,13 +133,15 @@ class Tokenizer:
             raise ValueError(f"{source}: tokenizer.ggml.pre {pre!r} is not supported ({sorted(_GGUF_PRE_TOKENIZERS)})")
         tokens = metadata["tokenizer.ggml.tokens"]
         types = metadata.get("tokenizer.ggml.token_type", [1] * len(tokens))
+        if len(types) != len(tokens):
+            raise ValueError(f"{source}: {len(tokens)} tokenizer.ggml.tokens but {len(types)} token types")
         merges = [tuple(m.split(" ", 1)) for m in metadata["tokenizer.ggml.merges"]]
         tok = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False))
         tok.pre_tokenizer = _GGUF_PRE_TOKENIZERS[pre]()
         tok.decoder = decoders.ByteLevel()
         # Token types 3 (control) and 4 (user-defined) are matched whole in text, never split by BPE.
         tok.add_special_tokens([
-            AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty in (3, 4)
+            AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types, strict=True) if ty in (3, 4)
         ])
 
         def name(key):
@@ -158,7 +162,7 @@ class Tokenizer:
         )
 
     @classmethod
-    def from_dir(cls, directory: str | Path, eos_token_ids: list[int] | None = None) -> "Tokenizer":
+    def from_dir(cls, directory: str | Path, eos_token_ids: list[int] | None = None) -> Tokenizer:
         """From a Hugging Face directory: tokenizer.json plus tokenizer_config.json (special tokens, template)."""
         directory = Path(directory)
         path = directory / "tokenizer.json"
@@ -169,10 +173,7 @@ class Tokenizer:
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
             raise ValueError(f"{path}: not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
         config_path = directory / "tokenizer_config.json"
-        try:
-            config = json.loads(config_path.read_text()) if config_path.exists() else {}
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{config_path}: not valid JSON ({e})") from None
+        config = read_json(config_path) if config_path.exists() else {}
 
         def content(token):
             return token.get("content") if isinstance(token, dict) else token

@@ -12,7 +12,9 @@ from mta import checkpoint
 from mta.checkpoint import CheckpointError, load_llm, load_model, resolve
 from mta.gguf import GGML_TYPES, GGUFError, dequantize
 from mta.llama import LlamaConfig, LlamaForCausalLM
+from mta.state_dict import StateDictError
 from tests.fixtures import SMOLLM_FILE, smollm_dir
+from tests.test_llama import greedy_gap
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
@@ -101,7 +103,7 @@ def tiny_hf():
 
 def test_gguf_file_loads_with_rope_rows_restored(tmp_path, tiny_hf):
     expected = write_tiny_gguf(tmp_path / "tiny.gguf", tiny_hf)
-    model, info = load_model(tmp_path / "tiny.gguf")
+    model, _ = load_model(tmp_path / "tiny.gguf")
     assert model.config.num_key_value_heads == 2 and model.config.rope_theta == 500000.0
     assert not model.config.tie_word_embeddings
     state = model.state_dict()
@@ -152,13 +154,14 @@ def test_strict_loading_names_missing_extra_and_misshaped_keys(tmp_path, tiny_hf
     missing = dict(state)
     del missing["model.layers.1.mlp.up_proj.weight"]
     save_file(missing, file)
-    with pytest.raises(CheckpointError, match=r"/m: checkpoint does not match the model: missing model\.layers\.1\.mlp\.up_proj\.weight"):
+    mismatch = r"/m: checkpoint does not match the model: "
+    with pytest.raises(StateDictError, match=mismatch + r"missing model\.layers\.1\.mlp\.up_proj\.weight$"):
         load_model(tmp_path / "m")
     save_file({**state, "model.layers.0.self_attn.rotary.inv_freq": torch.ones(8)}, file)
-    with pytest.raises(CheckpointError, match=r"unexpected model\.layers\.0\.self_attn\.rotary\.inv_freq"):
+    with pytest.raises(StateDictError, match=mismatch + r"unexpected model\.layers\.0\.self_attn\.rotary\.inv_freq$"):
         load_model(tmp_path / "m")
     save_file({**state, "model.norm.weight": torch.ones(65)}, file)
-    with pytest.raises(CheckpointError, match=r"wrong shape model\.norm\.weight \(65,\)"):
+    with pytest.raises(StateDictError, match=mismatch + r"wrong shape model\.norm\.weight \(65,\) != \(64,\)$"):
         load_model(tmp_path / "m")
 
 
@@ -244,6 +247,7 @@ def test_registry_names():
     assert resolve("smollm2-135m") == smollm_dir() / SMOLLM_FILE
 
 
+@pytest.mark.slow
 def test_smollm2_greedy_answer_matches_transformers_on_same_gguf():
     directory = smollm_dir()
     model, tok = load_llm("smollm2-135m")
@@ -255,5 +259,8 @@ def test_smollm2_greedy_answer_matches_transformers_on_same_gguf():
     ids = torch.tensor([tok.chat_prompt("Name three primary colors.")])
     ours = model.generate(ids, max_new_tokens=24, stop_token_ids=tok.eos_token_ids)
     theirs = ref.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=tok.eos_token_ids)
+    # Token equality holds across BLAS and op order only with a clear top-2 gap at every step (0.036 here;
+    # fp32 rounding differences of logits up to ~40 are ~1e-4).
+    assert greedy_gap(model, ids, None, ours) > 1e-2
     assert ours[0].tolist() == theirs[0, ids.shape[1]:].tolist()
     assert len(tok.decode(ours[0]).split()) >= 3

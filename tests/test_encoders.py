@@ -10,14 +10,16 @@ import torch
 import mta.encoders as encoders
 from mta.encoders import (
     Encoder,
+    EncoderSpec,
+    checked_weights,
     history_document_embeddings,
     load_encoder,
-    load_state_dict_strict,
     user_item_embedding,
     user_item_embeddings,
 )
 from mta.encoders.bert import BertConfig, BertModel
 from mta.encoders.deberta import DebertaV2Config, DebertaV2Model, DebertaV2Tokenizer, log_bucket_position
+from mta.state_dict import StateDictError
 
 transformers = pytest.importorskip("transformers")
 spm = pytest.importorskip("sentencepiece")
@@ -94,7 +96,7 @@ def test_bert_matches_transformers():
     )
     ref = transformers.BertModel(hf_config).eval()
     ours = BertModel(BertConfig.from_hf_config(hf_config.to_dict()))
-    load_state_dict_strict(ours, dict(ref.state_dict()))
+    ours.load_state_dict(checked_weights(ours, ref.state_dict(), "transformers"))
     ids, mask = padded_batch(99)
     token_types = torch.randint(0, 2, ids.shape)
     with torch.no_grad():
@@ -110,7 +112,7 @@ def test_deberta_matches_transformers(v3):
     torch.manual_seed(0)
     ref = transformers.DebertaV2Model(tiny_deberta_config(v3)).eval()
     ours = DebertaV2Model(DebertaV2Config.from_hf_config(ref.config.to_dict()))
-    load_state_dict_strict(ours, dict(ref.state_dict()))
+    ours.load_state_dict(checked_weights(ours, ref.state_dict(), "transformers"))
     ids, mask = padded_batch(100)  # T=40 > 2 * 16 buckets / max_relative_positions 24: clamped and log buckets used
     with torch.no_grad():
         expected = ref(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -160,11 +162,32 @@ def test_deberta_tokenizer_matches_transformers(spm_path, do_lower_case):
 def test_strict_loading_names_bad_keys():
     model = BertModel(BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
                                  intermediate_size=16, max_position_embeddings=16))
+    task_model = {f"bert.{k}": v for k, v in model.state_dict().items()} | {"cls.predictions.bias": torch.zeros(20)}
+    assert checked_weights(model, task_model, "ckpt").keys() == model.state_dict().keys()  # prefix, head dropped
     state = dict(model.state_dict())
     state.pop("encoder.layer.0.attention.self.query.weight")
     state["encoder.layer.0.extra.weight"] = torch.zeros(1)
-    with pytest.raises(ValueError, match=r"missing \['encoder.layer.0.attention.self.query.weight'\].*extra"):
-        load_state_dict_strict(model, state)
+    state["embeddings.LayerNorm.weight"] = torch.zeros(3)
+    state["pooler.dense.bias"] = torch.zeros(8, dtype=torch.long)
+    with pytest.raises(StateDictError) as e:
+        checked_weights(model, state, "/ckpt/dir")
+    assert str(e.value) == (
+        "/ckpt/dir: checkpoint does not match the model: missing encoder.layer.0.attention.self.query.weight; "
+        "unexpected encoder.layer.0.extra.weight; wrong shape embeddings.LayerNorm.weight (3,) != (8,); "
+        "wrong dtype pooler.dense.bias torch.int64 for torch.float32"
+    )
+    many = {k: v for k, v in model.state_dict().items() if not k.startswith("encoder.")}
+    with pytest.raises(StateDictError, match=r"missing encoder\.\S+, (\S+, ){3}\S+ and \d+ more$"):
+        checked_weights(model, many, "ckpt")
+
+
+def test_pooling_is_checked_at_construction():
+    with pytest.raises(ValueError, match=r"pooling must be one of 'cls', 'mean', got 'max'"):
+        EncoderSpec("some/repo", "max")
+    model = BertModel(BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=16, max_position_embeddings=16))
+    with pytest.raises(ValueError, match=r"one of 'cls', 'mean', got 'last'"):
+        Encoder(model, tokenizer=None, pooling="last")
 
 
 # --- end to end through load_encoder --------------------------------------------------------

@@ -42,7 +42,7 @@ def test_kmeans_plusplus_picks_distinct_data_points():
     X = np.random.default_rng(1).normal(size=(200, 3))
     centers = kmeans_plusplus(X, 10, np.random.default_rng(0))
     assert len({tuple(c) for c in centers}) == 10
-    assert all((X == c).all(1).any() for c in centers)
+    assert all((c == X).all(1).any() for c in centers)
 
 
 def test_empty_cluster_moves_to_farthest_point():

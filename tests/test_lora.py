@@ -1,13 +1,23 @@
-"""Golden tests of mta.lora against peft on tiny random transformers Llama models."""
+"""Golden tests of mta.lora, mta.adapter and mta.fusion against peft on tiny random transformers Llama models."""
 import copy
 import os
 
 import pytest
 import torch
 
-from mta.lora import (LLAMA_TARGETS, Adapter, BaseWeights, LoRAConfig, LoRALinear, count_parameters,
-                      find_targets, fold_adapters, get_adapter, inject_lora, load_adapter, lora_layers,
-                      merge_lora, merged_factors, save_adapter, set_adapter, stack_lora, unload_lora)
+from mta.adapter import Adapter, get_adapter, load_adapter, save_adapter, set_adapter
+from mta.fusion import BaseWeights, fold_adapters, merged_factors, stack_lora
+from mta.lora import (
+    LLAMA_TARGETS,
+    LoRAConfig,
+    LoRALinear,
+    count_parameters,
+    find_targets,
+    inject_lora,
+    lora_layers,
+    merge_lora,
+    unload_lora,
+)
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -85,7 +95,7 @@ def test_init_freeze_and_counts():
     names = inject_lora(model, LoRAConfig(r=4, alpha=8, target_modules="all"))
     assert len(names) == 14 and not any("lm_head" in n for n in names)
     trainable, total = count_parameters(model)
-    expected = sum(4 * (l.in_features + l.out_features) for l in (model.get_submodule(n).base for n in names))
+    expected = sum(4 * (lin.in_features + lin.out_features) for lin in (model.get_submodule(n).base for n in names))
     assert trainable == expected and total == total0 + expected
     assert all(p.requires_grad == (".lora_" in n) for n, p in model.named_parameters())
     layer = model.get_submodule(names[0])
@@ -122,7 +132,8 @@ def test_merge_matches_peft_merge_and_unload():
 def test_weighted_combinations_match_peft(combo):
     base = tiny_llama()
     ranks = [4, 4, 4] if combo == "linear" else [4, 2, 6]
-    adapters = [random_adapter(base, r=r, alpha=a, seed=s) for r, a, s in zip(ranks, [8.0, 4.0, 16.0], [1, 2, 3])]
+    adapters = [random_adapter(base, r=r, alpha=a, seed=s)
+                for r, a, s in zip(ranks, [8.0, 4.0, 16.0], [1, 2, 3], strict=True)]
     weights = [0.5, -0.2, 0.7]
     ref = peft_model_with(copy.deepcopy(base), adapters[0], "a0")
     for i, a in enumerate(adapters[1:], 1):
@@ -149,10 +160,10 @@ def test_delta_and_param_modes_are_the_formulas():
     m = "model.layers.1.mlp.down_proj"
     s = adapters[0].config.scaling
     B, A = merged_factors(adapters, w, m, "delta")
-    torch.testing.assert_close(B @ A, sum(wi * s * a.B[m] @ a.A[m] for wi, a in zip(w, adapters)))
+    torch.testing.assert_close(B @ A, sum(wi * s * a.B[m] @ a.A[m] for wi, a in zip(w, adapters, strict=True)))
     B, A = merged_factors(adapters, w, m, "param")  # paper Eq. 5: average A and B separately
-    avg_A = sum(wi * a.A[m] for wi, a in zip(w, adapters))
-    avg_B = sum(wi * a.B[m] for wi, a in zip(w, adapters))
+    avg_A = sum(wi * a.A[m] for wi, a in zip(w, adapters, strict=True))
+    avg_B = sum(wi * a.B[m] for wi, a in zip(w, adapters, strict=True))
     torch.testing.assert_close(B @ A, s * avg_B @ avg_A)
 
 
@@ -194,7 +205,7 @@ def test_stacking_matches_peft_merge_then_new_adapter():
     weights = [0.6, 0.4]
     new = random_adapter(base, r=2, alpha=4.0, targets=("q_proj", "v_proj"), seed=9)
     ours = copy.deepcopy(base)
-    stack_lora(ours, adapters, weights, new.config)
+    stack_lora(ours, adapters, weights, new.config, "delta")  # PEFT's `cat` is the exact merge
     set_adapter(ours, new)
     ref = peft_model_with(copy.deepcopy(base), adapters[0], "a0")
     peft_model_with(ref, adapters[1], "a1")
@@ -211,37 +222,37 @@ def test_base_weights_restore_without_drift():
     snap = BaseWeights(model)
     users = [[random_adapter(model, seed=s) for s in (1, 2)], [random_adapter(model, seed=s) for s in (3, 4)]]
     for adapters in users:
-        fold_adapters(model, adapters, [0.5, 0.5], base=snap)
+        fold_adapters(model, adapters, [0.5, 0.5], mode="delta", base=snap)
     fresh = copy.deepcopy(model)
     fresh.load_state_dict(w0)
-    fold_adapters(fresh, users[1], [0.5, 0.5])
+    fold_adapters(fresh, users[1], [0.5, 0.5], "delta")
     for k, v in fresh.state_dict().items():
         assert torch.equal(model.state_dict()[k], v), k  # user 2 sees W0 + ΔW2 exactly, nothing of user 1
     snap.restore()
     for k, v in model.state_dict().items():
         assert torch.equal(v, w0[k]), k
     with pytest.raises(ValueError, match="no pristine copy"):
-        fold_adapters(model, [random_adapter(model, targets="all")], [1.0], base=BaseWeights(model, ("q_proj",)))
+        fold_adapters(model, [random_adapter(model, targets="all")], [1.0], "delta", BaseWeights(model, ("q_proj",)))
 
 
 def test_bad_inputs(tmp_path):
     base = tiny_llama()
     a, b = random_adapter(base, seed=1), random_adapter(base, r=2, seed=2)
     with pytest.raises(ValueError, match="empty adapter list"):
-        fold_adapters(base, [], [])
+        fold_adapters(base, [], [], "delta")
     with pytest.raises(ValueError, match="sum to zero"):
-        fold_adapters(base, [a, a], [0.5, -0.5])
-    with pytest.raises(ValueError, match="module 'model.*needs equal ranks"):
+        fold_adapters(base, [a, a], [0.5, -0.5], "delta")
+    with pytest.raises(ValueError, match=r"module 'model.*needs equal ranks"):
         fold_adapters(base, [a, b], [0.5, 0.5], mode="param")
     other = random_adapter(tiny_llama(hidden=48, inter=80), seed=3)
-    with pytest.raises(ValueError, match="model.layers.0.self_attn.q_proj.*wrong base model"):
-        fold_adapters(base, [other], [1.0])
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj.*wrong base model"):
+        fold_adapters(base, [other], [1.0], "delta")
     q_only = random_adapter(base, targets=("q_proj",))
     with pytest.raises(ValueError, match="target different modules"):
-        fold_adapters(base, [a, q_only], [0.5, 0.5])
+        fold_adapters(base, [a, q_only], [0.5, 0.5], "delta")
     renamed = random_adapter(base, seed=4, name="another-base")
     with pytest.raises(ValueError, match="different base models"):
-        fold_adapters(base, [a, renamed], [0.5, 0.5])
+        fold_adapters(base, [a, renamed], [0.5, 0.5], "delta")
     # an adapter file missing one module's tensors
     save_adapter(a, tmp_path / "a")
     from safetensors.torch import load_file, save_file
@@ -252,13 +263,13 @@ def test_bad_inputs(tmp_path):
     broken = load_adapter(tmp_path / "a")
     model = copy.deepcopy(base)
     inject_lora(model, broken.config)
-    with pytest.raises(ValueError, match="model.layers.1.mlp.up_proj"):
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj"):
         set_adapter(model, broken)
     del sd[PREFIX + "model.layers.0.mlp.up_proj.lora_B.weight"]
     save_file(sd, f)
-    with pytest.raises(ValueError, match="model.layers.0.mlp.up_proj.*only one"):
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.up_proj.*only one"):
         load_adapter(tmp_path / "a")
-    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+    with pytest.raises(FileNotFoundError, match=r"adapter_config\.json"):
         load_adapter(tmp_path / "missing")
     with pytest.raises(ValueError, match="rank"):  # rank mismatch between adapter and injected LoRA
         model2 = copy.deepcopy(base)

@@ -4,10 +4,16 @@ import numpy as np
 import pytest
 
 from mta.metrics import (
-    betainc, bootstrap_ci, classification_scores, macro_f1_statistic, paired_t_test, rating_scores,
-    rouge_scores, score_outputs, student_t_cdf,
+    betainc,
+    bootstrap_ci,
+    classification_scores,
+    macro_f1_statistic,
+    paired_t_test,
+    rating_scores,
+    rouge_scores,
+    score_outputs,
+    student_t_cdf,
 )
-
 
 # ----------------------------------------------------------------------------- classification
 

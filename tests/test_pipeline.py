@@ -9,7 +9,8 @@ import pytest
 
 from mta import pipeline
 from mta.cli import main
-from mta.stages import METHODS, fusion_weights
+from mta.methods import ALL, DEFAULT
+from mta.stages import fusion_weights
 from tests.conftest import N_USERS
 
 
@@ -20,18 +21,19 @@ def test_every_artifact_and_both_tables(tiny_run):
     assert np.load(run_dir / "stage1" / "user_vectors.npy").shape[0] == 12
     for a in anchors["anchors"]:
         bank = run_dir / "bank" / a["user_id"]
-        assert {"adapter_model.safetensors", "adapter_config.json", "train_log.json"} <= {f.name for f in bank.iterdir()}
+        files = {f.name for f in bank.iterdir()}
+        assert {"adapter_model.safetensors", "adapter_config.json", "train_log.json"} <= files
     matches = json.loads((run_dir / "stage2" / "matches.json").read_text())
     assert len(matches) == N_USERS
     for m in matches.values():
         assert len(m["similarities"]) == len(anchors["anchors"])
     mta = json.loads(next((run_dir / "users").iterdir()).joinpath("mta.json").read_text())
     assert len(mta["anchors"]) == 2 and abs(sum(mta["weights"]) - 1) < 1e-6
-    assert set(result["methods"]) == set(METHODS)
+    assert set(result["methods"]) == set(DEFAULT)
     assert len(result["users"]) == N_USERS
     for name in ("rouge-1", "rouge-L", "rouge-1_stem", "rouge-L_stem"):
         assert name in result["methods"]["mta"]["metrics"]
-    assert set(result["mta_vs"]) == set(METHODS) - {"mta"}
+    assert set(result["mta_vs"]) == set(DEFAULT) - {"mta"}
     for r in result["mta_vs"].values():
         assert r["ci95"][0] <= r["diff"] <= r["ci95"][1] and 0 <= r["outputs_differ"] <= N_USERS
     md = (run_dir / "results.md").read_text()
@@ -46,8 +48,8 @@ def test_rerun_recomputes_only_the_deleted_unit(tiny_run, monkeypatch):
     before = json.loads(victim.read_text())
     victim.unlink()
     calls = []
-    real = pipeline.run_methods
-    monkeypatch.setattr(pipeline, "run_methods", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    real = pipeline.run_unit
+    monkeypatch.setattr(pipeline, "run_unit", lambda *a, **k: calls.append([m.name for m in a[2]]) or real(*a, **k))
     main("test", pipeline.reproduce, argv)
     assert calls == [["mta"]]
     after = json.loads(victim.read_text())
@@ -131,15 +133,63 @@ def test_bank_data_selects_how_bank_examples_are_built(tiny_run, monkeypatch):
     for value in ("adaptation", "authors_code"):
         run = cli.run_from_args(cli.parser("test").parse_args(argv + ["--set", f"bank_data={value}"]))
         user = run.candidates[0]
-        assert run.engine.examples(user.profile, seed=0, bank=True)
-        run.engine.examples(user.profile, seed=0)
+        assert run.engine.examples(user.history, seed=0, bank=True)
+        run.engine.examples(user.history, seed=0)
     assert seen == [False, False, True, False]
 
 
 def test_methods_all_runs_the_controls_beside_every_method(tiny_run):
     from mta import cli
-    from mta.stages import CONTROLS
 
     _, argv, _ = tiny_run
-    assert cli.run_from_args(cli.parser("test").parse_args(argv + ["--methods", "all"])).methods == METHODS + CONTROLS
-    assert cli.run_from_args(cli.parser("test").parse_args(argv)).methods == METHODS
+    assert cli.run_from_args(cli.parser("test").parse_args(argv + ["--methods", "all"])).methods == ALL
+    assert cli.run_from_args(cli.parser("test").parse_args(argv)).methods == DEFAULT
+
+
+def test_mta_is_eq7_on_the_top_k_anchors_of_the_most_active_users(tiny_run, tiny_run_inputs):
+    """Fails if an anchor is not its cluster's most active eligible user (Eq. 3), if MTA fuses other than
+    the top-K anchors with Eq. 6's weights, or if it skips the stacked LoRA or trains it with OPPU's recipe."""
+    from mta.lamp import load_candidates
+    from mta.profiles import resolve_profile
+
+    run_dir, argv, result = tiny_run
+    profile = resolve_profile(argv[argv.index("--profile") + 1])
+    items = {u.user_id: len(u.history) for u in load_candidates(tiny_run_inputs[0], "news_headline")}
+    doc = json.loads((run_dir / "stage1" / "anchors.json").read_text())
+    for a in doc["anchors"]:
+        eligible = [u for u in a["members"] if items[u] >= profile.min_anchor_items] or a["members"]
+        assert a["user_id"] == min(eligible, key=lambda u: (-items[u], u))
+        assert len({items[u] for u in eligible}) > 1 or len(eligible) == 1  # the rule had a choice to make
+    assert any(len({items[u] for u in a["members"] if items[u] >= 11}) > 1 for a in doc["anchors"])
+    matches = json.loads((run_dir / "stage2" / "matches.json").read_text())
+    for uid, m in matches.items():
+        sims = m["similarities"]
+        mta = json.loads((run_dir / "users" / uid / "mta.json").read_text())
+        top = sorted(sims, key=lambda a: -sims[a])[:profile.top_k]
+        assert mta["anchors"] == top
+        assert mta["weights"] == pytest.approx([sims[a] / sum(sims[a] for a in top) for a in top])
+        steps = -(-10 // profile.stack.batch_size) * profile.stack.epochs  # 10 history items each
+        assert mta["train"]["steps"] == steps != -(-10 // profile.oppu.batch_size) * profile.oppu.epochs
+        assert max(mta["train"]["lrs"]) == pytest.approx(profile.stack.lr) != profile.oppu.lr
+        oppu = json.loads((run_dir / "users" / uid / "oppu.json").read_text())
+        assert max(oppu["train"]["lrs"]) == pytest.approx(profile.oppu.lr)
+    assert result["mta_vs"]["merged_only"]["outputs_differ"] > 0  # the stacked LoRA acted
+
+
+def test_several_seeds_give_a_summary_across_them(tiny_run):
+    from mta.pipeline import reproduce_seeds
+
+    run_dir, argv, result = tiny_run
+    summary = main("test", pipeline.reproduce, argv + ["--seed", "0 1", "--methods", "rag1,merged_only,mta"],
+                   across_seeds=reproduce_seeds)
+    folder = run_dir.parent / "tiny-seeds0-1"
+    assert json.loads((folder / "summary.json").read_text()) == json.loads(json.dumps(summary))
+    assert "mean ± sd" in (folder / "summary.md").read_text()
+    seed1 = json.loads((run_dir.parent / "tiny-seed1" / "results.json").read_text())
+    for m in ("rag1", "merged_only", "mta"):
+        values = [result["methods"][m]["metrics"]["rouge-1"], seed1["methods"][m]["metrics"]["rouge-1"]]
+        assert summary["methods"][m]["rouge-1"]["mean"] == pytest.approx(np.mean(values))
+        assert summary["methods"][m]["rouge-1"]["std"] == pytest.approx(np.std(values, ddof=1))
+    assert set(summary["mta_vs_pooled"]) == {"rag1", "merged_only"}
+    with pytest.raises(SystemExit, match="one seed at a time"):
+        main("test", pipeline.reproduce, argv + ["--seed", "0,1"])

@@ -1,6 +1,8 @@
 """Every sweep (Figs. 2-6) end to end on the tiny run, producing its JSON and PNG."""
 
+import functools
 import json
+import shutil
 
 import pytest
 
@@ -9,7 +11,7 @@ from mta.cli import main
 from mta.stages import Engine
 from mta.sweeps import llama3_8b_shapes, lora_parameters, run_sweep
 
-POINTS = {"alpha": (None, 0.0, 1.0), "k": (1, 2), "rank": (2, 4), "bank": (2, 3), "adapt": ((1e-3, 1, 4), (3e-3, 1, 2))}
+POINTS = {"alpha": (None, 0.0, 1.0), "k": (1, 2), "rank": (2, 4), "bank": (2, 3), "adapt": ((3e-2, 1, 2), (1e-3, 1, 4))}
 
 
 @pytest.mark.parametrize("what", [*POINTS, "efficiency"])
@@ -27,7 +29,7 @@ def test_sweep_writes_json_and_png(tiny_run, what, monkeypatch):
         assert all("changed" in row for p in out["points"].values() for m, row in p.items() if m != "merged_only")
         # a finished sweep recomputes nothing
         calls = []
-        monkeypatch.setattr(pipeline, "run_methods", lambda *a, **k: calls.append(a) or None)
+        monkeypatch.setattr(pipeline, "run_unit", lambda *a, **k: calls.append(a) or None)
         main("test", lambda run: run_sweep(run, what, POINTS.get(what)), argv)
         assert calls == []
 
@@ -35,9 +37,42 @@ def test_sweep_writes_json_and_png(tiny_run, what, monkeypatch):
 def test_points_share_the_bank_unless_they_change_it(tiny_run):
     run_dir, argv, _ = tiny_run
     for what in ("k", "bank"):
-        main("test", lambda run: run_sweep(run, what, POINTS[what]), argv)
+        main("test", functools.partial(sweep_of, what=what, points=POINTS[what]), argv)
     assert not (run_dir / "sweeps" / "k" / "1" / "bank").exists()
     assert (run_dir / "sweeps" / "bank" / "2" / "bank").is_dir()
+
+
+def sweep_of(run, what, points):
+    return run_sweep(run, what, points)
+
+
+@pytest.fixture
+def fresh_run(tiny_run, tmp_path):
+    """A private copy of the finished tiny run without any sweep, so no test depends on what another left."""
+    run_dir, argv, result = tiny_run
+    copy = tmp_path / "runs" / run_dir.parent.name / run_dir.name
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("sweeps"))
+    argv = list(argv)
+    argv[argv.index("--runs") + 1] = str(tmp_path / "runs")
+    return copy, argv, result
+
+
+def test_alpha_reaches_the_merge(fresh_run, monkeypatch):
+    """Each fixed-alpha point folds alpha * anchor_1 + (1 - alpha) * anchor_2; alpha = 1 is anchor 1 alone,
+    which is the K = 1 point."""
+    from mta import stages
+
+    run_dir, argv, _ = fresh_run
+    seen, fold = [], stages.fold_adapters
+    monkeypatch.setattr(stages, "fold_adapters", lambda model, adapters, weights, *a: seen.append(
+        (len(adapters), list(weights))) or fold(model, adapters, weights, *a))
+    main("test", lambda run: run_sweep(run, "alpha", (0.0, 0.3, 1.0), methods=("merged_only",)), argv)
+    assert sorted(w for _, w in seen) == sorted([[0.0, 1.0]] * 2 + [[0.3, 0.7]] * 2 + [[1.0, 0.0]] * 2)
+    main("test", lambda run: run_sweep(run, "k", (1,), methods=("merged_only",)), argv)
+    alpha1, k1 = (json.loads((run_dir / "sweeps" / w / p / "results.json").read_text())["per_user"]
+                  for w, p in (("alpha", "1.0"), ("k", "1")))
+    assert {u: r["merged_only"]["output"] for u, r in alpha1.items()} == \
+        {u: r["merged_only"]["output"] for u, r in k1.items()}
 
 
 def anchors(root):
@@ -46,13 +81,19 @@ def anchors(root):
 
 def count_trainings(monkeypatch) -> list:
     trained = []
-    train_lora = Engine.train_lora
-    monkeypatch.setattr(Engine, "train_lora", lambda self, *a: trained.append(a) or train_lora(self, *a))
+    personalize = Engine.personalize
+
+    def counting(self, adapters, weights, recipe, *rest):
+        if adapters == [] and recipe is not None:  # a fresh LoRA on W0: a meta-LoRA of the bank
+            trained.append(recipe)
+        return personalize(self, adapters, weights, recipe, *rest)
+
+    monkeypatch.setattr(Engine, "personalize", counting)
     return trained
 
 
-def test_a_bank_point_trains_only_the_anchors_the_main_run_lacks(tiny_run, monkeypatch):
-    run_dir, argv, _ = tiny_run
+def test_a_bank_point_trains_only_the_anchors_the_main_run_lacks(fresh_run, monkeypatch):
+    run_dir, argv, _ = fresh_run
     trained = count_trainings(monkeypatch)
     main("test", lambda run: run_sweep(run, "bank", POINTS["bank"], methods=("merged_only",)), argv)
     points = [run_dir / "sweeps" / "bank" / "2"]  # V = 3 is the tiny profile's own
@@ -64,8 +105,8 @@ def test_a_bank_point_trains_only_the_anchors_the_main_run_lacks(tiny_run, monke
                 (run_dir / "bank" / a / "adapter_model.safetensors").read_bytes()
 
 
-def test_a_bank_point_reuses_the_meta_loras_of_other_points(tiny_run, monkeypatch):
-    run_dir, argv, _ = tiny_run
+def test_a_bank_point_reuses_the_meta_loras_of_other_points(fresh_run, monkeypatch):
+    run_dir, argv, _ = fresh_run
     main("test", lambda run: run_sweep(run, "bank", (4,), methods=("merged_only",)), argv)
     trained = count_trainings(monkeypatch)
     main("test", lambda run: run_sweep(run, "bank", (5,), methods=("merged_only",)), argv)

@@ -59,10 +59,12 @@ def test_chatml_and_plain_formats():
     assert tok.chat_format == "chatml" and tok.default_system == "You are terse."
     assert tok.eos_token_ids[0] == tok.token_id("<|im_end|>")
     rendered = tok.decode(tok.chat_prompt("hello"), skip_special_tokens=False)
-    assert rendered == "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
+    assert rendered == (
+        "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert tok.decode(tok.chat_prompt("hello", system=""), skip_special_tokens=False).startswith("<|im_start|>user")
     plain = Tokenizer(tok.tokenizer, "plain", bos_token="<|endoftext|>", eos_tokens=["<|endoftext|>"], add_bos=True)
-    assert plain.chat_prompt("hello") == [plain.bos_token_id] + plain.encode("hello")
+    assert plain.chat_prompt("hello") == [plain.bos_token_id, *plain.encode("hello")]
     ids, start = plain.chat_example("Q: 1+1=", " 2")
     assert plain.decode(ids[start:]) == " 2" and ids[-1] == plain.token_id("<|endoftext|>")
 
@@ -81,6 +83,13 @@ def test_llama3_split_regex_matches_reference_regex():
             __import__("tokenizers").Regex(LLAMA3_SPLIT), behavior="isolated").pre_tokenize_str(text)]
         assert pieces == regex.findall(LLAMA3_SPLIT, text)
         assert tok.decode(tok.encode(text)) == text
+
+
+def test_gguf_metadata_with_mismatched_token_types_fails_naming_the_source():
+    meta = tiny_metadata()
+    meta["tokenizer.ggml.token_type"] = meta["tokenizer.ggml.token_type"][:-1]
+    with pytest.raises(ValueError, match=r"^x\.gguf: \d+ tokenizer\.ggml\.tokens but \d+ token types$"):
+        Tokenizer.from_gguf_metadata(meta, source="x.gguf")
 
 
 def test_pad_left_and_right():
@@ -106,10 +115,10 @@ def test_from_dir_reads_tokenizer_json_and_config(tmp_path):
     assert tok.chat_format == "llama3"
     assert tok.eos_token_ids == [inner.token_to_id("<|eot_id|>"), inner.token_to_id("<|end_of_text|>")]
     assert tok.bos_token_id == inner.token_to_id("<|begin_of_text|>") and not tok.add_bos
-    with pytest.raises(FileNotFoundError, match="nothing/tokenizer.json"):
+    with pytest.raises(FileNotFoundError, match=r"nothing/tokenizer\.json"):
         Tokenizer.from_dir(tmp_path / "nothing")
     (tmp_path / "tokenizer.json").write_text("{broken")
-    with pytest.raises(ValueError, match="tokenizer.json"):
+    with pytest.raises(ValueError, match=r"tokenizer\.json"):
         Tokenizer.from_dir(tmp_path)
 
 
@@ -125,7 +134,7 @@ def test_smollm2_ids_equal_transformers_tokenizer():
     texts = [
         "Call 555-0123 before 2024-12-31, or pay $1,000,000.50!",
         "emoji 😀👍🏽🇫🇷 and café naïve",
-        "中文测试，日本語のテキスト、한국어",
+        "中文测试，日本語のテキスト、한국어",  # noqa: RUF001 - CJK punctuation on purpose: the tokenizer must keep it
         "windows\r\nline\r\n\r\nendings\n\n  indented\ttab",
         "<|im_start|>user\nhi<|im_end|>\n<|endoftext|>",
         "  leading and trailing spaces   ",

@@ -89,7 +89,7 @@ def test_same_seed_same_result_and_loss_decreases():
     for _ in range(2):
         model = lora_model()
         logs.append(train(model, examples(), cfg))
-        states.append({n: l.lora_B.weight.clone() for n, l in lora_layers(model).items()})
+        states.append({n: layer.lora_B.weight.clone() for n, layer in lora_layers(model).items()})
     assert logs[0].losses == logs[1].losses and logs[0].lrs == logs[1].lrs
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
     assert len(logs[0].losses) == 4 * 2 and logs[0].lrs[0] == 0.0
@@ -111,7 +111,7 @@ def test_gradient_accumulation_equals_big_batch():
     la = train(a, examples(8), TrainConfig(batch_size=4, grad_accum=1, **kw))
     lb = train(b, examples(8), TrainConfig(batch_size=2, grad_accum=2, **kw))
     assert la.losses == pytest.approx(lb.losses, rel=1e-5)
-    for (n, x), (_, y) in zip(lora_layers(a).items(), lora_layers(b).items()):
+    for x, y in zip(lora_layers(a).values(), lora_layers(b).values(), strict=True):
         torch.testing.assert_close(x.lora_A.weight, y.lora_A.weight, rtol=1e-4, atol=1e-6)
 
 
@@ -119,7 +119,7 @@ def test_nan_loss_stops_clearly():
     model = lora_model()
     with torch.no_grad():
         next(iter(lora_layers(model).values())).lora_B.weight.fill_(float("nan"))
-    with pytest.raises(FloatingPointError, match="non-finite loss .* step 1/"):
+    with pytest.raises(FloatingPointError, match=r"non-finite loss .* step 1/"):
         train(model, examples(), TrainConfig(progress=False))
 
 
@@ -137,7 +137,11 @@ def test_group_by_length_pads_less_and_stays_deterministic(monkeypatch):
 
     seen = []
     real = train_module.make_batch
-    monkeypatch.setattr(train_module, "make_batch", lambda b, *a: seen.append([sum(map(len, e)) for e in b]) or real(b, *a))
+    def recording_make_batch(batch, *args):
+        seen.append([sum(map(len, e)) for e in batch])
+        return real(batch, *args)
+
+    monkeypatch.setattr(train_module, "make_batch", recording_make_batch)
     cfg = TrainConfig(lr=1e-3, epochs=2, batch_size=3, group_by_length=True, progress=False)
     data = examples(9)
     train(lora_model(), data, cfg)
@@ -147,4 +151,4 @@ def test_group_by_length_pads_less_and_stays_deterministic(monkeypatch):
     a, b = lora_model(), lora_model()
     train(a, data, cfg), train(b, data, cfg)
     assert all(torch.equal(x.lora_B.weight, y.lora_B.weight)
-               for x, y in zip(lora_layers(a).values(), lora_layers(b).values()))
+               for x, y in zip(lora_layers(a).values(), lora_layers(b).values(), strict=True))

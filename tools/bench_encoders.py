@@ -24,16 +24,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mta.encoders import load_encoder, load_state_dict_strict  # noqa: E402
-from mta.encoders.deberta import DebertaV2Config, DebertaV2Model  # noqa: E402
-from mta.kmeans import kmeans  # noqa: E402
+from mta.encoders import checked_weights, load_encoder
+from mta.encoders.deberta import DebertaV2Config, DebertaV2Model
+from mta.kmeans import kmeans
 
 
 def oracle(module: str):
     try:
         return importlib.import_module(module)
     except ImportError as err:
-        raise SystemExit(f"bench_encoders needs the reference `{module}` (pip install -e '.[test]'): {err}")
+        raise SystemExit(f"bench_encoders needs the reference `{module}` (pip install -e '.[test]'): {err}") from err
 
 
 def lamp_texts(n: int, seed: int = 0) -> tuple[list[str], str]:
@@ -43,7 +43,8 @@ def lamp_texts(n: int, seed: int = 0) -> tuple[list[str], str]:
         texts = [item["text"] for user in json.loads(path.read_text()) for item in user["profile"]]
         return texts[:n], f"{path} (LaMP-4 articles)"
     rng = np.random.default_rng(seed)
-    words = "the of market city team study report said government new people year police court after".split()
+    words = ["the", "of", "market", "city", "team", "study", "report", "said", "government", "new", "people",
+             "year", "police", "court", "after"]
     texts = [" ".join(rng.choice(words, size=int(rng.integers(40, 300)))) for _ in range(n)]
     return texts, "synthetic (set LAMP_DIR for real texts)"
 
@@ -110,7 +111,7 @@ def bench_deberta_model(n_texts: int, batch_size: int, repeats: int) -> None:
     )
     ref = transformers.DebertaV2Model(hf_config).eval()
     ours = DebertaV2Model(DebertaV2Config.from_hf_config(hf_config.to_dict())).eval()
-    load_state_dict_strict(ours, dict(ref.state_dict()))
+    ours.load_state_dict(checked_weights(ours, ref.state_dict(), "transformers"))
     texts, source = lamp_texts(n_texts)
     lengths = sorted((len(t.split()) * 4 // 3 + 2 for t in texts), reverse=True)  # ~ spm tokens per word
     lengths = [min(n, 512) for n in lengths]

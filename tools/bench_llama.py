@@ -13,6 +13,7 @@ so load from other processes hits both sides alike.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import resource
 import sys
@@ -23,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mta.checkpoint import load_llm  # noqa: E402
+from mta.checkpoint import load_llm
 
 PROMPTS = [
     "What is the capital of France?",
@@ -124,8 +125,8 @@ def bench(args, dtype: torch.dtype) -> None:
         ref_fn(ids, mask)
         t_ours, t_ref = [], []
         for _ in range(args.repeats):
-            t_ours.append(timed(lambda: ours_fn(ids, mask)))
-            t_ref.append(timed(lambda: ref_fn(ids, mask)))
+            t_ours.append(timed(functools.partial(ours_fn, ids, mask)))
+            t_ref.append(timed(functools.partial(ref_fn, ids, mask)))
         a, b = rates[label] = tokens / min(t_ours), tokens / min(t_ref)
         print(f"{label:16s} {a:11.1f} {b:13.1f} {a / b:6.2f}x", flush=True)
     roof = 1 / weight_streaming_floor(ours, args.repeats)

@@ -13,6 +13,7 @@ transformers / peft are imported lazily as the reference; run: python tools/benc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import functools
 import importlib
@@ -24,9 +25,11 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mta.llama import LlamaConfig, LlamaForCausalLM  # noqa: E402
-from mta.lora import Adapter, BaseWeights, LoRAConfig, find_targets, fold_adapters, inject_lora  # noqa: E402
-from mta.train import TrainConfig, train  # noqa: E402
+from mta.adapter import Adapter
+from mta.fusion import BaseWeights, fold_adapters
+from mta.llama import LlamaConfig, LlamaForCausalLM
+from mta.lora import LoRAConfig, find_targets, inject_lora
+from mta.train import TrainConfig, train
 
 SMOLLM2_135M = dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
                     num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5,
@@ -96,10 +99,8 @@ def bench_train(steps: int, repeats: int) -> None:
 
 # ----------------------------------------------------------------------------------------------- merging
 def _libc_trim() -> None:
-    try:
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
 
 
 def _status_kb(field: str) -> int:
@@ -112,10 +113,8 @@ def _status_kb(field: str) -> int:
 def measure(fn) -> tuple[float, float]:
     """(seconds, extra peak resident memory in MiB) of fn(); the peak is Linux VmHWM after a reset."""
     _libc_trim()
-    try:
+    with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")  # resets the peak-RSS counter
-    except OSError:
-        pass
     rss0 = _status_kb("VmRSS")
     t0 = time.perf_counter()
     fn()
@@ -175,23 +174,23 @@ def bench_merge_one(label: str, make_model, repeats: int) -> None:
     model = make_model()
     adapters = random_adapters(model, 2)
     linears = {m: model.get_submodule(m) for m in adapters[0].A}
-    largest = max(l.weight.numel() * l.weight.element_size() for l in linears.values()) / 2 ** 20
-    w0 = {m: l.weight.detach().clone() for m, l in linears.items()}
+    largest = max(lin.weight.numel() * lin.weight.element_size() for lin in linears.values()) / 2 ** 20
+    w0 = {m: lin.weight.detach().clone() for m, lin in linears.items()}
     others = {m: torch.randn_like(w) for m, w in w0.items()}
 
     @torch.no_grad()
     def floor(others: dict) -> None:
-        for m, l in linears.items():
-            l.weight.add_(others[m])
+        for m, lin in linears.items():
+            lin.weight.add_(others[m])
 
     snapshot = BaseWeights(model, "all")
     noise = max(measure(lambda: None)[1] for _ in range(3))
-    fold_adapters(model, adapters, weights)  # warm-up: first-call BLAS buffers are not part of a merge
+    fold_adapters(model, adapters, weights, "delta")  # warm-up: first-call BLAS buffers are not part of a merge
     t_floor = min(measure(functools.partial(floor, others))[0] for _ in range(repeats))
-    runs_ip = [measure(functools.partial(fold_adapters, model, adapters, weights)) for _ in range(repeats)]
-    runs_b = [measure(functools.partial(fold_adapters, model, adapters, weights, base=snapshot))
+    runs_ip = [measure(functools.partial(fold_adapters, model, adapters, weights, "delta")) for _ in range(repeats)]
+    runs_b = [measure(functools.partial(fold_adapters, model, adapters, weights, "delta", base=snapshot))
               for _ in range(repeats)]
-    ours_result = {m: l.weight.detach().clone() for m, l in linears.items()}  # last run: W0 + ΔW from the snapshot
+    ours_result = {m: lin.weight.detach().clone() for m, lin in linears.items()}  # last run: W0 + ΔW from the snapshot
     del snapshot, others
 
     runs_peft = []

@@ -14,7 +14,8 @@ def add_args(ap):
 
 
 def sweep(run, args):
-    values = tuple(map(SWEEPS[args.what].parse, args.points.split(","))) if args.points and args.what in SWEEPS else None
+    parse = SWEEPS[args.what].parse if args.what in SWEEPS else None
+    values = tuple(map(parse, args.points.split(","))) if args.points and parse else None
     methods = run.methods if args.methods else None
     return run_sweep(run, args.what, values, methods)
 

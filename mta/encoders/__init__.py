@@ -17,7 +17,7 @@ embeddings; `history_document_embeddings` embeds the whole history joined into o
 from __future__ import annotations
 
 import importlib.util
-import json
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,16 +31,28 @@ from tqdm import tqdm
 
 from mta.encoders.bert import BertConfig, BertModel, BertTokenizer
 from mta.encoders.deberta import DebertaV2Config, DebertaV2Model, DebertaV2Tokenizer
+from mta.rundir import read_json
+from mta.state_dict import check_state_dict
 
 DEFAULT_ENCODER = "minilm-l6"
 MAX_LENGTH = 512
 HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "spm.model", "*.txt"]
+POOLINGS = ("cls", "mean")
+
+
+def _check_pooling(pooling: str) -> str:
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {', '.join(map(repr, POOLINGS))}, got {pooling!r}")
+    return pooling
 
 
 @dataclass(frozen=True)
 class EncoderSpec:
     source: str  # "package:<module>" (weights shipped in a Python package) or a Hub repo id
-    pooling: str
+    pooling: str  # one of POOLINGS
+
+    def __post_init__(self) -> None:
+        _check_pooling(self.pooling)
 
 
 REGISTRY: dict[str, EncoderSpec] = {
@@ -57,8 +69,7 @@ class Encoder:
     """A transformer encoder, its tokenizer and a pooling mode; `encode` batches, pools and L2-normalises."""
 
     def __init__(self, model: nn.Module, tokenizer, pooling: str, name: str = "", device: str = "cpu"):
-        if pooling not in ("cls", "mean"):
-            raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
+        _check_pooling(pooling)
         self.model, self.tokenizer, self.pooling, self.name = model.eval(), tokenizer, pooling, name
         self.device = torch.device(device)
 
@@ -126,7 +137,7 @@ def user_item_embeddings(
         raise ValueError("users is empty: nothing to embed")
     flat = encoder.encode([t for items in users for t in items], batch_size=batch_size, progress=progress)
     bounds = np.cumsum([0] + [len(items) for items in users])
-    return np.stack([flat[a:b].mean(axis=0) for a, b in zip(bounds[:-1], bounds[1:])]).astype(np.float32)
+    return np.stack([flat[a:b].mean(axis=0) for a, b in itertools.pairwise(bounds)]).astype(np.float32)
 
 
 def user_item_embedding(encoder: Encoder, items: Sequence[str], batch_size: int = 32) -> np.ndarray:
@@ -160,7 +171,7 @@ def load_encoder(
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found: {name!r} is not an encoder checkpoint directory")
-    hf_config = json.loads(config_path.read_text())
+    hf_config = read_json(config_path)
     model_type = hf_config.get("model_type")
     state_dict = _read_weights(directory)
     ignore: tuple[str, ...] = ()
@@ -173,7 +184,7 @@ def load_encoder(
         config = DebertaV2Config.from_hf_config(hf_config)
         model = DebertaV2Model(config)
         tok_config_path = directory / "tokenizer_config.json"
-        tok_config = json.loads(tok_config_path.read_text()) if tok_config_path.is_file() else {}
+        tok_config = read_json(tok_config_path) if tok_config_path.is_file() else {}
         tokenizer = DebertaV2Tokenizer(
             _require(directory / "spm.model"),
             max_length=max_length,
@@ -184,35 +195,23 @@ def load_encoder(
             ignore = ("embeddings.position_embeddings.",)
     else:
         raise ValueError(f"{config_path}: model_type {model_type!r} is not supported (expected 'bert' or 'deberta-v2')")
-    load_state_dict_strict(model, state_dict, source=str(directory), ignore=ignore)
+    model.load_state_dict(checked_weights(model, state_dict, directory, ignore), strict=True)
     pooling = _pooling(directory) or (spec.pooling if spec else "mean")
     return Encoder(model.to(device=device, dtype=dtype), tokenizer, pooling, name=name, device=device)
 
 
-def load_state_dict_strict(
-    model: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "checkpoint", ignore: tuple[str, ...] = ()
-) -> None:
-    """Copy `state_dict` into `model` by identical names; fail naming missing, unused or mis-shaped keys.
+def checked_weights(
+    model: nn.Module, state_dict: dict[str, torch.Tensor], source: str | Path, ignore: tuple[str, ...] = ()
+) -> dict[str, torch.Tensor]:
+    """`state_dict` checked strictly against `model` (`mta.state_dict.check_state_dict`), ready to load.
 
-    A task model's `bert.`/`deberta.` prefix is dropped; its heads (IGNORED_PREFIXES) and keys
-    starting with `ignore` are skipped.
+    A task model's `bert.`/`deberta.` prefix is dropped; its heads (IGNORED_PREFIXES) and keys starting
+    with `ignore` are skipped; any other difference fails naming `source` and the keys.
     """
-    skipped = IGNORED_PREFIXES + tuple(ignore)
     for prefix in ("bert.", "deberta."):
         if any(k.startswith(prefix) for k in state_dict):
             state_dict = {k.removeprefix(prefix): v for k, v in state_dict.items()}
-    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(skipped)}
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unused = sorted(set(state_dict) - set(expected))
-    shapes = [f"{k}: {tuple(state_dict[k].shape)} != {tuple(v.shape)}"
-              for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
-    if missing or unused or shapes:
-        raise ValueError(
-            f"{source}: weights do not match the model: missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-            f"unused {unused[:8]}{'...' if len(unused) > 8 else ''}, wrong shapes {shapes[:8]}"
-        )
-    model.load_state_dict(state_dict, strict=True)
+    return check_state_dict(model, state_dict, source, ignore=IGNORED_PREFIXES + tuple(ignore))
 
 
 def _resolve_directory(name: str, spec: EncoderSpec | None) -> Path:
@@ -235,7 +234,7 @@ def _resolve_directory(name: str, spec: EncoderSpec | None) -> Path:
     try:
         directory = Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
         if not any(directory.glob("*.safetensors")):
-            directory = Path(snapshot_download(repo_id, allow_patterns=HUB_FILES + ["pytorch_model.bin"]))
+            directory = Path(snapshot_download(repo_id, allow_patterns=[*HUB_FILES, "pytorch_model.bin"]))
         return directory
     except Exception as err:  # offline, unknown repo, gated repo, ...
         raise RuntimeError(
@@ -264,7 +263,7 @@ def _max_length(directory: Path, hf_config: dict) -> int:
     limit = min(MAX_LENGTH, int(hf_config.get("max_position_embeddings", MAX_LENGTH)))
     st_config = directory / "sentence_bert_config.json"
     if st_config.is_file():
-        limit = min(limit, int(json.loads(st_config.read_text()).get("max_seq_length", limit)))
+        limit = min(limit, int(read_json(st_config).get("max_seq_length", limit)))
     return limit
 
 
@@ -272,7 +271,7 @@ def _pooling(directory: Path) -> str | None:
     path = directory / "1_Pooling" / "config.json"
     if not path.is_file():
         return None
-    config = json.loads(path.read_text())
+    config = read_json(path)
     if config.get("pooling_mode_cls_token"):
         return "cls"
     if config.get("pooling_mode_mean_tokens"):

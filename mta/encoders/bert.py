@@ -1,12 +1,11 @@
 """BERT encoder (post-LN, absolute positions, erf-GELU) with Hugging Face parameter names.
 
 Covers bge-small-en-v1.5 and all-MiniLM-L6-v2: a checkpoint's `model.safetensors` loads into
-`BertModel` as an identity map of names (see `mta.encoders.load_state_dict_strict`).
+`BertModel` as an identity map of names (see `mta.encoders.checked_weights`).
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 from torch import nn
+
+from mta.rundir import read_json
 
 
 @dataclass
@@ -41,9 +42,9 @@ class BertConfig:
         self.head_dim = self.hidden_size // self.num_attention_heads
 
     @classmethod
-    def from_hf_config(cls, config: dict | str | Path) -> "BertConfig":
+    def from_hf_config(cls, config: dict | str | Path) -> BertConfig:
         if not isinstance(config, dict):
-            config = json.loads(Path(config).read_text())
+            config = read_json(config)
         if config.get("position_embedding_type", "absolute") != "absolute":
             raise ValueError(f"position_embedding_type {config['position_embedding_type']!r} is not supported")
         fields = set(cls.__dataclass_fields__) - {"head_dim"}

@@ -8,7 +8,6 @@ projected by the key/query projections (`share_att_key`, v3) or by their own `po
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,8 @@ import torch.nn.functional as F
 from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers, processors
 from tokenizers.models import Unigram
 from torch import nn
+
+from mta.rundir import read_json
 
 
 @dataclass
@@ -69,9 +70,9 @@ class DebertaV2Config:
         self.scale_factor = 1 + len(self.pos_att_type)
 
     @classmethod
-    def from_hf_config(cls, config: dict | str | Path) -> "DebertaV2Config":
+    def from_hf_config(cls, config: dict | str | Path) -> DebertaV2Config:
         if not isinstance(config, dict):
-            config = json.loads(Path(config).read_text())
+            config = read_json(config)
         fields = set(cls.__dataclass_fields__) - {"head_dim", "att_span", "scale_factor"}
         return cls(**{k: v for k, v in config.items() if k in fields and v is not None})
 
@@ -102,7 +103,7 @@ class PosIndex(NamedTuple):
     p2c: torch.Tensor  # (T, T)
 
     @classmethod
-    def build(cls, T: int, config: DebertaV2Config, device: torch.device) -> tuple["PosIndex", slice]:
+    def build(cls, T: int, config: DebertaV2Config, device: torch.device) -> tuple[PosIndex, slice]:
         """Indices into the slice of the table (2 * att_span rows) that length-T inputs reach, and that slice."""
         span = config.att_span
         rel = relative_positions(T, config, device)
@@ -120,7 +121,7 @@ class DebertaV2Embeddings(nn.Module):
             nn.Embedding(config.max_position_embeddings, E) if config.position_biased_input else None
         )
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, E) if config.type_vocab_size > 0 else None
-        self.embed_proj = nn.Linear(E, config.hidden_size, bias=False) if E != config.hidden_size else None
+        self.embed_proj = nn.Linear(E, config.hidden_size, bias=False) if config.hidden_size != E else None
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -172,7 +173,8 @@ class DisentangledSelfAttention(nn.Module):
         B, H, T, _ = q.shape
         score = torch.zeros((), dtype=q.dtype, device=q.device)
         if "c2p" in self.config.pos_att_type:
-            pos_k = self.heads(self.key_proj(rel_emb) if share else self.pos_key_proj(rel_emb))  # (n_heads, R, head_dim)
+            # (n_heads, R, head_dim)
+            pos_k = self.heads(self.key_proj(rel_emb) if share else self.pos_key_proj(rel_emb))
             c2p = q @ pos_k.transpose(-1, -2)  # (B, n_heads, T, R)
             score = score + torch.gather(c2p, -1, pos_idx.c2p.expand(B, H, T, T))
         if "p2c" in self.config.pos_att_type:
