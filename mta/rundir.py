@@ -115,7 +115,7 @@ def id_folder(uid: str) -> str:
     return f"{head}~{digest[:16]}"
 
 
-_READABLE_RUN = re.compile(r"[a-z0-9][a-z0-9_.+=,-]{0,99}")
+_READABLE_RUN = re.compile(r"[a-z0-9][a-z0-9_.+=,-]{0,199}")
 
 
 def run_folder(profile: str, seed: int) -> str:
