@@ -434,7 +434,7 @@ def citation_options(item: dict, others: Sequence[dict], retrieve: Retriever, rn
     return {"option1": target, "option2": neg}, "[1]"
 
 
-def training_pairs(spec: TaskSpec | str, profile: Sequence[dict], retrieve: Retriever = bm25_top_k,
+def training_pairs(spec: TaskSpec | str, history: Sequence[dict], retrieve: Retriever = bm25_top_k,
                    k: int = 1, seed: int = 0, bank: bool = False, style: str = "authors_code"
                    ) -> list[tuple[str, str]]:
     """(prompt, target) per profile item: the item's instruction, with history taken
@@ -448,14 +448,14 @@ def training_pairs(spec: TaskSpec | str, profile: Sequence[dict], retrieve: Retr
     negative are skipped, so LaMP-1 may return fewer pairs than items.
     """
     spec = get_task(spec)
-    if len(profile) < 2:
-        raise LampDataError(f"{spec.name}: leave-one-out training needs at least 2 profile items, got {len(profile)}")
+    if len(history) < 2:
+        raise LampDataError(f"{spec.name}: leave-one-out training needs at least 2 profile items, got {len(history)}")
     if bank:
-        profile = [first_words(item) for item in profile]
+        history = [first_words(item) for item in history]
     rng = random.Random(seed)
     pairs = []
-    for i, item in enumerate(profile):
-        others = [p for j, p in enumerate(profile) if j != i]
+    for i, item in enumerate(history):
+        others = [p for j, p in enumerate(history) if j != i]
         fields = {spec.input_field: str(item[spec.input_field])}
         target = str(item[spec.label_field])
         if spec.name == "citation":
@@ -465,12 +465,12 @@ def training_pairs(spec: TaskSpec | str, profile: Sequence[dict], retrieve: Retr
             fields.update(choice[0])
             target = choice[1]
         if bank:
-            history, gap = bank_history(spec, fields, others, k, retrieve), LONG_GAP
+            shown, gap = bank_history(spec, fields, others, k, retrieve), LONG_GAP
         elif spec.name == "citation":
-            history, gap = [spec.render_history(p) for p in others[:k]], spec.train_gap
+            shown, gap = [spec.render_history(p) for p in others[:k]], spec.train_gap
         else:
-            history, gap = retrieve_history(spec, fields[spec.input_field], others, k, retrieve), spec.train_gap
-        pairs.append((render_prompt(spec, history, fields, spec.render_instruction(fields), gap, style), target))
+            shown, gap = retrieve_history(spec, fields[spec.input_field], others, k, retrieve), spec.train_gap
+        pairs.append((render_prompt(spec, shown, fields, spec.render_instruction(fields), gap, style), target))
     return pairs
 
 
@@ -480,14 +480,14 @@ def _query_fields(spec: TaskSpec, query: Query | str) -> dict:
     return {"question": question.rstrip(), **spec.query_fields(question)}
 
 
-def query_prompt(spec: TaskSpec | str, profile: Sequence[dict], query: Query | str,
+def query_prompt(spec: TaskSpec | str, history: Sequence[dict], query: Query | str,
                  retrieve: Retriever = bm25_top_k, k: int = 1, style: str = "authors_code") -> str:
     """Prompt for a test query (data/<task>/create_eval_data.py): its instruction with the top-k
-    BM25 items of the profile. k=1 is the format of every trained method; k=1,3,5 are the RAG baseline."""
+    BM25 items of the user's history. k=1 is the format of every trained method; k=1,3,5 are the RAG baseline."""
     spec = get_task(spec)
     fields = _query_fields(spec, query)
-    history = retrieve_history(spec, spec.query_retrieval.format(**fields), profile, k, retrieve)
-    return render_prompt(spec, history, fields, spec.render_query_instruction(fields), spec.query_gap, style)
+    items = retrieve_history(spec, spec.query_retrieval.format(**fields), history, k, retrieve)
+    return render_prompt(spec, items, fields, spec.render_query_instruction(fields), spec.query_gap, style)
 
 
 def instruction_only(spec: TaskSpec | str, query: Query | str, style: str = "authors_code") -> str:

@@ -12,13 +12,13 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from kernels.merge import MODES as MERGE_MODES
 from mta.lamp import PROMPT_STYLES, TASKS
 from mta.lora import LoRAConfig
+from mta.rundir import read_json
 from mta.train import TrainConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -288,12 +288,5 @@ def resolve_profile(name: str = "auto") -> Profile:
     if name in PROFILES:
         return PROFILES[name]
     if name.endswith(".json"):
-        path = Path(name)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: profile file not found") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-        return profile_from_dict(data, str(path))
+        return profile_from_dict(read_json(name), name)
     raise ValueError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}, 'auto' or a .json file")

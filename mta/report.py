@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,6 +11,7 @@ import numpy as np
 from mta.lamp import TaskSpec, get_task
 from mta.methods import label, table
 from mta.metrics import TaskScores, bootstrap_ci, paired_t_test, score_outputs
+from mta.rundir import read_json
 
 TABLE1, TABLE2, CONTROLS = table("table1"), table("table2"), table("controls")
 # Table 1 baselines of the paper that this code does not run yet: the paper's value gets a row of its own.
@@ -87,7 +87,7 @@ def compare_with_mta(scores: dict[str, TaskScores], rows: dict[str, dict[str, di
 
 
 def paper_results() -> dict:
-    return json.loads(PAPER_RESULTS.read_text())
+    return read_json(PAPER_RESULTS)
 
 
 def paper_numbers(task: str) -> dict:

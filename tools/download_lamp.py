@@ -27,15 +27,7 @@ import os
 from pathlib import Path
 
 from mta.lamp import default_lamp_dir, get_task
-from mta.lamp_release import (  # noqa: F401  official_url, raw_path: re-exported
-    CITATION_SOURCES,
-    DEFAULT_SPLITS,
-    FetchError,
-    convert,
-    fetch,
-    official_url,
-    raw_path,
-)
+from mta.lamp_release import CITATION_SOURCES, DEFAULT_SPLITS, FetchError, convert, fetch
 
 CONVERTIBLE = ["movie_tagging", "product_rating", "news_headline", "scholarly_title"]
 NO_CITATION = (
