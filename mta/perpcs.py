@@ -120,9 +120,10 @@ def assemble_for_user(model: nn.Module, sharers: Sequence[Adapter], gates: Seque
     for name in sharers[0].A:
         parent, _, child = name.rpartition(".")
         base = model.get_submodule(name)
-        modules[name] = PieceAssembly(base, torch.stack([s.A[name].float() for s in sharers]),
-                                      torch.stack([s.B[name].float() for s in sharers]),
-                                      torch.stack([g[name].float() for g in gates]), config.scaling, k, tau)
+        kw = dict(dtype=torch.float32, device=base.weight.device)
+        modules[name] = PieceAssembly(base, torch.stack([s.A[name].to(**kw) for s in sharers]),
+                                      torch.stack([s.B[name].to(**kw) for s in sharers]),
+                                      torch.stack([g[name].to(**kw) for g in gates]), config.scaling, k, tau)
         setattr(model.get_submodule(parent), child, modules[name])
     was_training = model.training
     model.eval()

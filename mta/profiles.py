@@ -237,6 +237,9 @@ class Profile:
 
         return (f"V = {self.n_anchors}, K = {self.top_k}, fusion {self.fusion}, merge in {self.merge_space} space; "
                 f"{recipe('bank', self.bank)}, {caps}; {recipe('stacked', self.stack)}; {recipe('OPPU', self.oppu)}; "
+                f"Per-Pcs top {self.perpcs_top_k} sharers (τ = {self.perpcs_tau:g}), "
+                f"PROPER {self.proper_experts} experts, "
+                f"their population LoRAs on {self.population_items or 'every'} population items; "
                 f"prompts capped at {self.max_prompt_tokens} tokens, greedy decoding of at most "
                 f"{self.max_new_tokens} tokens")
 
@@ -313,7 +316,7 @@ CPU = PAPER.replace(
     # any score was seen: both together at most 40 % of the cold 50-user run. Parts with at least 40 optimizer
     # steps keep the release's lr; parts with fewer take the CPU adaptation recipe's 1e-3. No dropout, as in
     # every CPU recipe.
-    population_items=128,
+    population_items=96,
     perpcs_task=LoRASpec(rank=8, alpha=8.0, targets=ATTENTION, lr=1e-4, epochs=1, batch_size=1, weight_decay=0.01,
                          warmup_ratio=0.0, max_grad_norm=0.3),
     perpcs_sharer=LoRASpec(rank=8, alpha=8.0, targets=ATTENTION, lr=1e-3, epochs=1, batch_size=2, weight_decay=0.01,

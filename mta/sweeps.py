@@ -28,9 +28,11 @@ from mta.rundir import RunDir, atomic_path, read_json, write_json
 # them reuses the main run's meta-LoRA of every anchor both runs have.
 ADAPTER_FIELDS = ("llm", "dtype", "bank", "bank_data", "max_items_per_anchor", "max_prompt_tokens", "chat_template",
                   "prompt_style")
-# Profile fields that stage 1, the bank and stage 2 depend on: a point that keeps them shares all three.
+# Profile fields that stage 1, the bank, stage 2 and the baselines' stage 1c depend on: a point that keeps them
+# shares all of these artifacts.
 ARTIFACT_FIELDS = (*ADAPTER_FIELDS, "stage1_encoder", "stage2_encoder", "n_anchors", "min_anchor_items",
-                   "empty_cluster")
+                   "empty_cluster", "population_items", "perpcs_task", "perpcs_sharer", "perpcs_gate",
+                   "perpcs_sharer_items", "proper_population", "proper_group", "proper_experts", "proper_group_items")
 
 
 @dataclass(frozen=True)
