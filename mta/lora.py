@@ -45,6 +45,8 @@ class LoRAConfig:
 class LoRALinear(nn.Module):
     """A frozen nn.Linear plus a trainable low-rank update B @ A."""
 
+    is_wrapper = True  # a module around a base linear (`self.base`) that `unload_lora` removes
+
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
         super().__init__()
         self.base = base.requires_grad_(False)
@@ -109,7 +111,9 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def _unwrap(model: nn.Module, merge: bool) -> nn.Module:
-    for name, layer in lora_layers(model).items():
+    wrapped = {n: m for n, m in model.named_modules() if getattr(m, "is_wrapper", False)}
+    layers = lora_layers(model) if merge else wrapped
+    for name, layer in layers.items():
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, layer.merge() if merge else layer.base)
     return model
@@ -121,7 +125,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 
 def unload_lora(model: nn.Module) -> nn.Module:
-    """Drop every LoRALinear, leaving the base weights untouched."""
+    """Drop every LoRALinear (and every other wrapper of a base linear: Per-Pcs's gates, PROPER's mixture),
+    leaving the base weights untouched."""
     return _unwrap(model, merge=False)
 
 

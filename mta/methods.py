@@ -13,6 +13,9 @@ from dataclasses import dataclass
 TABLES = ("table1", "table2", "controls")
 ANCHORS = ("none", "top", "random", "least")  # which meta-LoRAs the fused LoRA merges (Eq. 5)
 RECIPES = ("none", "oppu", "stack")  # which profile recipe trains a fresh LoRA on top (Eq. 7)
+# How the method sets up its weights: fuse the anchors, then train the recipe (`mta.stages.prepare_weights`), or a
+# procedure of its own (`mta.stages.PROCEDURES`: Per-Pcs's assembly, PROPER's group and user stages).
+PROCEDURES = ("fuse_then_train", "perpcs", "proper")
 
 
 @dataclass(frozen=True)
@@ -24,18 +27,22 @@ class Method:
     anchors: str = "none"  # top: the K most similar (Eq. 4, 6); random / least: controls with equal weights
     recipe: str = "none"  # the LoRASpec field of the profile it trains on the user's history, if any
     changed_versus: str | None = None  # the method with the same prompt on the weights it starts from
+    procedure: str = "fuse_then_train"
 
     def __post_init__(self):
-        for field, value, allowed in (("anchors", self.anchors, ANCHORS), ("recipe", self.recipe, RECIPES)):
+        for field, value, allowed in (("anchors", self.anchors, ANCHORS), ("recipe", self.recipe, RECIPES),
+                                      ("procedure", self.procedure, PROCEDURES)):
             if value not in allowed:
                 raise ValueError(f"method {self.name}: {field} must be one of {allowed}, got {value!r}")
+        if self.procedure != "fuse_then_train" and (self.anchors, self.recipe) != ("none", "none"):
+            raise ValueError(f"method {self.name}: procedure {self.procedure!r} takes no anchors and no recipe")
         if not set(self.tables) <= set(TABLES):
             raise ValueError(f"method {self.name}: tables must be among {TABLES}, got {self.tables}")
 
     @property
     def on_base_weights(self) -> bool:
         """Generates with W0 as it is: such methods share one batched generation."""
-        return self.anchors == "none" and self.recipe == "none"
+        return self.anchors == "none" and self.recipe == "none" and self.procedure == "fuse_then_train"
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -45,6 +52,11 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("rag3",          "RAG (BM25, k=3)",                    ("table1",),           3),
     Method("rag5",          "RAG (BM25, k=5)",                    ("table1",),           5),
     Method("oppu",          "OPPU",                               ("table1",),           1, "none",   "oppu",  "rag1"),
+    # Per-Pcs and PROPER start from W0 plus their population LoRA; "changed" compares with rag1 on W0.
+    Method("perpcs",        "Per-Pcs",                            ("table1",),           1, "none",   "none",  "rag1",
+           procedure="perpcs"),
+    Method("proper",        "PROPER",                             ("table1",),           1, "none",   "none",  "rag1",
+           procedure="proper"),
     Method("adapt_only",    "Adapt-only",                         ("table2",),           1, "none",   "stack", "rag1"),
     Method("merged_only",   "Merged-only",                        ("table2",),           1, "top"),
     Method("mta",           "MTA",                                ("table1", "table2"),  1, "top",    "stack", "merged_only"),

@@ -11,6 +11,7 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from mta import report, seeds
@@ -22,7 +23,17 @@ from mta.lamp import LampDataError, TaskSpec, User, get_task, load_candidates, l
 from mta.methods import DEFAULT, get, units
 from mta.profiles import Profile, profile_from_dict
 from mta.rundir import RunDir, atomic_path, read_json, write_json, write_npy
-from mta.stages import Engine, derive_seed, match_anchors, run_unit, select_anchors, summarize
+from mta.stages import (
+    Baselines,
+    Engine,
+    derive_seed,
+    match_anchors,
+    run_unit,
+    select_anchors,
+    summarize,
+    train_perpcs_gates,
+    train_proper_group,
+)
 
 
 def log(msg: str) -> None:
@@ -160,6 +171,95 @@ def stage2_match_anchors(run: Run) -> dict:
     return matches
 
 
+def stage1c_baselines(run: Run) -> None:
+    """The population-level parts of Per-Pcs and PROPER, each unit an artifact of its own (so a killed run
+    loses at most the unit in flight): only for the methods the run includes."""
+    if "perpcs" in run.methods:
+        stage1c_perpcs(run)
+    if "proper" in run.methods:
+        stage1c_proper(run)
+
+
+def _population_lora(run: Run, path: Path, spec, what: str) -> None:
+    """A LoRA on the population (the bank candidates' history items), saved as a PEFT adapter."""
+    if path.exists():
+        return
+    p, engine = run.profile, run.engine
+    seed = derive_seed(run.seed, what)
+    engine.reset()
+    examples = engine.population_examples(run.candidates, seed, p.population_items)
+    log(f"stage 1c: {what} on {len(examples)} population examples (rank {spec.rank})")
+    train_log, _ = engine.personalize([], [], spec, examples, seed)
+    adapter = engine.trained_adapter()
+    engine.reset()
+    save_adapter(adapter, path, extra={"train_log.json": json.dumps({"examples": len(examples),
+                                                                     **summarize(train_log)}, indent=2)})
+
+
+def stage1c_perpcs(run: Run) -> None:
+    """Per-Pcs: the task LoRA, then per sharer (the stage-1 anchors) its LoRA and its gates."""
+    d, p = run.dir, run.profile
+    anchors = [a["user_id"] for a in stage1_select(run)["anchors"]]
+    todo = [a for a in anchors if not (d.perpcs_sharer(a).exists() and d.perpcs_gates(a).exists())]
+    if d.perpcs_task.exists() and not todo:
+        return
+    _population_lora(run, d.perpcs_task, p.perpcs_task, "Per-Pcs task LoRA")
+    task = load_adapter(d.perpcs_task)
+    by_id = {u.user_id: u for u in run.candidates}
+    engine = run.engine
+    log(f"stage 1c: Per-Pcs sharer LoRAs and gates for {len(todo)} of {len(anchors)} sharers")
+    for a in tqdm(todo, desc="sharers", disable=not run.progress):
+        seed = derive_seed(run.seed, "perpcs", a)
+        examples = engine.examples(by_id[a].history, seed, limit=p.perpcs_sharer_items)
+        if not d.perpcs_sharer(a).exists():
+            engine.reset()
+            train_log, _ = engine.personalize([task], [1.0], p.perpcs_sharer, examples, seed)
+            adapter = engine.trained_adapter()
+            engine.reset()
+            save_adapter(adapter, d.perpcs_sharer(a), extra={"train_log.json": json.dumps(
+                {"examples": len(examples), **summarize(train_log)}, indent=2)})
+        gates, gate_log = train_perpcs_gates(engine, task, load_adapter(d.perpcs_sharer(a)), examples, seed)
+        with atomic_path(d.perpcs_gates(a)) as tmp:
+            save_file({m: g.contiguous().cpu() for m, g in gates.items()}, tmp, metadata={
+                "format": "pt", "train_log": json.dumps({"examples": len(examples), **summarize(gate_log)})})
+
+
+def stage1c_proper(run: Run) -> None:
+    """PROPER: the population LoRA, then the group stage on every target user of the data file (their
+    history items, never their queries), so the artifact does not depend on --users."""
+    d, p = run.dir, run.profile
+    _population_lora(run, d.proper_population, p.proper_population, "PROPER population LoRA")
+    if d.proper_group.exists():
+        return
+    users = load_test_users(run.lamp_dir, run.task_spec.name, errors={})
+    log(f"stage 1c: PROPER group stage, {p.proper_experts} experts on every FFN linear, {len(users)} target users")
+    state, train_log = train_proper_group(run.engine, load_adapter(d.proper_population), users,
+                                          derive_seed(run.seed, "proper", "group"))
+    with atomic_path(d.proper_group, is_dir=True) as tmp:
+        save_file({k: v.contiguous().cpu() for k, v in state.items()}, tmp / "mixture.safetensors",
+                  metadata={"format": "pt"})
+        write_json(tmp / "users.json", [u.user_id for u in users])
+        write_json(tmp / "train_log.json", summarize(train_log))
+
+
+def load_baselines(run: Run) -> Baselines:
+    """Whatever of Per-Pcs's and PROPER's population-level artifacts exists (a unit that needs a missing one
+    fails with an InputError naming it)."""
+    d, b = run.dir, Baselines()
+    if "perpcs" in run.methods and d.perpcs_task.exists():
+        b.perpcs_task = load_adapter(d.perpcs_task)
+        for a in stage1_select(run)["anchors"]:
+            a = a["user_id"]
+            if d.perpcs_sharer(a).exists() and d.perpcs_gates(a).exists():
+                b.perpcs_sharers[a] = load_adapter(d.perpcs_sharer(a))
+                b.perpcs_gates[a] = load_file(d.perpcs_gates(a))
+    if "proper" in run.methods and d.proper_population.exists() and d.proper_group.exists():
+        b.proper_population = load_adapter(d.proper_population)
+        b.proper_group = load_file(d.proper_group / "mixture.safetensors")
+        b.proper_users = read_json(d.proper_group / "users.json")
+    return b
+
+
 def load_bank(run: Run) -> tuple[dict, dict[str, str]]:
     """(anchor id -> Adapter, anchor id -> error) for every anchor of stage 1."""
     bank, missing = {}, {}
@@ -181,11 +281,12 @@ def stage3_run(run: Run) -> None:
         return
     log(f"stage 3: {sum(map(len, todo.values()))} (user, method) units to run for {len(todo)} users")
     bank, _ = load_bank(run)
+    baselines = load_baselines(run)
     engine = run.engine
     for user in tqdm([u for u in run.test_users if u.user_id in todo], desc="users", disable=not run.progress):
         for unit in units(todo[user.user_id]):
             try:
-                results = run_unit(engine, user, unit, matches.get(user.user_id), bank, run.seed)
+                results = run_unit(engine, user, unit, matches.get(user.user_id), bank, run.seed, baselines)
             except InputError as e:
                 log(f"user {user.user_id}, {', '.join(m.name for m in unit)}: {e}")
                 results = {m.name: {"user_id": user.user_id, "method": m.name, "error": str(e)} for m in unit}
@@ -230,6 +331,7 @@ def write_results(run: Run) -> dict:
 
 
 def run_and_report(run: Run) -> dict:
+    stage1c_baselines(run)  # a no-op when the run has neither baseline or their artifacts exist
     stage3_run(run)
     return write_results(run)
 
@@ -240,6 +342,7 @@ def reproduce(run: Run) -> dict:
     stage1_select(run)
     stage1_bank(run)
     stage2_match_anchors(run)
+    stage1c_baselines(run)
     stage3_run(run)
     result = write_results(run)
     latency = result["meta"]["mta_latency_median_s"]

@@ -21,6 +21,8 @@ from mta.lora import LoRAConfig
 from mta.rundir import read_json
 from mta.train import TrainConfig
 
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")  # Per-Pcs's LoRA and both population LoRAs
+FFN = ("gate_proj", "up_proj", "down_proj")  # PROPER's experts and user LoRA
 DTYPES = ("float32", "bfloat16", "float16")
 FUSIONS = ("paper", "authors_code")
 BANK_DATA = ("adaptation", "authors_code")
@@ -85,9 +87,12 @@ class LoRASpec:
     schedule: str = "cosine"
     max_grad_norm: float = 1.0
     group_by_length: bool = True
+    max_steps: int | None = None  # optimizer steps; when set, overrides epochs (Per-Pcs's sharer and gate stages)
 
     def __post_init__(self):
         check_types(self)
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"LoRASpec: max_steps must be at least 1 or None; got {self.max_steps}")
         if self.lr <= 0 or not 0 <= self.dropout < 1:
             raise ValueError(f"LoRASpec: lr must be positive and dropout in [0, 1); got {self.lr}, {self.dropout}")
         self.lora_config()  # LoRAConfig and TrainConfig check the rest, each in its one place
@@ -101,7 +106,7 @@ class LoRASpec:
         return TrainConfig(lr=self.lr, epochs=self.epochs, batch_size=self.batch_size, grad_accum=self.grad_accum,
                            weight_decay=self.weight_decay, schedule=self.schedule, warmup_ratio=self.warmup_ratio,
                            max_grad_norm=self.max_grad_norm, group_by_length=self.group_by_length, seed=seed,
-                           progress=progress)
+                           max_steps=self.max_steps, progress=progress)
 
 
 @dataclass(frozen=True)
@@ -141,6 +146,34 @@ class Profile:
     # "authors_code": prompts as the released scripts build them; "paper": Appendix E's templates.
     prompt_style: str = "authors_code"
     encoder_batch_size: int = 32
+    # ---- the two trained baselines of Table 1 (README, "Per-Pcs and PROPER"); defaults: their releases.
+    # Population-level examples (the bank candidates' history items) each population LoRA trains on; None: all.
+    population_items: int | None = None
+    # Per-Pcs: task LoRA on the population, folded into W0; one sharer LoRA per stage-1 anchor on top of it;
+    # per-module gates (only the optimiser fields of `perpcs_gate` are used); training-free assembly.
+    perpcs_task: LoRASpec = LoRASpec(rank=8, alpha=8.0, dropout=0.05, targets=ATTENTION, lr=1e-4, epochs=3,
+                                     batch_size=6, weight_decay=0.01, warmup_ratio=0.0, max_grad_norm=0.3)
+    perpcs_sharer: LoRASpec = LoRASpec(rank=8, alpha=8.0, dropout=0.05, targets=ATTENTION, lr=2e-5, epochs=1,
+                                       batch_size=6, weight_decay=0.01, warmup_ratio=0.0, max_steps=99)
+    perpcs_gate: LoRASpec = LoRASpec(rank=8, alpha=8.0, targets=ATTENTION, lr=2e-5, epochs=1, batch_size=6,
+                                     weight_decay=0.0, warmup_ratio=0.0, max_steps=200)
+    perpcs_sharer_items: int | None = None  # a sharer's items its LoRA and its gates train on; None: all
+    perpcs_top_k: int = 3
+    perpcs_tau: float = 1.0
+    perpcs_assembly_batch: int = 16
+    # PROPER: population LoRA folded into W0; group stage (a mixture of LoRA experts on every FFN linear,
+    # trained on the target users' history items); per-user LoRA; LoRA-aware router (`mta.proper`).
+    proper_population: LoRASpec = LoRASpec(rank=8, alpha=16.0, targets=ATTENTION, lr=3e-4, epochs=3, batch_size=2,
+                                           grad_accum=4, weight_decay=0.1, warmup_ratio=0.03)
+    proper_group: LoRASpec = LoRASpec(rank=4, alpha=8.0, dropout=0.05, targets=FFN, lr=2e-4, epochs=2, batch_size=1,
+                                      weight_decay=0.0, warmup_ratio=0.0)
+    proper_experts: int = 5
+    proper_group_items: int | None = None  # history items per target user in the group stage; None: all
+    proper_user: LoRASpec = LoRASpec(rank=4, alpha=8.0, targets=FFN, lr=2e-4, epochs=1, batch_size=1,
+                                     weight_decay=0.0, warmup_ratio=0.0)
+    proper_router: LoRASpec = LoRASpec(rank=4, alpha=8.0, targets=FFN, lr=2e-4, epochs=1, batch_size=1,
+                                       weight_decay=0.0, warmup_ratio=0.0)
+    proper_router_items: int | None = None  # the user's items the LoRA-aware router trains on; None: all
     # Task directory name -> the fields that differ for that task, in `profile_from_dict`'s form, e.g.
     # {"citation": {"stack": {"epochs": 2, "lr": 5e-5}}}; a run applies its task's row (`for_task`).
     per_task: dict = field(default_factory=dict)
@@ -166,11 +199,16 @@ class Profile:
                              f"with top_k = {self.top_k}")
         if self.fusion == "authors_code" and self.top_k != 2:
             raise ValueError(f"{owner}: fusion 'authors_code' merges exactly 2 anchors; top_k is {self.top_k}")
-        for name in ("n_anchors", "min_anchor_items", "max_prompt_tokens", "max_new_tokens", "encoder_batch_size"):
+        for name in ("n_anchors", "min_anchor_items", "max_prompt_tokens", "max_new_tokens", "encoder_batch_size",
+                     "perpcs_top_k", "perpcs_assembly_batch", "proper_experts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{owner}: {name} must be at least 1; got {getattr(self, name)}")
-        if self.max_items_per_anchor is not None and self.max_items_per_anchor < 1:
-            raise ValueError(f"{owner}: max_items_per_anchor must be at least 1 or None")
+        for name in ("max_items_per_anchor", "population_items", "perpcs_sharer_items", "proper_group_items",
+                     "proper_router_items"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{owner}: {name} must be at least 1 or None")
+        if self.perpcs_tau <= 0:
+            raise ValueError(f"{owner}: perpcs_tau must be positive; got {self.perpcs_tau}")
         for task in self.per_task:
             self.for_task(task)
 
@@ -199,6 +237,9 @@ class Profile:
 
         return (f"V = {self.n_anchors}, K = {self.top_k}, fusion {self.fusion}, merge in {self.merge_space} space; "
                 f"{recipe('bank', self.bank)}, {caps}; {recipe('stacked', self.stack)}; {recipe('OPPU', self.oppu)}; "
+                f"Per-Pcs top {self.perpcs_top_k} sharers (τ = {self.perpcs_tau:g}), "
+                f"PROPER {self.proper_experts} experts, "
+                f"their population LoRAs on {self.population_items or 'every'} population items; "
                 f"prompts capped at {self.max_prompt_tokens} tokens, greedy decoding of at most "
                 f"{self.max_new_tokens} tokens")
 
@@ -271,6 +312,24 @@ CPU = PAPER.replace(
     # stacked LoRA changed 4 of 20 outputs; this recipe changes most of them in a third of the compute.
     stack=LoRASpec(rank=4, alpha=8.0, lr=1e-3, epochs=1, batch_size=2),
     oppu=LoRASpec(lr=1e-3, epochs=1, batch_size=2),
+    # Per-Pcs and PROPER: caps by the time rule of the README ("Per-Pcs and PROPER at CPU scale"), fixed before
+    # any score was seen: both together at most 40 % of the cold 50-user run. Parts with at least 40 optimizer
+    # steps keep the release's lr; parts with fewer take the CPU adaptation recipe's 1e-3. No dropout, as in
+    # every CPU recipe.
+    population_items=96,
+    perpcs_task=LoRASpec(rank=8, alpha=8.0, targets=ATTENTION, lr=1e-4, epochs=1, batch_size=1, weight_decay=0.01,
+                         warmup_ratio=0.0, max_grad_norm=0.3),
+    perpcs_sharer=LoRASpec(rank=8, alpha=8.0, targets=ATTENTION, lr=1e-3, epochs=1, batch_size=2, weight_decay=0.01,
+                           warmup_ratio=0.0),
+    perpcs_gate=LoRASpec(rank=8, alpha=8.0, targets=ATTENTION, lr=1e-3, epochs=1, batch_size=2, warmup_ratio=0.0),
+    perpcs_sharer_items=10,
+    proper_population=LoRASpec(rank=8, alpha=16.0, targets=ATTENTION, lr=3e-4, epochs=1, batch_size=1,
+                               weight_decay=0.1, warmup_ratio=0.03),
+    proper_group=LoRASpec(rank=4, alpha=8.0, targets=FFN, lr=2e-4, epochs=1, batch_size=1, warmup_ratio=0.0),
+    proper_group_items=2,
+    proper_user=LoRASpec(rank=4, alpha=8.0, targets=FFN, lr=1e-3, epochs=1, batch_size=2, warmup_ratio=0.0),
+    proper_router=LoRASpec(rank=4, alpha=8.0, targets=FFN, lr=1e-3, epochs=1, batch_size=2, warmup_ratio=0.0),
+    proper_router_items=4,
     per_task={},
     notes=(
         "SmolLM2-135M-Instruct (GGUF Q4_1, dequantised) stands in for Llama-3-8B-Instruct",

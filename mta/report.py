@@ -14,8 +14,6 @@ from mta.metrics import TaskScores, bootstrap_ci, paired_t_test, score_outputs
 from mta.rundir import read_json
 
 TABLE1, TABLE2, CONTROLS = table("table1"), table("table2"), table("controls")
-# Table 1 baselines of the paper that this code does not run yet: the paper's value gets a row of its own.
-PAPER_ONLY = {"perpcs": "Per-Pcs", "proper": "PROPER"}
 PAPER_RESULTS = Path(__file__).resolve().parents[1] / "data" / "paper_results.json"
 
 # For paired tests: the per-example metric that stands for the task (lower is better for MAE).
@@ -113,7 +111,7 @@ def _table(result: dict, methods: Sequence[str], paper: dict) -> list[str]:
         if m not in result["methods"] and m not in paper:
             continue
         cells = [c for n in names for c in (_cell(result, m, n), _fmt(paper.get(m, {}).get(n)))]
-        lines.append("| " + " | ".join([PAPER_ONLY.get(m) or label(m), *cells]) + " |")
+        lines.append("| " + " | ".join([label(m), *cells]) + " |")
     return lines
 
 
@@ -173,8 +171,7 @@ def render_markdown(result: dict) -> str:
         out += ["", f"**Not the paper's setup.** The paper: {setup} Here: the `{meta.get('profile', '')}` profile "
                     f"({meta.get('llm', '')}) on {len(result['users'])} users, so the paper column is a reference "
                     f"point, not a value this run should match."]
-    table1 = [*TABLE1[:-1], *(m for m in PAPER_ONLY if m not in TABLE1), TABLE1[-1]]  # MTA last, as in the paper
-    out += ["", "## Table 1: comparison with baselines", ""] + _table(result, table1, paper)
+    out += ["", "## Table 1: comparison with baselines", ""] + _table(result, TABLE1, paper)
     out += ["", "## Table 2: ablation", ""] + _table(result, TABLE2, paper)
     out += ranking_lines(result, spec)
     if any(m in result["methods"] for m in CONTROLS):

@@ -5,6 +5,8 @@
       stage1/item_embeddings.npy  user_vectors.npy  anchors.json
       bank/<anchor_id>/adapter_model.safetensors  adapter_config.json  train_log.json
       stage2/matches.json
+      perpcs/task_lora/  perpcs/sharers/<anchor_id>/  perpcs/gates/<anchor_id>.safetensors
+      proper/population_lora/  proper/group/mixture.safetensors  users.json  train_log.json
       users/<user_id>/<method>.json
       results.json  results.md
       sweeps/<what>/<point>/...           (a sweep point: a run of its own, sharing what it can)
@@ -163,6 +165,24 @@ class RunDir:
 
     def adapter(self, anchor_id: str) -> Path:
         return self.artifacts / "bank" / id_folder(anchor_id)
+
+    @property
+    def perpcs_task(self) -> Path:
+        return self.artifacts / "perpcs" / "task_lora"
+
+    def perpcs_sharer(self, anchor_id: str) -> Path:
+        return self.artifacts / "perpcs" / "sharers" / id_folder(anchor_id)
+
+    def perpcs_gates(self, anchor_id: str) -> Path:
+        return self.artifacts / "perpcs" / "gates" / f"{id_folder(anchor_id)}.safetensors"
+
+    @property
+    def proper_population(self) -> Path:
+        return self.artifacts / "proper" / "population_lora"
+
+    @property
+    def proper_group(self) -> Path:
+        return self.artifacts / "proper" / "group"
 
     @property
     def matches(self) -> Path:

@@ -17,18 +17,19 @@ import hashlib
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from mta.adapter import Adapter, get_adapter
+from mta import perpcs, proper
+from mta.adapter import Adapter, get_adapter, set_adapter
 from mta.encoders import Encoder, history_document_embeddings, user_item_embeddings
 from mta.errors import InputError
 from mta.fusion import BaseWeights, fold_adapters, stack_lora
 from mta.kmeans import kmeans
 from mta.lamp import TaskSpec, User, instruction_only, query_prompt, training_pairs
-from mta.lora import unload_lora
+from mta.lora import inject_lora, unload_lora
 from mta.methods import Method
 from mta.profiles import LoRASpec, Profile
 from mta.tokenizer import Tokenizer
@@ -179,6 +180,23 @@ class Engine:
         if limit is not None and len(pairs) > limit:
             keep = sorted(random.Random(seed).sample(range(len(pairs)), limit))
             pairs = [pairs[i] for i in keep]
+        return self.tokenize(pairs)
+
+    def population_examples(self, users: Sequence[User], seed: int, limit: int | None = None
+                            ) -> list[tuple[list[int], list[int]]]:
+        """The population's training examples (Per-Pcs's task LoRA, PROPER's population LoRA): every user's
+        history items in the adaptation format, at most `limit` of them drawn at random (seeded)."""
+        slots = [(i, j) for i, u in enumerate(users) for j in range(len(u.history)) if len(u.history) >= 2]
+        if limit is not None and len(slots) > limit:
+            slots = sorted(random.Random(seed).sample(slots, limit))
+        pairs = []
+        for i in sorted({i for i, _ in slots}):
+            mine = training_pairs(self.task, users[i].history, seed=derive_seed(seed, users[i].user_id),
+                                  style=self.profile.prompt_style)
+            pairs += [mine[j] for ii, j in slots if ii == i and j < len(mine)]
+        return self.tokenize(pairs)
+
+    def tokenize(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
         out = []
         for prompt, target in pairs:
             ids, start = self.tok.chat_example(fit_text(self.tok, prompt, self.prompt_budget), target)
@@ -241,8 +259,10 @@ def method_prompt(task: TaskSpec, user: User, method: Method, style: str) -> str
 
 
 def prepare_weights(engine: Engine, user: User, method: Method, match: dict | None, bank: dict[str, Adapter],
-                    unit_seed: int) -> tuple[dict, dict]:
+                    unit_seed: int, baselines: Baselines | None = None) -> tuple[dict, dict]:
     """Set the model up as the method's row says. Returns (seconds per phase, details for the result)."""
+    if method.procedure != "fuse_then_train":
+        return PROCEDURES[method.procedure](engine, user, baselines, unit_seed)
     p = engine.profile
     seconds, extra = {}, {}
     adapters, weights = [], []
@@ -266,14 +286,14 @@ def prepare_weights(engine: Engine, user: User, method: Method, match: dict | No
 
 
 def run_unit(engine: Engine, user: User, unit: Sequence[Method], match: dict | None,
-             bank: dict[str, Adapter], seed: int) -> dict[str, dict]:
+             bank: dict[str, Adapter], seed: int, baselines: Baselines | None = None) -> dict[str, dict]:
     """One unit of stage 3 (`mta.methods.units`) for one user's first query -> method name: {output,
     prediction, gold, seconds, ...}. A unit's methods share its weights and one batched generation."""
     task, query = engine.task, user.query[0]
     engine.reset()
     try:
         seconds, extra = ({}, {}) if unit[0].on_base_weights else prepare_weights(
-            engine, user, unit[0], match, bank, derive_seed(seed, user.user_id, unit[0].name))
+            engine, user, unit[0], match, bank, derive_seed(seed, user.user_id, unit[0].name), baselines)
         tic = time.perf_counter()
         outputs = engine.generate([method_prompt(task, user, m, engine.profile.prompt_style) for m in unit])
         generate = (time.perf_counter() - tic) / len(unit)
@@ -283,3 +303,128 @@ def run_unit(engine: Engine, user: User, unit: Sequence[Method], match: dict | N
                      "prediction": task.parse(output), "gold": query.gold,
                      "seconds": {**seconds, "generate": generate}, **extra}
             for m, output in zip(unit, outputs, strict=True)}
+
+
+# ----------------------------------------------------------------------------- Per-Pcs and PROPER (Table 1)
+
+
+@dataclass
+class Baselines:
+    """The population-level artifacts of Per-Pcs and PROPER that their stage-3 units read."""
+
+    perpcs_task: Adapter | None = None  # task LoRA, folded into W0 before everything else
+    perpcs_sharers: dict[str, Adapter] = field(default_factory=dict)  # anchor id -> sharer LoRA
+    perpcs_gates: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # anchor id -> module -> g
+    proper_population: Adapter | None = None  # population LoRA, folded into W0
+    proper_group: dict[str, torch.Tensor] | None = None  # the group stage's mixture (`mta.proper.mixture_state`)
+    proper_users: list[str] = field(default_factory=list)  # the rows of its user-embedding tables
+
+
+def fold_population(engine: Engine, adapter: Adapter) -> None:
+    """W = W0 + ΔW of a population LoRA (Per-Pcs's task LoRA, PROPER's population LoRA)."""
+    fold_adapters(engine.model, [adapter], [1.0], engine.profile.merge_space, engine.base)
+    engine.folded = True
+
+
+def train_perpcs_gates(engine: Engine, task: Adapter, sharer: Adapter, examples, seed: int) -> tuple[dict, TrainLog]:
+    """Per-Pcs's gates of one sharer: W0 + task LoRA, the sharer's LoRA frozen on top, only the gates train."""
+    engine.reset()
+    fold_population(engine, task)
+    inject_lora(engine.model, sharer.config)
+    set_adapter(engine.model, sharer)
+    perpcs.inject_gates(engine.model)
+    log = train(engine.model, examples, engine.profile.perpcs_gate.train_config(seed), pad_id=engine.tok.pad_token_id)
+    gates = perpcs.gate_vectors(engine.model)
+    engine.reset()
+    return gates, log
+
+
+def train_proper_group(engine: Engine, population: Adapter, users: Sequence[User], seed: int
+                       ) -> tuple[dict[str, torch.Tensor], TrainLog]:
+    """PROPER's group stage: W0 + population LoRA, the expert mixture on every FFN linear trained with its input
+    and user-embedding routers on the target users' history items (never their queries), LM loss plus the
+    constraint loss. Returns the mixture's tensors (`mta.proper.mixture_state`) and the log."""
+    p, model = engine.profile, engine.model
+    engine.reset()
+    fold_population(engine, population)
+    torch.manual_seed(seed)  # the experts' and routers' initialisation
+    proper.inject_mixture(model, tuple(p.proper_group.targets), p.proper_experts, p.proper_group.rank,
+                          p.proper_group.alpha, len(users), p.proper_group.dropout)
+    examples = [proper.UserExample(ex, row) for row, u in enumerate(users)
+                for ex in engine.examples(u.history, derive_seed(seed, u.user_id), limit=p.proper_group_items)]
+    proper.set_stage(model, "group")
+
+    def rows(batch):
+        proper.set_users(model, torch.tensor([ex.row for ex in batch], device=model.device))
+
+    log = train(model, examples, p.proper_group.train_config(seed), engine.tok.pad_token_id, before_forward=rows,
+                aux_loss=lambda: proper.constraint_loss(model))
+    state = proper.mixture_state(model)
+    engine.reset()
+    return state, log
+
+
+def prepare_perpcs(engine: Engine, user: User, baselines: Baselines | None, unit_seed: int) -> tuple[dict, dict]:
+    """Per-Pcs for one target user: W0 + task LoRA, then the LoRA assembled from the sharers' pieces by their
+    gates on the user's history (`mta.perpcs.assemble_for_user`), training-free."""
+    if baselines is None or baselines.perpcs_task is None or not baselines.perpcs_sharers:
+        raise InputError(f"user {user.user_id}: Per-Pcs has no task LoRA or sharers (rerun tools/reproduce.py)")
+    p = engine.profile
+    tic = time.perf_counter()
+    fold_population(engine, baselines.perpcs_task)
+    sharer_ids = sorted(baselines.perpcs_sharers)
+    missing = [a for a in sharer_ids if a not in baselines.perpcs_gates]
+    if missing:
+        raise InputError(f"Per-Pcs: sharer(s) {missing} have no gates (rerun tools/reproduce.py)")
+    examples = engine.examples(user.history, unit_seed)
+    sharers, gates = [baselines.perpcs_sharers[a] for a in sharer_ids], [baselines.perpcs_gates[a] for a in sharer_ids]
+    adapter, pieces = perpcs.assemble_for_user(
+        engine.model, sharers, gates, examples, p.perpcs_top_k, p.perpcs_tau, p.perpcs_assembly_batch,
+        engine.tok.pad_token_id or 0, unit_seed)
+    inject_lora(engine.model, adapter.config)
+    set_adapter(engine.model, adapter)
+    engine.model.eval()
+    named = {m: [{"sharers": [sharer_ids[i] for i in b["sharers"]], "weights": b["weights"]} for b in batches]
+             for m, batches in pieces.items()}
+    return {"assemble": time.perf_counter() - tic}, {"sharers": sharer_ids, "pieces": named}
+
+
+def prepare_proper(engine: Engine, user: User, baselines: Baselines | None, unit_seed: int) -> tuple[dict, dict]:
+    """PROPER for one target user: W0 + population LoRA, the group stage's mixture (frozen), a user LoRA
+    trained on the user's history, then the LoRA-aware router W_l alone; generation routes by W_l."""
+    if baselines is None or baselines.proper_population is None or baselines.proper_group is None:
+        raise InputError(f"user {user.user_id}: PROPER has no population LoRA or group stage "
+                         f"(rerun tools/reproduce.py)")
+    if user.user_id not in baselines.proper_users:
+        raise InputError(f"user {user.user_id}: not among the {len(baselines.proper_users)} users of PROPER's group "
+                         f"stage (delete proper/group and rerun)")
+    p = engine.profile
+    fold_population(engine, baselines.proper_population)
+    proper.inject_mixture(engine.model, tuple(p.proper_group.targets), p.proper_experts, p.proper_group.rank,
+                          p.proper_group.alpha, len(baselines.proper_users))
+    proper.load_mixture_state(engine.model, baselines.proper_group, "proper/group")
+    torch.manual_seed(unit_seed)  # the user LoRA's initialisation
+    for m in proper.mixtures(engine.model).values():
+        m.add_user_lora(p.proper_user.rank, p.proper_user.alpha)
+    row = torch.tensor([baselines.proper_users.index(user.user_id)], device=engine.model.device)
+    examples = engine.examples(user.history, unit_seed)
+    pad = engine.tok.pad_token_id
+
+    def same_user(batch):
+        proper.set_users(engine.model, row.expand(len(batch)))
+
+    proper.set_stage(engine.model, "user")
+    user_log = train(engine.model, examples, p.proper_user.train_config(unit_seed), pad, before_forward=same_user)
+    router_examples = examples
+    if p.proper_router_items is not None and len(examples) > p.proper_router_items:
+        keep = sorted(random.Random(derive_seed(unit_seed, "router")).sample(range(len(examples)),
+                                                                             p.proper_router_items))
+        router_examples = [examples[i] for i in keep]
+    proper.set_stage(engine.model, "router")
+    router_log = train(engine.model, router_examples, p.proper_router.train_config(unit_seed), pad)
+    engine.model.eval()
+    return ({"adapt": user_log.seconds + router_log.seconds},
+            {"train": summarize(user_log), "train_router": summarize(router_log)})
+
+
+PROCEDURES = {"perpcs": prepare_perpcs, "proper": prepare_proper}

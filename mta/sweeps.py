@@ -8,10 +8,13 @@ artifacts; per-user results are cached like any run's, so a finished sweep recom
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from safetensors import safe_open
 
 from mta import pipeline, report
 from mta.adapter import load_adapter
@@ -25,9 +28,11 @@ from mta.rundir import RunDir, atomic_path, read_json, write_json
 # them reuses the main run's meta-LoRA of every anchor both runs have.
 ADAPTER_FIELDS = ("llm", "dtype", "bank", "bank_data", "max_items_per_anchor", "max_prompt_tokens", "chat_template",
                   "prompt_style")
-# Profile fields that stage 1, the bank and stage 2 depend on: a point that keeps them shares all three.
+# Profile fields that stage 1, the bank, stage 2 and the baselines' stage 1c depend on: a point that keeps them
+# shares all of these artifacts.
 ARTIFACT_FIELDS = (*ADAPTER_FIELDS, "stage1_encoder", "stage2_encoder", "n_anchors", "min_anchor_items",
-                   "empty_cluster")
+                   "empty_cluster", "population_items", "perpcs_task", "perpcs_sharer", "perpcs_gate",
+                   "perpcs_sharer_items", "proper_population", "proper_group", "proper_experts", "proper_group_items")
 
 
 @dataclass(frozen=True)
@@ -242,8 +247,74 @@ def llama3_8b_shapes() -> list[tuple[int, int]]:
     return [(h, h), (kv, h), (kv, h), (h, h), (ff, h), (ff, h), (h, ff)] * 32
 
 
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors")) if path.is_dir() else path.stat().st_size
+
+
+def _log_seconds(path: Path) -> float:
+    return read_json(path / "train_log.json")["seconds"] if (path / "train_log.json").exists() else 0.0
+
+
+def baseline_costs(run: Run, rows: dict) -> dict[str, dict]:
+    """Per-Pcs's and PROPER's measured costs, where the run has them: training seconds and bytes stored once
+    (population level) and per user, and what each stores."""
+    d, out = run.dir, {}
+    perpcs = [r for r in rows.get("perpcs", {}).values() if not r.get("error")]
+    if perpcs and d.perpcs_task.exists():
+        sharers = sorted((d.artifacts / "perpcs" / "sharers").iterdir())
+        gates = sorted((d.artifacts / "perpcs" / "gates").glob("*.safetensors"))
+        gate_seconds = 0.0
+        for g in gates:
+            with safe_open(str(g), "pt") as f:
+                gate_seconds += json.loads(f.metadata()["train_log"])["seconds"]
+        chosen = [sum(len(b["sharers"]) for batches in r["pieces"].values() for b in batches) for r in perpcs]
+        out["perpcs"] = {
+            "once_seconds": _log_seconds(d.perpcs_task) + sum(_log_seconds(s) for s in sharers) + gate_seconds,
+            "once_bytes": _dir_bytes(d.perpcs_task) + sum(map(_dir_bytes, sharers)) + sum(map(_dir_bytes, gates)),
+            "seconds_per_user": sum(r["seconds"]["assemble"] for r in perpcs) / len(perpcs),
+            "bytes_per_user": 8 * sum(chosen) / len(chosen),  # an int32 sharer index and an fp32 weight per piece
+            "stores": {"once": "task LoRA, one LoRA and one gate vector per module per sharer",
+                       "per_user": "per module and batch, the chosen sharers and their weights"}}
+    proper = [r for r in rows.get("proper", {}).values() if not r.get("error")]
+    if proper and (d.proper_group / "mixture.safetensors").exists():
+        p, per_user_params, embedding_bytes = run.profile, 0, 0
+        with safe_open(str(d.proper_group / "mixture.safetensors"), "pt") as f:
+            names = f.keys()
+            for key in names:
+                shape = f.get_slice(key).get_shape()
+                if key.endswith("user_embedding.weight"):  # a row per user: counted per user
+                    embedding_bytes += 4 * shape[0] * shape[1]
+                    per_user_params += shape[1] + p.proper_user.rank * shape[1]  # e_u and A_u
+                elif key.endswith("router_l.weight"):  # W_l (E, out), trained per user, and B_u (out, r)
+                    per_user_params += shape[0] * shape[1] + p.proper_user.rank * shape[1]
+        out["proper"] = {
+            "once_seconds": _log_seconds(d.proper_population) + read_json(d.proper_group / "train_log.json")["seconds"],
+            "once_bytes": _dir_bytes(d.proper_population) + _dir_bytes(d.proper_group) - embedding_bytes,
+            "seconds_per_user": sum(r["seconds"]["adapt"] for r in proper) / len(proper),
+            "bytes_per_user": 4 * per_user_params,
+            "stores": {"once": "population LoRA, the experts and the input and user-embedding routers",
+                       "per_user": "user embedding, user LoRA (gate/up/down) and LoRA-aware router W_l, fp32"}}
+    return out
+
+
+def baseline_sizes_llama3_8b() -> dict:
+    """Per-Pcs and PROPER at the paper's scale (bf16): what each stores once and per user."""
+    shapes = llama3_8b_shapes()
+    attention = [s for i, s in enumerate(shapes) if i % 7 < 4]
+    ffn = [s for i, s in enumerate(shapes) if i % 7 >= 4]
+    gates = sum(i for _, i in attention)
+    return {"perpcs_once_bytes_bf16": (51 * lora_parameters(attention, 8) + 50 * gates) * 2,
+            "proper_once_bytes_bf16": (lora_parameters(attention, 8) + 5 * lora_parameters(ffn, 4)
+                                       + sum(5 * i * 2 for _, i in ffn)) * 2,
+            "proper_bytes_per_user_bf16": (lora_parameters(ffn, 4) + sum(5 * o + i for o, i in ffn)) * 2,
+            "baselines_note": "Per-Pcs: task LoRA + 50 sharer LoRAs (r 8, q/k/v/o) + gates; PROPER: population "
+                              "LoRA (r 8, q/k/v/o), 5 experts (r 4) and 2 routers per FFN linear once, per user "
+                              "an r-4 LoRA, W_l and an embedding row per FFN linear"}
+
+
 def efficiency(run: Run) -> dict:
-    """Fig. 2: training time and parameter storage against the number of users, MTA vs OPPU."""
+    """Fig. 2: training time and parameter storage against the number of users, MTA vs OPPU, and Per-Pcs and
+    PROPER where the run has them."""
     rows = pipeline.collect(run)
     bank_logs = [read_json(d / "train_log.json") for d in sorted((run.dir.artifacts / "bank").iterdir())
                  if (d / "train_log.json").exists()]
@@ -268,6 +339,10 @@ def efficiency(run: Run) -> dict:
              "stack_adapter_bytes_bf16": lora_parameters(shapes, 4) * 2,
              "bank_bytes_bf16": 50 * lora_parameters(shapes, 8) * 2,
              "note": "Llama-3-8B, all linear layers, bf16; V = 50 rank-8 meta-LoRAs, rank-4 stacked LoRA"}
+    baselines = baseline_costs(run, rows)
+    for name, cost in baselines.items():
+        ours.update({f"{name}_{k}": v for k, v in cost.items() if k != "stores"})
+    paper.update(baseline_sizes_llama3_8b())
     users = [1, 10, 50, 100, 500, 1000]
     curves = {
         "oppu_seconds": [n * ours["oppu_seconds_per_user"] for n in users],
@@ -276,8 +351,12 @@ def efficiency(run: Run) -> dict:
         "mta_bytes": [ours["bank_bytes"] for _ in users],
         "mta_bytes_keeping_stacked": [ours["bank_bytes"] + n * ours["stack_adapter_bytes"] for n in users],
     }
+    for name, cost in baselines.items():
+        curves[f"{name}_seconds"] = [cost["once_seconds"] + n * cost["seconds_per_user"] for n in users]
+        curves[f"{name}_bytes"] = [cost["once_bytes"] + n * cost["bytes_per_user"] for n in users]
     out = {"what": "efficiency", "figure": "Fig. 2", "users": users, "measured": ours, "curves": curves,
-           "paper_setting": paper, "n_users_measured": len(mta)}
+           "paper_setting": paper, "n_users_measured": len(mta),
+           "stores": {name: cost["stores"] for name, cost in baselines.items()}}
     path = run.dir.root / "sweeps" / "efficiency.json"
     write_json(path, out)
     log(f"efficiency: OPPU {ours['oppu_seconds_per_user']:.1f} s and {ours['oppu_adapter_bytes'] / 2**20:.2f} MiB per "
@@ -293,6 +372,9 @@ def efficiency(run: Run) -> dict:
         b.plot(users, [x / 2**20 for x in curves["oppu_bytes"]], "o-", label="OPPU")
         b.plot(users, [x / 2**20 for x in curves["mta_bytes"]], "o-", label="MTA (bank only)")
         b.plot(users, [x / 2**20 for x in curves["mta_bytes_keeping_stacked"]], "o--", label="MTA (+ stacked LoRAs)")
+        for name in baselines:
+            a.plot(users, [s / 3600 for s in curves[f"{name}_seconds"]], "s-", label=label(name))
+            b.plot(users, [x / 2**20 for x in curves[f"{name}_bytes"]], "s-", label=label(name))
         b.set(xscale="log", yscale="log", xlabel="users", ylabel="storage (MiB)", title="storage")
         a.legend(), b.legend()
         _save(fig, path.with_suffix(".png"))

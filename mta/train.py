@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -114,10 +114,15 @@ def response_loss_sum(model: nn.Module, ids: Tensor, predicts_response: Tensor) 
     return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
-def train(model: nn.Module, examples: Sequence[Example], config: TrainConfig, pad_id: int | None = 0) -> TrainLog:
+def train(model: nn.Module, examples: Sequence[Example], config: TrainConfig, pad_id: int | None = 0,
+          before_forward: Callable[[Sequence[Example]], None] | None = None,
+          aux_loss: Callable[[], Tensor] | None = None) -> TrainLog:
     """Fine-tune the trainable parameters of `model` on `examples`; returns the step log.
 
     Pad ids are never attended to nor scored, so any valid id works (None means 0).
+    `before_forward(examples)` is called with each micro-batch's examples before its forward (PROPER
+    sets the batch's user ids there); `aux_loss()`, read after each forward, is added to that
+    micro-batch's loss with weight 1 / micro-batches per step (PROPER's constraint loss).
 
     Raises FloatingPointError on a NaN/inf loss or gradient norm, naming the step.
     """
@@ -162,13 +167,18 @@ def train(model: nn.Module, examples: Sequence[Example], config: TrainConfig, pa
             lr = config.lr * lr_factor(step, total, warmup, config.schedule)
             for g in opt.param_groups:
                 g["lr"] = lr
-            micro = [make_batch(b, config.max_len, pad_id or 0) for b in next(batches)]
+            raw = next(batches)
+            micro = [make_batch(b, config.max_len, pad_id or 0) for b in raw]
             n_targets = sum(int(mask.sum()) for _, mask, _ in micro)
             loss_sum = 0.0
-            for ids, mask, n_tokens in micro:
+            for batch, (ids, mask, n_tokens) in zip(raw, micro, strict=True):
                 ids, mask = ids.to(device), mask.to(device)
+                if before_forward is not None:
+                    before_forward(batch)
                 with autocast:
                     loss = response_loss_sum(model, ids, mask) / n_targets
+                    if aux_loss is not None:
+                        loss = loss + aux_loss() / len(micro)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"train: non-finite loss {loss.item()} at step {step + 1}/{total} "
                                              f"(lr {lr:.3g}); lower the lr or check the data")

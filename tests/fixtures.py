@@ -135,7 +135,13 @@ def make_profile(path: Path, llm: Path, encoder: Path, **overrides) -> Path:
                "stage2_encoder": str(encoder), "n_anchors": 3, "min_anchor_items": 11, "max_items_per_anchor": 6,
                "max_new_tokens": 6, "max_prompt_tokens": 256, "notes": ["tiny random models, for tests"],
                "bank": {"epochs": 1, "batch_size": 4}, "oppu": {"epochs": 1, "batch_size": 4, "lr": 2e-3},
-               "stack": {"epochs": 1, "batch_size": 2, "lr": 3e-2}}
+               "stack": {"epochs": 1, "batch_size": 2, "lr": 3e-2},
+               # Per-Pcs and PROPER: one or two optimizer steps per trained part
+               "population_items": 4, "perpcs_task": {"batch_size": 4, "lr": 1e-2}, "perpcs_sharer_items": 4,
+               "perpcs_sharer": {"batch_size": 4, "lr": 1e-2}, "perpcs_gate": {"batch_size": 4, "lr": 1e-1},
+               "proper_population": {"batch_size": 4, "lr": 1e-2}, "proper_group_items": 2,
+               "proper_group": {"batch_size": 4, "lr": 1e-2}, "proper_user": {"batch_size": 5, "lr": 3e-2},
+               "proper_router": {"batch_size": 4, "lr": 1e-1}, "proper_router_items": 4}
     profile.update(overrides)
     path.write_text(json.dumps(profile))
     return path

@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from mta import pipeline
 from mta.cli import main
@@ -54,6 +55,57 @@ def test_rerun_recomputes_only_the_deleted_unit(tiny_run, monkeypatch):
     assert calls == [["mta"]]
     after = json.loads(victim.read_text())
     assert after["output"] == before["output"]  # deterministic under the seed, whatever the order
+
+
+def test_perpcs_and_proper_artifacts_and_results(tiny_run):
+    """Both baselines ran end to end: their population-level artifacts exist, Per-Pcs chose its pieces among
+    the stage-1 anchors, and PROPER trained a user LoRA and a router for every user."""
+    from safetensors.torch import load_file
+
+    run_dir, _, result = tiny_run
+    anchors = [a["user_id"] for a in json.loads((run_dir / "stage1" / "anchors.json").read_text())["anchors"]]
+    assert (run_dir / "perpcs" / "task_lora" / "adapter_model.safetensors").exists()
+    for a in anchors:
+        assert (run_dir / "perpcs" / "sharers" / a / "adapter_model.safetensors").exists()
+        gates = load_file(run_dir / "perpcs" / "gates" / f"{a}.safetensors")
+        assert gates and all(g.abs().sum() > 0 for g in gates.values())  # moved from their zero start
+    assert (run_dir / "proper" / "population_lora" / "adapter_model.safetensors").exists()
+    assert len(json.loads((run_dir / "proper" / "group" / "users.json").read_text())) == 4  # every target user
+    for uid in result["users"]:
+        pc = json.loads((run_dir / "users" / uid / "perpcs.json").read_text())
+        assert pc["sharers"] == sorted(anchors) and pc["seconds"]["assemble"] > 0
+        for batches in pc["pieces"].values():
+            for b in batches:
+                assert set(b["sharers"]) <= set(anchors) and sum(b["weights"]) == pytest.approx(1)
+        pr = json.loads((run_dir / "users" / uid / "proper.json").read_text())
+        assert pr["train"]["steps"] >= 1 and pr["train_router"]["steps"] >= 1
+    assert {"perpcs", "proper"} <= set(result["mta_vs"])
+    md = (run_dir / "results.md").read_text()
+    table1 = md.split("## Table 1")[1].split("## Table 2")[0]
+    order = ["Non-personalized", "RAG (BM25, k=1)", "RAG (BM25, k=3)", "RAG (BM25, k=5)", "OPPU", "Per-Pcs",
+             "PROPER", "MTA"]
+    assert [line.split(" | ")[0].lstrip("| ") for line in table1.splitlines() if line.startswith("| ")][1:] == order
+
+
+def test_baselines_resume_like_every_unit(tiny_run, monkeypatch):
+    """A sharer's gates and one user's Per-Pcs and PROPER results deleted: only those are recomputed, equal."""
+    from safetensors.torch import load_file
+
+    run_dir, argv, _ = tiny_run
+    gates = next((run_dir / "perpcs" / "gates").iterdir())
+    user = next((run_dir / "users").iterdir())
+    before = load_file(gates), *(json.loads((user / f"{m}.json").read_text()) for m in ("perpcs", "proper"))
+    gates.unlink()
+    for m in ("perpcs", "proper"):
+        (user / f"{m}.json").unlink()
+    calls = []
+    real = pipeline.run_unit
+    monkeypatch.setattr(pipeline, "run_unit", lambda *a, **k: calls.append([m.name for m in a[2]]) or real(*a, **k))
+    main("test", pipeline.reproduce, argv)
+    assert calls == [["perpcs"], ["proper"]]
+    after = load_file(gates), *(json.loads((user / f"{m}.json").read_text()) for m in ("perpcs", "proper"))
+    assert all(torch.allclose(before[0][k], after[0][k], atol=1e-6) for k in before[0])
+    assert after[1]["output"] == before[1]["output"] and after[2]["output"] == before[2]["output"]
 
 
 def test_run_directory_keeps_its_profile(tiny_run):

@@ -1,0 +1,182 @@
+"""PROPER (Zhang et al. 2025): a mixture of LoRA experts on every FFN linear, its routers, a per-user LoRA
+and a LoRA-aware router, as the released code runs them (README, "Per-Pcs and PROPER").
+
+Every FFN linear (gate/up/down) becomes a MixtureLinear with E experts E_i(x) = s · B_i A_i x:
+
+    group stage   r = softmax(softmax(W_x x) + softmax(W_e e_u))     y = W x + c · Σ_i r_i E_i(x)
+    user stage    the same, frozen, plus the user's LoRA u = s_u · B_u A_u x:  y = W x + c · Σ_i r_i E_i(x) + u
+    router stage  r = softmax(W_l u), only W_l trains                 y = W x + c · Σ_i r_i E_i(x) + u
+
+with c = 0.2 (1/E for the release's 5 experts) and e_u the user's row of a learned embedding table. The
+router stage's form is also the one inference uses. `constraint_loss` is the release's
+Σ_{i≠j} |M_i M_j| averaged over modules (M the mean routing weights), made differentiable.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from mta.lora import find_targets
+
+STAGES = ("group", "user", "router")
+
+
+class UserExample(tuple):
+    """A (prompt_ids, response_ids) training example that knows its user's row of the embedding tables."""
+
+    row: int
+
+    def __new__(cls, example, row: int):
+        obj = super().__new__(cls, example)
+        obj.row = row
+        return obj
+
+
+class MixtureLinear(nn.Module):
+    """A frozen base linear plus PROPER's expert mixture, its three routers and (from the user stage) a user LoRA."""
+
+    is_wrapper = True
+
+    def __init__(self, base: nn.Linear, n_experts: int, r: int, alpha: float, n_users: int, mix: float = 0.2,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        d_in, d_out = base.in_features, base.out_features
+        kw = dict(device=base.weight.device, dtype=torch.float32)
+        self.experts_A = nn.Parameter(torch.empty(n_experts, r, d_in, **kw))  # (E, r, in)
+        self.experts_B = nn.Parameter(torch.zeros(n_experts, d_out, r, **kw))  # (E, out, r)
+        for a in self.experts_A:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # each expert as PEFT initialises a LoRA
+        self.router_x = nn.Linear(d_in, n_experts, bias=False, **kw)  # W_x: input router
+        self.router_e = nn.Linear(d_in, n_experts, bias=False, **kw)  # W_e: user-embedding router
+        self.user_embedding = nn.Embedding(n_users, d_in, **kw)  # e_u
+        self.router_l = nn.Linear(d_out, n_experts, bias=False, **kw)  # W_l: LoRA-aware router
+        self.scaling, self.mix = alpha / r, mix
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()  # on the experts' input
+        self.user_A: nn.Parameter | None = None  # (r_u, in)
+        self.user_B: nn.Parameter | None = None  # (out, r_u)
+        self.user_scaling = 0.0
+        self.stage = "group"
+        self.users: Tensor | None = None  # (B,) the batch's rows of the embedding table
+        self.mean_routing: Tensor | None = None  # (E,) the last forward's mean routing weights
+
+    def add_user_lora(self, r: int, alpha: float) -> None:
+        """A fresh user LoRA: A as PEFT initialises it, B = 0 (so the output starts unchanged)."""
+        kw = dict(device=self.experts_A.device, dtype=torch.float32)
+        self.user_A = nn.Parameter(torch.empty(r, self.base.in_features, **kw))
+        nn.init.kaiming_uniform_(self.user_A, a=math.sqrt(5))
+        self.user_B = nn.Parameter(torch.zeros(self.base.out_features, r, **kw))
+        self.user_scaling = alpha / r
+
+    def experts(self, x: Tensor, r: Tensor) -> Tensor:
+        """Σ_i r_i E_i(x): x (..., in), r (..., E) -> (..., out)."""
+        h = torch.einsum("...i,eri->...er", self.dropout(x), self.experts_A)  # (..., E, r)
+        return torch.einsum("...er,eor->...o", h * r[..., None], self.experts_B) * self.scaling
+
+    def routing(self, x: Tensor, u: Tensor | None) -> Tensor:
+        """Routing weights (..., E) of this stage."""
+        if self.stage == "router":
+            return torch.softmax(self.router_l(u), dim=-1)
+        if self.users is None:
+            raise ValueError("MixtureLinear: set the batch's users (set_users) before a group- or user-stage forward")
+        e = self.user_embedding(self.users)  # (B, in)
+        by_user = torch.softmax(self.router_e(e), dim=-1)  # (B, E)
+        by_user = by_user.view(by_user.shape[0], *([1] * (x.dim() - 2)), by_user.shape[-1])  # (B, 1.., E)
+        return torch.softmax(torch.softmax(self.router_x(x), dim=-1) + by_user, dim=-1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base(x)  # (..., out)
+        x = x.to(self.experts_A.dtype)
+        u = None
+        if self.stage != "group":
+            if self.user_A is None:
+                raise ValueError(f"MixtureLinear: the {self.stage} stage needs a user LoRA (add_user_lora)")
+            u = (x @ self.user_A.T) @ self.user_B.T * self.user_scaling  # (..., out)
+        r = self.routing(x, u)  # (..., E)
+        self.mean_routing = r.reshape(-1, r.shape[-1]).mean(0)  # (E,): every position of the batch
+        out = self.mix * self.experts(x, r) + (0 if u is None else u)
+        return (y + out).to(y.dtype)
+
+    def stage_parameters(self, stage: str) -> list[nn.Parameter]:
+        """What each stage trains: the experts, W_x, W_e and the embeddings; the user LoRA; W_l."""
+        if stage == "group":
+            return [self.experts_A, self.experts_B, *self.router_x.parameters(), *self.router_e.parameters(),
+                    *self.user_embedding.parameters()]
+        if stage == "user":
+            return [self.user_A, self.user_B]
+        return list(self.router_l.parameters())
+
+
+def inject_mixture(model: nn.Module, targets: tuple[str, ...], n_experts: int, r: int, alpha: float,
+                   n_users: int, dropout: float = 0.0) -> dict[str, MixtureLinear]:
+    """Wrap every targeted linear (PROPER: gate/up/down) in a MixtureLinear; everything else frozen."""
+    model.requires_grad_(False)
+    modules = {}
+    for name in find_targets(model, targets):
+        parent, _, child = name.rpartition(".")
+        modules[name] = MixtureLinear(model.get_submodule(name), n_experts, r, alpha, n_users, dropout=dropout)
+        setattr(model.get_submodule(parent), child, modules[name])
+    return modules
+
+
+def mixtures(model: nn.Module) -> dict[str, MixtureLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, MixtureLinear)}
+
+
+def set_stage(model: nn.Module, stage: str) -> None:
+    """Route as `stage` does and train only its parameters."""
+    if stage not in STAGES:
+        raise ValueError(f"PROPER stage must be one of {STAGES}, got {stage!r}")
+    model.requires_grad_(False)
+    for m in mixtures(model).values():
+        m.stage = stage
+        for p in m.stage_parameters(stage):
+            p.requires_grad_(True)
+
+
+def set_users(model: nn.Module, users: Tensor) -> None:
+    """The embedding rows (B,) of the next batch's users."""
+    for m in mixtures(model).values():
+        m.users = users
+
+
+def constraint_loss(model: nn.Module) -> Tensor:
+    """Σ_{i≠j} |M_i M_j| per module, averaged over modules (the release divides by its 96 = 32 layers * 3),
+    M the last forward's mean routing weights. Differentiable, unlike the release's (built with .item())."""
+    losses = []
+    for m in mixtures(model).values():
+        M = m.mean_routing  # (E,)
+        pairs = (M[:, None] * M[None, :]).abs()  # (E, E)
+        losses.append(pairs.sum() - pairs.diagonal().sum())
+    return torch.stack(losses).mean()
+
+
+GROUP_KEYS = ("experts_A", "experts_B", "router_x.weight", "router_e.weight", "user_embedding.weight",
+              "router_l.weight")
+
+
+def mixture_state(model: nn.Module) -> dict[str, Tensor]:
+    """The group stage's tensors ("<module>.<key>"), W_l's initialisation included, to save."""
+    sd = {}
+    for name, m in mixtures(model).items():
+        own = m.state_dict()
+        sd.update({f"{name}.{k}": own[k].detach().clone() for k in GROUP_KEYS})
+    return sd
+
+
+@torch.no_grad()
+def load_mixture_state(model: nn.Module, sd: dict[str, Tensor], source: str = "<memory>") -> None:
+    modules = mixtures(model)
+    expected = {f"{n}.{k}" for n in modules for k in GROUP_KEYS}
+    if set(sd) != expected:
+        extra = sorted(set(sd) ^ expected)[0]
+        raise ValueError(f"{source}: mixture tensors do not match the model, e.g. {extra!r}")
+    for name, m in modules.items():
+        own = m.state_dict()
+        for k in GROUP_KEYS:
+            if own[k].shape != sd[f"{name}.{k}"].shape:
+                raise ValueError(f"{source}: {name}.{k} has shape {tuple(sd[f'{name}.{k}'].shape)}, "
+                                 f"the model's is {tuple(own[k].shape)}")
+            own[k].copy_(sd[f"{name}.{k}"])

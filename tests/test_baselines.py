@@ -1,0 +1,243 @@
+"""Per-Pcs and PROPER against their formulas (mta.perpcs, mta.proper), on tiny random models."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mta import perpcs, proper
+from mta.adapter import Adapter, get_adapter
+from mta.llama import LlamaConfig, LlamaForCausalLM
+from mta.lora import LoRAConfig, inject_lora, lora_layers, unload_lora
+from mta.train import TrainConfig, make_batch, train
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+FFN = ("gate_proj", "up_proj", "down_proj")
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    hf = {"model_type": "llama", "vocab_size": 50, "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2,
+          "num_attention_heads": 2, "num_key_value_heads": 1, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+          "max_position_embeddings": 64, "tie_word_embeddings": False}
+    return LlamaForCausalLM(LlamaConfig.from_hf_config(hf)).eval()
+
+
+def examples(n: int = 4, seed: int = 0) -> list[tuple[list[int], list[int]]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randint(1, 50, (6 + i,), generator=g).tolist(), torch.randint(1, 50, (3,), generator=g).tolist())
+            for i in range(n)]
+
+
+def random_sharers(model, n: int, seed: int = 0) -> tuple[list[Adapter], list[dict]]:
+    """n random sharer LoRAs (B non-zero) and random gates on the attention projections."""
+    torch.manual_seed(seed)
+    config = LoRAConfig(r=4, alpha=4.0, target_modules=ATTENTION)
+    sharers, gates = [], []
+    for _ in range(n):
+        inject_lora(model, config)
+        a = get_adapter(model, config)
+        a.B = {m: torch.randn_like(b) * 0.1 for m, b in a.B.items()}
+        sharers.append(a)
+        gates.append({m: torch.randn(t.shape[1]) for m, t in a.A.items()})
+        unload_lora(model)
+    return sharers, gates
+
+
+# ----------------------------------------------------------------------------- Per-Pcs
+
+
+def test_gate_score_and_topk_softmax_assembly_equal_the_formula():
+    torch.manual_seed(0)
+    S, d, r, out, k, tau = 5, 8, 3, 6, 3, 0.7
+    x, gates = torch.randn(2, 7, d), torch.randn(S, d)
+    positions = torch.zeros(2, 7, dtype=torch.bool)
+    positions[0, 4:6], positions[1, 2:7] = True, True
+    A, B = torch.randn(S, r, d), torch.randn(S, out, r)
+
+    def ln(v):  # layer norm without affine parameters, written out
+        return (v - v.mean()) / torch.sqrt(v.var(unbiased=False) + 1e-5)
+
+    direct = torch.zeros(S)
+    for j in range(S):
+        rows = []
+        for b in range(2):
+            ts = positions[b].nonzero().flatten().tolist()
+            rows.append(sum(float(ln(x[b, t]) @ ln(gates[j])) / math.sqrt(d) for t in ts) / len(ts))
+        direct[j] = sum(rows) / len(rows)
+    scores = perpcs.gate_scores(x, positions, gates)
+    assert torch.allclose(scores, direct, atol=1e-5)
+
+    idx, w, A_k, B_k = perpcs.assemble(scores, A, B, k, tau)
+    top = sorted(range(S), key=lambda j: -float(direct[j]))[:k]
+    assert idx.tolist() == top
+    e = [math.exp(float(direct[j]) / tau) for j in top]
+    weights = [v / sum(e) for v in e]
+    assert w.tolist() == pytest.approx(weights, abs=1e-6)
+    assert torch.allclose(A_k, sum(wj * A[j] for wj, j in zip(weights, top, strict=True)), atol=1e-5)
+    assert torch.allclose(B_k, sum(wj * B[j] for wj, j in zip(weights, top, strict=True)), atol=1e-5)
+
+
+def test_k1_with_a_one_hot_score_is_that_sharers_lora_exactly():
+    torch.manual_seed(1)
+    A, B = torch.randn(4, 3, 8), torch.randn(4, 6, 3)
+    for j in range(4):
+        idx, w, A_k, B_k = perpcs.assemble(F.one_hot(torch.tensor(j), 4).float(), A, B, k=1, tau=1.0)
+        assert idx.tolist() == [j] and w.tolist() == [1.0]
+        assert torch.equal(A_k, A[j]) and torch.equal(B_k, B[j])
+
+
+def test_assembly_on_a_model_with_k1_reproduces_the_chosen_sharer_and_records_the_pieces():
+    model = tiny_llama()
+    sharers, gates = random_sharers(model, 3)
+    adapter, pieces = perpcs.assemble_for_user(model, sharers, gates, examples(5), k=1, tau=1.0, batch_size=16)
+    assert not any(getattr(m, "is_wrapper", False) for m in model.modules())  # the model is left as it was
+    assert set(pieces) == set(sharers[0].A)
+    for m, batches in pieces.items():
+        assert len(batches) == 1 and batches[0]["weights"] == [1.0]
+        j = batches[0]["sharers"][0]
+        assert torch.equal(adapter.A[m], sharers[j].A[m]) and torch.equal(adapter.B[m], sharers[j].B[m])
+    # two batches: the factors are the uniform average of the two batches' assemblies
+    adapter2, pieces2 = perpcs.assemble_for_user(model, sharers, gates, examples(5), k=2, tau=1.0, batch_size=3)
+    for m, batches in pieces2.items():
+        assert len(batches) == 2
+        per_batch = [sum(w * sharers[j].A[m] for j, w in zip(b["sharers"], b["weights"], strict=True)) for b in batches]
+        assert torch.allclose(adapter2.A[m], (per_batch[0] + per_batch[1]) / 2, atol=1e-6)
+
+
+def test_deeper_layers_see_the_pieces_already_chosen():
+    """A layer-1 module's input, hence its choice, depends on what layer 0 assembled."""
+    model = tiny_llama()
+    sharers, gates = random_sharers(model, 3)
+    seen = {}
+    real = perpcs.PieceAssembly.forward
+
+    def spy(self, x):
+        seen.setdefault(id(self), x.clone())
+        return real(self, x)
+
+    perpcs.PieceAssembly.forward = spy
+    try:
+        perpcs.assemble_for_user(model, sharers, gates, examples(2), k=1, tau=1.0, batch_size=16)
+        first = dict(seen)
+        seen.clear()
+        scaled = [Adapter(s.config, s.A, {m: 10 * b for m, b in s.B.items()}) for s in sharers]
+        perpcs.assemble_for_user(model, scaled, gates, examples(2), k=1, tau=1.0, batch_size=16)
+    finally:
+        perpcs.PieceAssembly.forward = real
+    inputs_a, inputs_b = list(first.values()), list(seen.values())
+    assert torch.equal(inputs_a[0], inputs_b[0])  # layer 0, q_proj: before any piece acts
+    assert not torch.allclose(inputs_a[-1], inputs_b[-1])  # layer 1, o_proj: after layer 0's pieces
+
+
+def test_gate_training_trains_only_the_gates_and_rescales_the_lora_input():
+    model = tiny_llama()
+    inject_lora(model, LoRAConfig(r=4, alpha=4.0, target_modules=ATTENTION))
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.weight.normal_(0, 0.5)
+    gated = perpcs.inject_gates(model)
+    layer = next(iter(gated.values()))
+    x = torch.randn(3, 16)
+    expected = layer.base(x) + (x * torch.sigmoid(x @ layer.gate)[:, None]) @ layer.lora_A.weight.T \
+        @ layer.lora_B.weight.T * layer.scaling
+    assert torch.allclose(layer(x), expected, atol=1e-6)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train(model, examples(), TrainConfig(lr=1e-1, batch_size=4, progress=False))
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.endswith(".gate") for n in changed)
+
+
+# ----------------------------------------------------------------------------- PROPER
+
+
+def mixture_model(n_users: int = 3) -> tuple[LlamaForCausalLM, dict]:
+    model = tiny_llama()
+    torch.manual_seed(0)
+    modules = proper.inject_mixture(model, FFN, n_experts=5, r=4, alpha=8.0, n_users=n_users)
+    with torch.no_grad():
+        for m in modules.values():
+            m.experts_B.normal_(0, 0.3)
+    return model, modules
+
+
+def test_mixture_output_equals_the_formula_for_hand_set_routers():
+    _, modules = mixture_model()
+    m = modules["model.layers.0.mlp.up_proj"]
+    torch.manual_seed(3)
+    with torch.no_grad():
+        m.router_x.weight.copy_(torch.randn_like(m.router_x.weight))
+        m.router_e.weight.copy_(torch.randn_like(m.router_e.weight))
+        m.router_l.weight.copy_(torch.randn_like(m.router_l.weight))
+    m.add_user_lora(4, 8.0)
+    with torch.no_grad():
+        m.user_B.normal_(0, 0.3)
+    x, users = torch.randn(2, 3, 16), torch.tensor([2, 0])
+
+    def expert(i, v):
+        return m.experts_B[i] @ (m.experts_A[i] @ v) * (8.0 / 4)
+
+    for stage in proper.STAGES:
+        m.stage, m.users = stage, users
+        y = m(x)
+        for b in range(2):
+            for t in range(3):
+                v = x[b, t]
+                u = m.user_B @ (m.user_A @ v) * (8.0 / 4)
+                if stage == "router":
+                    r = torch.softmax(m.router_l.weight @ u, 0)
+                else:
+                    e = m.user_embedding.weight[users[b]]
+                    r = torch.softmax(torch.softmax(m.router_x.weight @ v, 0)
+                                      + torch.softmax(m.router_e.weight @ e, 0), 0)
+                want = m.base(v) + 0.2 * sum(r[i] * expert(i, v) for i in range(5)) + (0 if stage == "group" else u)
+                assert torch.allclose(y[b, t], want, atol=1e-5), (stage, b, t)
+
+
+def test_constraint_loss_is_the_formula_and_has_a_gradient():
+    model, modules = mixture_model()
+    proper.set_stage(model, "group")
+    proper.set_users(model, torch.tensor([1, 2]))
+    ids, _, _ = make_batch(examples(2), None, 0)
+    model(ids)
+    loss = proper.constraint_loss(model)
+    direct = []
+    for m in modules.values():
+        M = m.mean_routing
+        direct.append(sum(abs(M[i] * M[j]) for i in range(5) for j in range(5) if i != j))
+    assert torch.allclose(loss, torch.stack(direct).mean())
+    loss.backward()
+    for m in modules.values():
+        assert m.router_x.weight.grad.abs().sum() > 0 and m.router_e.weight.grad.abs().sum() > 0
+
+
+def test_each_proper_stage_trains_only_its_own_parameters():
+    model, modules = mixture_model()
+    for m in modules.values():
+        m.add_user_lora(4, 8.0)
+    own = {"group": ("experts_A", "experts_B", "router_x.weight", "router_e.weight", "user_embedding.weight"),
+           "user": ("user_A", "user_B"), "router": ("router_l.weight",)}
+    data = [proper.UserExample(ex, i % 3) for i, ex in enumerate(examples(4))]
+    for stage in proper.STAGES:
+        proper.set_stage(model, stage)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        train(model, data, TrainConfig(lr=5e-2, batch_size=2, progress=False),
+              before_forward=lambda batch: proper.set_users(model, torch.tensor([ex.row for ex in batch])),
+              aux_loss=(lambda: proper.constraint_loss(model)) if stage == "group" else None)
+        changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+        assert changed == {f"{n}.{k}" for n in modules for k in own[stage]}, stage
+
+
+def test_mixture_state_round_trips_and_refuses_another_model():
+    model, _ = mixture_model()
+    sd = proper.mixture_state(model)
+    other, _ = mixture_model()
+    with torch.no_grad():
+        for m in proper.mixtures(other).values():
+            m.experts_A.zero_()
+    proper.load_mixture_state(other, sd)
+    assert all(torch.equal(v, proper.mixture_state(other)[k]) for k, v in sd.items())
+    bigger, _ = mixture_model(n_users=4)
+    with pytest.raises(ValueError, match="shape"):
+        proper.load_mixture_state(bigger, sd)
