@@ -11,6 +11,7 @@ from mta.fusion import stack_lora
 from mta.llama import LlamaConfig, LlamaForCausalLM
 from mta.lora import LLAMA_TARGETS, LoRAConfig, find_targets, inject_lora, lora_layers
 from mta.multi_lora import (
+    bf16_supported,
     fresh_adapter,
     generate_many,
     get_row_adapter,
@@ -202,10 +203,11 @@ def test_batched_generation_equals_one_user_at_a_time():
     refs = [reference_user(model, fused[u], weights[u], stacked[u], "param") for u in range(3)]
     free = refs[1].generate(prompts[0][None], max_new_tokens=10)
     stop = int(free[0, 3])  # a stop token that ends some rows early
-    kw = dict(max_new_tokens=10, stop_token_ids=[stop], pad_token_id=0)
+    kw = dict(stop_token_ids=[stop], pad_token_id=0)
+    limits = [10, 10, 3, 10]  # every row its own stop condition: its stop token or its own length
     alone = []
-    for p, u in zip(prompts, slots, strict=True):
-        new = refs[u].generate(p[None], **kw)
+    for p, u, n in zip(prompts, slots, limits, strict=True):
+        new = refs[u].generate(p[None], max_new_tokens=n, **kw)
         assert greedy_gap(refs[u], p[None], None, new) > MIN_GAP
         alone.append(new[0].tolist())
     T = max(len(p) for p in prompts)
@@ -213,8 +215,13 @@ def test_batched_generation_equals_one_user_at_a_time():
     mask = torch.zeros_like(ids)
     for n, p in enumerate(prompts):  # left padding
         ids[n, T - len(p):], mask[n, T - len(p):] = p, 1
-    got = generate_many(many, ids, mask, slots, **kw)
+    got = generate_many(many, ids, mask, slots, max_new_tokens=limits, **kw)
     for n, want in enumerate(alone):
         row = got[n].tolist()
         assert row[: len(want)] == want and all(t == 0 for t in row[len(want):])
-    assert any(len(w) < 10 for w in alone) and any(stop not in w for w in alone)  # rows ended at different steps
+    assert len(alone[2]) == 3 and stop not in alone[2]  # ended by its own length
+    assert any(3 < len(w) < 10 for w in alone) and any(len(w) == 10 for w in alone)  # by the stop token, or not
+    if bf16_supported("cpu"):  # bf16 autocast decodes too (tokens may differ from fp32: no comparison)
+        assert generate_many(many, ids, mask, slots, bf16=True, max_new_tokens=4).shape == (4, 4)
+    with pytest.raises(ValueError, match="3 slots for 4 prompts"):
+        generate_many(many, ids, mask, slots[:3], max_new_tokens=4)
