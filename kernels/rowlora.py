@@ -5,8 +5,9 @@ the LoRA terms of its own adapter u = index[n], gathered from factor banks A (U,
 
     y_n = W0 x_n + Σ_terms  s_term · B_term[u] (A_term[u] x_n)
 
-Each term is one `index_select` of the bank rows and two `torch.bmm` (no loop over rows or adapters).
-A `RowLoRALinear` carries two terms:
+Each term is one `index_select` of the bank rows and two `torch.bmm` (no loop over rows or adapters);
+a `RowLoRALinear` concatenates its two terms into one pair of banks (rank rf + r, the stacked scaling
+folded into its A), so a layer costs one gather and two GEMMs, the second adding W0 x in place (baddbmm):
 
   fused    the merged bank LoRA of Eq. 5, applied unmerged, as frozen buffers with its scaling already
            inside B (`mta.fusion.merged_factors` returns ΔW = B @ A). merge_space=param gives one rank-r
@@ -39,17 +40,22 @@ import torch
 from torch import Tensor, nn
 
 
-def row_lora(x: Tensor, index: Tensor, A: Tensor, B: Tensor, scaling: float = 1.0) -> Tensor:
-    """scaling · B[index[n]] @ A[index[n]] @ x[n] for every row n, as two batched GEMMs.
+def row_lora(x: Tensor, index: Tensor, A: Tensor, B: Tensor, scaling: float = 1.0, y: Tensor | None = None) -> Tensor:
+    """y[n] + scaling · B[index[n]] @ A[index[n]] @ x[n] for every row n, as two batched GEMMs.
 
-    x (N, T, in), index (N,) long, A (U, r, in), B (U, out, r) -> (N, T, out) in A's dtype.
+    x (N, T, in), index (N,) long, A (U, r, in), B (U, out, r), y (N, T, out) or None -> (N, T, out) in
+    A's dtype. With y of A's dtype the addition happens inside the second GEMM (baddbmm).
     """
     a = A.index_select(0, index)  # (N, r, in)
     b = B.index_select(0, index)  # (N, out, r)
     h = torch.bmm(x.to(a.dtype), a.transpose(1, 2))  # (N, T, r)
     if scaling != 1.0:
         h = h * scaling  # scale the narrow side, as LoRALinear does
-    return torch.bmm(h, b.transpose(1, 2))  # (N, T, out)
+    if y is None:
+        return torch.bmm(h, b.transpose(1, 2))  # (N, T, out)
+    if y.dtype == b.dtype:
+        return torch.baddbmm(y, h, b.transpose(1, 2))  # (N, T, out)
+    return y + torch.bmm(h, b.transpose(1, 2))
 
 
 class RowLoRALinear(nn.Module):
@@ -72,8 +78,8 @@ class RowLoRALinear(nn.Module):
         U, n_in, n_out = n_adapters, base.in_features, base.out_features
         self.n_adapters, self.r = U, r
         self.scaling = alpha / (math.sqrt(r) if use_rslora else r) if r else 0.0
-        self.lora_A = nn.Parameter(torch.empty(U, r, n_in, **kw))  # (U, r, in)
-        self.lora_B = nn.Parameter(torch.zeros(U, n_out, r, **kw))  # (U, out, r)
+        self.lora_A = nn.Parameter(torch.empty(U, r, n_in, **kw), requires_grad=r > 0)  # (U, r, in)
+        self.lora_B = nn.Parameter(torch.zeros(U, n_out, r, **kw), requires_grad=r > 0)  # (U, out, r)
         for u in range(U if r else 0):  # PEFT's init, per slot
             nn.init.kaiming_uniform_(self.lora_A.data[u], a=math.sqrt(5))
         self.register_buffer("fused_A", torch.zeros(U, 0, n_in, **kw))  # (U, rf, in)
@@ -104,6 +110,14 @@ class RowLoRALinear(nn.Module):
         self.fused_A = A.to(self.fused_A)
         self.fused_B = B.to(self.fused_B)
 
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """Both terms as one pair of banks: A (U, rf + r, in) with the stacked scaling folded in, B (U, out, rf + r)."""
+        A, B = self.fused_A, self.fused_B
+        if self.r:
+            A = torch.cat([A, self.lora_A * self.scaling], 1) if A.shape[1] else self.lora_A * self.scaling
+            B = torch.cat([B, self.lora_B], 2) if B.shape[2] else self.lora_B
+        return A, B
+
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)  # (N, ..., out)
         if self.rows is None:
@@ -111,17 +125,19 @@ class RowLoRALinear(nn.Module):
         N = x.shape[0]
         if self.rows.shape != (N,):
             raise ValueError(f"RowLoRALinear: {self.rows.numel()} row slots for a batch of {N} rows")
-        xs = x.reshape(N, -1, x.shape[-1])  # (N, T, in)
-        delta = None
-        if self.fused_A.shape[1]:
-            delta = row_lora(xs, self.rows, self.fused_A, self.fused_B)  # (N, T, out)
-        if self.r:
-            stacked = row_lora(self.dropout(xs.to(self.lora_A.dtype)), self.rows, self.lora_A, self.lora_B,
-                               self.scaling)  # (N, T, out)
-            delta = stacked if delta is None else delta + stacked
-        if delta is None:
+        if not self.fused_A.shape[1] and not self.r:
             return y
-        return (y + delta.view(y.shape)).to(y.dtype)
+        xs = x.reshape(N, -1, x.shape[-1])  # (N, T, in)
+        ys = y.reshape(N, -1, y.shape[-1])  # (N, T, out)
+        if self.r and self.training and isinstance(self.dropout, nn.Dropout):  # dropout on the stacked term only
+            if self.fused_A.shape[1]:
+                ys = row_lora(xs, self.rows, self.fused_A, self.fused_B, y=ys)
+            out = row_lora(self.dropout(xs.to(self.lora_A.dtype)), self.rows, self.lora_A, self.lora_B,
+                           self.scaling, y=ys)
+        else:  # one pair of GEMMs for both terms
+            A, B = self.factors()
+            out = row_lora(xs, self.rows, A, B, y=ys)  # (N, T, out)
+        return out.view(y.shape).to(y.dtype)
 
     def extra_repr(self) -> str:
         return f"n_adapters={self.n_adapters}, r={self.r}, fused_rank={self.fused_A.shape[1]}"

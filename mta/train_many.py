@@ -62,16 +62,21 @@ class BankAdamW:
             decay.append(1 - lrs[u] * weight_decays[u])
             step_size.append(lrs[u] / (1 - b1 ** t))
             bc2_sqrt.append((1 - b2 ** t) ** 0.5)
+        per_slot = {}  # (device, dtype) -> (U,) tensors, moved once per step
         for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq, strict=True):
+            key = (p.device, p.dtype)
+            if key not in per_slot:
+                opts = dict(dtype=p.dtype, device=p.device)
+                per_slot[key] = (torch.tensor(list(active), device=p.device), grad_scale.to(**opts),
+                                 torch.tensor(decay, **opts), torch.tensor(step_size, **opts),
+                                 torch.tensor(bc2_sqrt, **opts))
             shape = (-1,) + (1,) * (p.ndim - 1)
-            opts = dict(dtype=p.dtype, device=p.device)
-            on = torch.tensor(list(active), device=p.device).view(shape)
-            g = p.grad * grad_scale.to(**opts).view(shape)
+            on, scale, dec, size, bc2 = (t.view(shape) for t in per_slot[key])
+            g = p.grad * scale
             m_new = m.lerp(g, 1 - b1)
             v_new = v * b2 + (1 - b2) * g * g
-            denom = v_new.sqrt() / torch.tensor(bc2_sqrt, **opts).view(shape) + self.eps
-            p_new = p * torch.tensor(decay, **opts).view(shape) \
-                - torch.tensor(step_size, **opts).view(shape) * (m_new / denom)
+            denom = v_new.sqrt() / bc2 + self.eps
+            p_new = p * dec - size * (m_new / denom)
             p.copy_(torch.where(on, p_new, p))
             m.copy_(torch.where(on, m_new, m))
             v.copy_(torch.where(on, v_new, v))
