@@ -225,3 +225,40 @@ def test_batched_generation_equals_one_user_at_a_time():
         assert generate_many(many, ids, mask, slots, bf16=True, max_new_tokens=4).shape == (4, 4)
     with pytest.raises(ValueError, match="3 slots for 4 prompts"):
         generate_many(many, ids, mask, slots[:3], max_new_tokens=4)
+
+
+def test_fused_only_rows_equal_folded_merges():
+    """Merged-only for many users: no stacked LoRA, each row's fused merge against fold_adapters."""
+    from mta.fusion import fold_adapters
+
+    model = tiny()
+    fused, weights, _ = users(model)
+    many = copy.deepcopy(model)
+    stack_many(many, fused, weights, None, "delta")
+    assert all(layer.r == 0 for layer in row_layers(many).values())
+    ids = torch.randint(0, VOCAB, (3, 8), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad(), rows(many, [0, 1, 2]):
+        got = many(ids)
+    for u in range(3):
+        ref = copy.deepcopy(model)
+        if fused[u]:
+            fold_adapters(ref, fused[u], weights[u], "delta")
+        torch.testing.assert_close(got[u: u + 1], ref(ids[u: u + 1]).detach(), **TOL)
+
+
+def test_dropout_acts_on_the_stacked_term_in_training_only():
+    layer = RowLoRALinear(torch.nn.Linear(8, 6), n_adapters=2, r=2, alpha=4.0, dropout=0.5)
+    layer.set_fused(torch.randn(2, 3, 8), torch.randn(2, 6, 3))
+    torch.nn.init.normal_(layer.lora_B)
+    layer.set_rows(torch.tensor([1, 0, 1]))
+    x = torch.randn(3, 4, 8)
+    plain = copy.deepcopy(layer)
+    plain.dropout = torch.nn.Identity()
+    layer.eval()
+    torch.testing.assert_close(layer(x), plain(x))
+    layer.train()
+    torch.manual_seed(0)
+    noisy = layer(x)
+    assert not torch.allclose(noisy, plain(x))
+    layer.lora_B.data.zero_()  # with the stacked term gone, dropout changes nothing: the fused term has none
+    torch.testing.assert_close(layer(x), layer.base(x) + row_lora(x, layer.rows, layer.fused_A, layer.fused_B), **TOL)
