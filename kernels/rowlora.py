@@ -40,14 +40,16 @@ import torch
 from torch import Tensor, nn
 
 
-def row_lora(x: Tensor, index: Tensor, A: Tensor, B: Tensor, scaling: float = 1.0, y: Tensor | None = None) -> Tensor:
+def row_lora(x: Tensor, index: Tensor | None, A: Tensor, B: Tensor, scaling: float = 1.0,
+             y: Tensor | None = None) -> Tensor:
     """y[n] + scaling · B[index[n]] @ A[index[n]] @ x[n] for every row n, as two batched GEMMs.
 
-    x (N, T, in), index (N,) long, A (U, r, in), B (U, out, r), y (N, T, out) or None -> (N, T, out) in
-    A's dtype. With y of A's dtype the addition happens inside the second GEMM (baddbmm).
+    x (N, T, in), index (N,) long (None: row n is slot n, N = U), A (U, r, in), B (U, out, r),
+    y (N, T, out) or None -> (N, T, out) in A's dtype. With y of A's dtype the addition happens inside the
+    second GEMM (baddbmm).
     """
-    a = A.index_select(0, index)  # (N, r, in)
-    b = B.index_select(0, index)  # (N, out, r)
+    a = A if index is None else A.index_select(0, index)  # (N, r, in)
+    b = B if index is None else B.index_select(0, index)  # (N, out, r)
     h = torch.bmm(x.to(a.dtype), a.transpose(1, 2))  # (N, T, r)
     if scaling != 1.0:
         h = h * scaling  # scale the narrow side, as LoRALinear does
@@ -86,6 +88,7 @@ class RowLoRALinear(nn.Module):
         self.register_buffer("fused_B", torch.zeros(U, n_out, 0, **kw))  # (U, out, rf), scaling inside
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.rows: Tensor | None = None  # (N,) slot of each batch row
+        self._rows_are_slots = False
 
     @property
     def in_features(self) -> int:
@@ -98,6 +101,9 @@ class RowLoRALinear(nn.Module):
     def set_rows(self, index: Tensor | None) -> None:
         """The adapter slot of each row of the next batches: (N,) integers in [0, n_adapters)."""
         self.rows = None if index is None else index.to(device=self.lora_A.device, dtype=torch.long)
+        # Row n is slot n (one row per user, in slot order): the banks are used as they are, no gather.
+        self._rows_are_slots = index is not None and index.numel() == self.n_adapters and bool(
+            torch.equal(index.cpu(), torch.arange(self.n_adapters)))
 
     @torch.no_grad()
     def set_fused(self, A: Tensor, B: Tensor) -> None:
@@ -111,11 +117,22 @@ class RowLoRALinear(nn.Module):
         self.fused_B = B.to(self.fused_B)
 
     def factors(self) -> tuple[Tensor, Tensor]:
-        """Both terms as one pair of banks: A (U, rf + r, in) with the stacked scaling folded in, B (U, out, rf + r)."""
+        """Both terms as one pair of banks: A (U, rf + r, in) with the stacked scaling folded in, B (U, out, rf + r).
+
+        Without autograd (generation) the pair is kept until a factor changes: in place (their version
+        counters; a change through `.data` is not seen) or replaced (`set_fused`, `.to()`)."""
+        key = None
+        if not torch.is_grad_enabled():
+            key = (self.fused_A, self.fused_A._version, self.lora_A._version, self.lora_B._version, self.scaling)
+            cached = getattr(self, "_factors", None)
+            if cached is not None and cached[0][0] is key[0] and cached[0][1:] == key[1:]:
+                return cached[1]
         A, B = self.fused_A, self.fused_B
         if self.r:
             A = torch.cat([A, self.lora_A * self.scaling], 1) if A.shape[1] else self.lora_A * self.scaling
             B = torch.cat([B, self.lora_B], 2) if B.shape[2] else self.lora_B
+        if key is not None:
+            self._factors = (key, (A, B))
         return A, B
 
     def forward(self, x: Tensor) -> Tensor:
@@ -136,7 +153,7 @@ class RowLoRALinear(nn.Module):
                            self.scaling, y=ys)
         else:  # one pair of GEMMs for both terms
             A, B = self.factors()
-            out = row_lora(xs, self.rows, A, B, y=ys)  # (N, T, out)
+            out = row_lora(xs, None if self._rows_are_slots else self.rows, A, B, y=ys)  # (N, T, out)
         return out.view(y.shape).to(y.dtype)
 
     def extra_repr(self) -> str:

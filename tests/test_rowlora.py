@@ -262,3 +262,24 @@ def test_dropout_acts_on_the_stacked_term_in_training_only():
     assert not torch.allclose(noisy, plain(x))
     layer.lora_B.data.zero_()  # with the stacked term gone, dropout changes nothing: the fused term has none
     torch.testing.assert_close(layer(x), layer.base(x) + row_lora(x, layer.rows, layer.fused_A, layer.fused_B), **TOL)
+
+
+def test_inference_cache_follows_factor_changes():
+    model = tiny()
+    fused, weights, stacked = users(model)
+    many = copy.deepcopy(model)
+    stack_many(many, fused, weights, STACK, "param", seeds=[0, 1, 2])
+    ids = torch.randint(0, VOCAB, (3, 6), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad(), rows(many, [0, 1, 2]):
+        before = many(ids)
+        set_slot(many, 1, stacked[1])  # in place: the cached banks must be rebuilt
+        after = many(ids)
+        from mta.multi_lora import set_fused
+        set_fused(many, [[], [], []], [[], [], []], "param")  # replaced buffers
+        unfused = many(ids)
+    torch.testing.assert_close(after[0], before[0])
+    assert not torch.allclose(after[1], before[1])
+    ref = reference_user(model, fused[1], weights[1], stacked[1], "param")
+    torch.testing.assert_close(after[1:2], ref(ids[1:2]).detach(), **TOL)
+    ref = reference_user(model, [], [], stacked[1], "param")
+    torch.testing.assert_close(unfused[1:2], ref(ids[1:2]).detach(), **TOL)
