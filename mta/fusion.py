@@ -11,13 +11,14 @@ import torch
 from torch import Tensor, nn
 
 from kernels.merge import check_weights, combine_factors, default_chunk, fold_, uses_workspace
+from kernels.rowlora import RowLoRALinear
 from mta.adapter import Adapter, check_modules
-from mta.lora import LLAMA_TARGETS, LoRAConfig, inject_lora, is_target, lora_layers
+from mta.lora import LLAMA_TARGETS, LoRAConfig, LoRALinear, inject_lora, is_target
 
 
 def _linears(model: nn.Module) -> dict[str, nn.Linear]:
     """Every linear that can carry LoRA, keyed by its PEFT path (a wrapped layer's base counts as itself)."""
-    wrapped = lora_layers(model)
+    wrapped = {n: m for n, m in model.named_modules() if isinstance(m, (LoRALinear, RowLoRALinear))}
     out = {n: layer.base for n, layer in wrapped.items()}
     for n, m in model.named_modules():
         if n.rpartition(".")[0] not in wrapped and is_target(n, m, "all"):

@@ -300,7 +300,7 @@ class LlamaForCausalLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        max_new_tokens: int = 64,
+        max_new_tokens: int | list[int] | torch.Tensor = 64,
         do_sample: bool = False,
         temperature: float = 1.0,
         top_k: int = 0,
@@ -312,13 +312,18 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """New tokens (B, n <= max_new_tokens) for left-padded prompts input_ids (B, T).
 
-        A row ends at its first stop token (kept in the output); later positions hold pad_token_id
-        (default: the first stop token, else 0). Decoding stops early once every row has ended.
+        A row ends at its first stop token (kept in the output) or after its own max_new_tokens (an int, or
+        one per row); later positions hold pad_token_id (default: the first stop token, else 0). Decoding
+        stops early once every row has ended.
         compile=True runs each one-token step through torch.compile (compiled once per model, dynamic
         shapes; worth it for long or many generations, as in gpt-fast): same tokens, less overhead per step.
         """
         B, T = input_ids.shape
         device = input_ids.device
+        limits = torch.as_tensor(max_new_tokens, dtype=torch.long, device=device).expand(B)  # (B,) per row
+        if bool((limits < 1).any()):
+            raise ValueError(f"generate: max_new_tokens must be >= 1, got {limits.tolist()}")
+        max_new_tokens = int(limits.max())
         if attention_mask is None:
             attention_mask = torch.ones(B, T, dtype=torch.long, device=device)
         if pad_token_id is None:
@@ -338,7 +343,7 @@ class LlamaForCausalLM(nn.Module):
             token = sample_next_token(logits, temperature, top_k, top_p, generator) if do_sample else logits.argmax(-1)
             token = token.masked_fill(finished, pad_token_id)
             out.append(token)
-            finished |= torch.isin(token, stop)
+            finished |= torch.isin(token, stop) | (limits <= step + 1)
             if step == max_new_tokens - 1 or bool(finished.all()):
                 break
             mask = full_mask[:, : T + step + 1] if padded else None

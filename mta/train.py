@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -81,18 +81,21 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     return 1.0
 
 
+def cut_example(prompt: Sequence[int], response: Sequence[int], max_len: int | None) -> tuple[list[int], list[int]]:
+    """An example within `max_len` tokens: the prompt is cut from the left first, then the response from the right."""
+    prompt, response = list(prompt), list(response)
+    if not response:
+        raise ValueError("training example with an empty response")
+    if max_len is not None and len(prompt) + len(response) > max_len:
+        keep = max(0, max_len - len(response))
+        prompt, response = prompt[len(prompt) - keep:], response[: max_len - keep]
+    return prompt, response
+
+
 def make_batch(examples: Sequence[Example], max_len: int | None, pad_id: int) -> tuple[Tensor, Tensor, int]:
     """Right-padded input_ids (B, T), a bool mask (B, T) of positions whose next token is a response
     token, and the number of real (non-pad) tokens."""
-    rows = []
-    for prompt, response in examples:
-        prompt, response = list(prompt), list(response)
-        if not response:
-            raise ValueError("training example with an empty response")
-        if max_len is not None and len(prompt) + len(response) > max_len:
-            keep = max(0, max_len - len(response))
-            prompt, response = prompt[len(prompt) - keep:], response[: max_len - keep]
-        rows.append((prompt, response))
+    rows = [cut_example(prompt, response, max_len) for prompt, response in examples]
     T = max(len(p) + len(r) for p, r in rows)
     ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     predicts_response = torch.zeros(len(rows), T, dtype=torch.bool)
@@ -102,16 +105,54 @@ def make_batch(examples: Sequence[Example], max_len: int | None, pad_id: int) ->
     return ids, predicts_response, sum(len(p) + len(r) for p, r in rows)
 
 
-def response_loss_sum(model: nn.Module, ids: Tensor, predicts_response: Tensor) -> Tensor:
-    """Summed cross-entropy of the response tokens; lm_head runs on those positions only when the
-    model exposes `hidden_states` (mta.llama), else on full logits."""
+def response_logits(model: nn.Module, ids: Tensor, predicts_response: Tensor) -> tuple[Tensor, Tensor]:
+    """(logits (N, V), targets (N,)) of the response tokens, row-major; lm_head runs on those positions only
+    when the model exposes `hidden_states` (mta.llama), else on full logits."""
     targets = ids[:, 1:][predicts_response[:, :-1]]  # (N,)
     if hasattr(model, "hidden_states") and hasattr(model, "lm_head"):
         logits = model.lm_head(model.hidden_states(ids)[predicts_response])  # (N, V)
     else:
         out = model(input_ids=ids)
         logits = (out if torch.is_tensor(out) else out.logits)[predicts_response]  # (N, V)
+    return logits, targets
+
+
+def response_loss_sum(model: nn.Module, ids: Tensor, predicts_response: Tensor) -> Tensor:
+    """Summed cross-entropy of the response tokens."""
+    logits, targets = response_logits(model, ids, predicts_response)
     return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+def schedule_length(config: TrainConfig, n_examples: int) -> tuple[int, int]:
+    """(optimizer steps, warmup steps) of a run over `n_examples`."""
+    micro_per_epoch = math.ceil(n_examples / config.batch_size)
+    steps_per_epoch = math.ceil(micro_per_epoch / config.grad_accum)
+    total = config.max_steps or config.epochs * steps_per_epoch
+    return total, math.ceil(config.warmup_ratio * total)
+
+
+def step_batches(examples: Sequence[Example], config: TrainConfig) -> Iterator[list[list[Example]]]:
+    """Yield, per optimizer step, the micro-batches it accumulates over: each epoch a permutation drawn
+    from a generator seeded with config.seed (or the data order), grouped by length if asked."""
+    order_gen = torch.Generator().manual_seed(config.seed)
+    while True:
+        perm = torch.randperm(len(examples), generator=order_gen).tolist() if config.shuffle \
+            else list(range(len(examples)))
+        if config.group_by_length:  # longest first within mega-batches of 50 micro-batches
+            mega = 50 * config.batch_size
+            perm = [j for i in range(0, len(perm), mega)
+                    for j in sorted(perm[i: i + mega], key=lambda j: -sum(map(len, examples[j])))]
+        micro = [[examples[j] for j in perm[i: i + config.batch_size]]
+                 for i in range(0, len(examples), config.batch_size)]
+        for i in range(0, len(micro), config.grad_accum):
+            yield micro[i: i + config.grad_accum]
+
+
+def adamw(params: Sequence[nn.Parameter], config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only."""
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=config.betas, eps=config.eps)
 
 
 def train(model: nn.Module, examples: Sequence[Example], config: TrainConfig, pad_id: int | None = 0,
@@ -133,35 +174,14 @@ def train(model: nn.Module, examples: Sequence[Example], config: TrainConfig, pa
         raise ValueError("train: the model has no trainable parameters (inject LoRA first?)")
     device = params[0].device
     torch.manual_seed(config.seed)
-    order_gen = torch.Generator().manual_seed(config.seed)
-    micro_per_epoch = math.ceil(len(examples) / config.batch_size)
-    steps_per_epoch = math.ceil(micro_per_epoch / config.grad_accum)
-    total = config.max_steps or config.epochs * steps_per_epoch
-    warmup = math.ceil(config.warmup_ratio * total)
-
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=config.betas, eps=config.eps)
+    total, warmup = schedule_length(config, len(examples))
+    opt = adamw(params, config)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-    def step_batches():
-        """Yield, per optimizer step, the list of micro-batches it accumulates over."""
-        while True:
-            perm = torch.randperm(len(examples), generator=order_gen).tolist() if config.shuffle \
-                else list(range(len(examples)))
-            if config.group_by_length:  # longest first within mega-batches of 50 micro-batches
-                mega = 50 * config.batch_size
-                perm = [j for i in range(0, len(perm), mega)
-                        for j in sorted(perm[i: i + mega], key=lambda j: -sum(map(len, examples[j])))]
-            micro = [[examples[j] for j in perm[i: i + config.batch_size]]
-                     for i in range(0, len(examples), config.batch_size)]
-            for i in range(0, len(micro), config.grad_accum):
-                yield micro[i: i + config.grad_accum]
 
     log, was_training = TrainLog(), model.training
     model.train()
     start = time.perf_counter()
-    batches = step_batches()
+    batches = step_batches(examples, config)
     with tqdm(total=total, desc="train", disable=not config.progress, leave=False) as bar:
         for step in range(total):
             lr = config.lr * lr_factor(step, total, warmup, config.schedule)
