@@ -23,7 +23,8 @@ multiple of 16 for the CPU int4 kernel; a device without the op) falls back to d
 of about 1 MiB and one F.linear per chunk, so no full float copy of W is ever held.
 
 Exactness of Q4_1 (w = d·q + m, an affine group quantisation with group 32):
-- fp32 activations: s = d is exact (f16 -> fp32), and z = m + 8d is exact in fp32 whenever
+- fp32 (torch's fp32 kernels, which `_pack` also serves; on CPU the fallback runs instead, exact too):
+  s = d is exact (f16 -> fp32), and z = m + 8d is exact in fp32 whenever
   |m| and |8d| lie within 2^13 of each other (f16 has 11 significant bits, fp32 24; true for every block of
   SmolLM2, where m ≈ -8d). Then s·(q - 8) + z = d·q + m rounds once, as the GGUF reference does: the
   kernel sees bit-identical weights and only the GEMM's summation order differs.
@@ -31,9 +32,13 @@ Exactness of Q4_1 (w = d·q + m, an affine group quantisation with group 32):
   8 significant bits: a relative error of up to 2^-9 in each block's scale and zero. fp16 activations
   round them to f16 (d exactly, m + 8d with up to 2^-11).
 - The fallback dequantises in fp32 exactly and rounds W once to the activations' dtype.
-Q4_0 (z = 0) and int8 have the same statement with z = 0 exact. On CPU the fp32 kernels of torch 2.13 are
-scalar (50x slower than bf16 at batch 1 on an AVX-512 Xeon/EPYC), so fp32 uses them only for up to
-`FP32_KERNEL_MAX_ROWS` rows and the chunked fallback otherwise; bf16 uses them always.
+Q4_0 (z = 0) and int8 have the same statement with z = 0 exact.
+
+Which path runs (measured on 1 core of an AVX-512 EPYC, torch 2.13, W 576 x 1536, batch 1; F.linear fp32
+66 us, bf16 81 us): the CPU kernels are vectorised for bf16 only (Q4_1 60 us, int8 57 us). Their fp32
+and fp16 versions are scalar (Q4_1 1.5 ms, int8 0.74 ms) and slower than the chunked fallback (Q4_1 1.2 ms,
+int8 0.30 ms, Q8_0 0.32 ms), so on CPU the kernels serve bf16 activations and fp32 takes the fallback.
+For speed, load the model in bf16 (`load_llm(..., dtype=torch.bfloat16, quant="q4")`).
 
 Backward: W is frozen; the gradient with respect to x is grad @ W through the same chunked dequantisation
 (torch's kernels have no derivative), so LoRA trains on a quantised base.
@@ -48,7 +53,7 @@ GROUP = 32
 KINDS = ("q4_0", "q4_1", "q8_0", "int8")
 GGUF_KINDS = {"Q4_0": "q4_0", "Q4_1": "q4_1", "Q8_0": "q8_0"}
 CHUNK_ELEMENTS = 1 << 18  # float elements of W dequantised at a time by the fallback (1 MiB in fp32)
-FP32_KERNEL_MAX_ROWS = 2  # fp32 rows up to which the (scalar) CPU kernels beat dequantise + F.linear
+CPU_KERNEL_DTYPES = (torch.bfloat16,)  # the dtypes torch's CPU kernels vectorise (fp32/fp16 ones are scalar)
 _INNER_K_TILES = 2
 
 
@@ -62,12 +67,12 @@ def kernel_for(kind: str, device: torch.device, dtype: torch.dtype, out_features
         if in_features % GROUP:
             return None
         if device.type == "cpu" and _op("_weight_int4pack_mm_for_cpu") is not None and out_features % 16 == 0:
-            return "int4pack" if dtype in (torch.float32, torch.bfloat16, torch.float16) else None
+            return "int4pack" if dtype in CPU_KERNEL_DTYPES else None
         if device.type == "cuda" and _op("_weight_int4pack_mm") is not None and out_features % 8 == 0:
             return "int4pack" if dtype == torch.bfloat16 else None  # not run on this project's CPU machines
         return None
     if kind == "int8" and device.type == "cpu" and _op("_weight_int8pack_mm") is not None:
-        return "int8pack" if dtype in (torch.float32, torch.bfloat16, torch.float16) else None
+        return "int8pack" if dtype in CPU_KERNEL_DTYPES else None
     return None
 
 
@@ -230,8 +235,6 @@ class QuantLinear(nn.Module):
         """x (..., in) -> (..., out), no bias."""
         x2 = x.reshape(-1, self.in_features)  # (rows, in)
         kernel = kernel_for(self.kind, x.device, x.dtype, self.out_features, self.in_features)
-        if kernel and x.dtype == torch.float32 and x.device.type == "cpu" and x2.shape[0] > FP32_KERNEL_MAX_ROWS:
-            kernel = None
         if kernel == "int8pack":
             y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), *self._kernel_operands(x.device, x.dtype))
         elif kernel == "int4pack":

@@ -51,7 +51,7 @@ KINDS = ["q4_0", "q4_1", "q8_0", "int8"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("rows", [1, 8])  # fp32: the CPU kernel at 1 row, the chunked fallback at 8
+@pytest.mark.parametrize("rows", [1, 8])  # on CPU: fp32 takes the chunked fallback, bf16 the kernels
 def test_quant_matmul_matches_dequantised_matmul(kind, rows):
     torch.manual_seed(0)
     w = torch.randn(96, 160) * 0.05  # out 96 (a multiple of 16), in 160 (5 blocks)
@@ -73,11 +73,12 @@ def test_quant_matmul_matches_dequantised_matmul(kind, rows):
 
 def test_kernels_this_torch_offers():
     cpu = torch.device("cpu")
-    print("\nkernels:", {k: kernel_for(k, cpu, torch.float32, 96, 160) for k in KINDS},
-          "| out not a multiple of 16:", kernel_for("q4_1", cpu, torch.float32, 40, 160))
-    assert kernel_for("q4_1", cpu, torch.float32, 96, 160) == "int4pack"
-    assert kernel_for("q8_0", cpu, torch.float32, 96, 160) is None  # block-scaled int8: no torch kernel
-    assert kernel_for("q4_1", cpu, torch.float32, 40, 160) is None  # the CPU int4 kernel needs out % 16 == 0
+    bf16 = torch.bfloat16
+    print("\nkernels (bf16):", {k: kernel_for(k, cpu, bf16, 96, 160) for k in KINDS},
+          "| fp32:", {k: kernel_for(k, cpu, torch.float32, 96, 160) for k in KINDS})
+    assert kernel_for("q4_1", cpu, bf16, 96, 160) == "int4pack" and kernel_for("int8", cpu, bf16, 96, 160) == "int8pack"
+    assert kernel_for("q8_0", cpu, bf16, 96, 160) is None  # block-scaled int8: no torch kernel
+    assert kernel_for("q4_1", cpu, bf16, 40, 160) is None  # the CPU int4 kernel needs out % 16 == 0
     layer = QuantLinear.from_float(torch.randn(40, 64), "q4_1")  # ... and then the fallback serves it
     x = torch.randn(3, 64)
     assert_within(layer(x), x, layer.dequantize(), FP32_BOUND)
@@ -94,12 +95,14 @@ def test_synthetic_q4_1_blocks_are_kept_exactly():
     # The kernel's form w = s·(q - 8) + z with s = d, z = m + 8d: z exact in fp32, so the same weights.
     d, m = layer.scales.double(), layer.mins.double()
     assert torch.equal((layer.mins.float() + 8 * layer.scales.float()).double(), m + 8 * d)
-    _, sz = layer._pack(torch.device("cpu"), torch.float32)
+    packed, sz = layer._pack(torch.device("cpu"), torch.float32)
     q = quant._unpack_nibbles(layer.qweight).float().view(rows, -1, 32)
     w_kernel = ((q - 8) * sz[..., 0].T[..., None] + sz[..., 1].T[..., None]).view(rows, cols)
     assert torch.equal(w_kernel, ref)
     x = torch.randn(1, cols)
     assert_within(layer(x), x, ref, FP32_BOUND)
+    # torch's fp32 kernel on these operands (slower than the fallback on CPU, so not the default path)
+    assert_within(torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 32, sz), x, ref, FP32_BOUND)
 
 
 def test_smollm2_q4_1_layer_packed_equals_dequantised():
@@ -114,8 +117,12 @@ def test_smollm2_q4_1_layer_packed_equals_dequantised():
         z = layer.mins.float() + 8 * layer.scales.float()
         assert torch.equal(z.double(), layer.mins.double() + 8 * layer.scales.double())  # exact for every block
         x = torch.randn(1, layer.in_features)
-        print(f"\n{name}: kernel {kernel_for('q4_1', x.device, x.dtype, layer.out_features, layer.in_features)}, "
-              f"error / (|x||W|) {assert_within(layer(x), x, dense[name], FP32_BOUND):.1e}")
+        fp32 = assert_within(layer(x), x, dense[name], FP32_BOUND)
+        packed, sz = layer._pack(x.device, torch.float32)
+        kernel = assert_within(torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 32, sz), x, dense[name],
+                               FP32_BOUND)
+        bf16 = assert_within(layer.to(torch.bfloat16)(x.bfloat16()), x.bfloat16(), dense[name], BF16_BOUND)
+        print(f"\n{name}: error / (|x||W|) fp32 fallback {fp32:.1e}, fp32 kernel {kernel:.1e}, bf16 kernel {bf16:.1e}")
     assert not isinstance(blocks["model.embed_tokens.weight"], QuantLinear)  # embeddings stay float
 
 
