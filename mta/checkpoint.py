@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from mta.gguf import GGUFFile, unpermute_rope_rows
+from kernels.quant import GGUF_KINDS, QuantLinear
+from mta.gguf import GGML_TYPES, GGUFFile, unpermute_rope_rows
 from mta.llama import LlamaConfig, LlamaForCausalLM
 from mta.rundir import read_json
 from mta.state_dict import check_state_dict
@@ -33,6 +34,11 @@ MODELS = {
     "llama3-8b-instruct": ModelSource(repo_id="meta-llama/Meta-Llama-3-8B-Instruct"),
 }
 DEFAULT_MODEL = "smollm2-135m"
+# Base-weight precision: "none" dequantises to `dtype`; "q4" / "q8" keep the decoder's linear layers quantised
+# (kernels.quant.QuantLinear). A GGUF's Q4_0 / Q4_1 / Q8_0 blocks are kept as shipped under either; every
+# other decoder weight is quantised to QUANT_KINDS[quant]. Embeddings, norms and lm_head stay float.
+QUANTS = ("none", "q4", "q8")
+QUANT_KINDS = {"q4": "q4_1", "q8": "int8"}
 HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer*"]
 
 
@@ -151,8 +157,9 @@ def config_from_gguf(gguf: GGUFFile) -> LlamaConfig:
         raise CheckpointError(f"{gguf.path}: metadata key {e.args[0]!r} missing") from None
 
 
-def read_gguf(gguf: GGUFFile, config: LlamaConfig) -> dict[str, torch.Tensor]:
-    """Dequantized tensors under HF names, q/k rows back in HF's rotate-half order."""
+def read_gguf(gguf: GGUFFile, config: LlamaConfig, blocks: bool = False) -> dict[str, torch.Tensor | QuantLinear]:
+    """Dequantized tensors under HF names, q/k rows back in HF's rotate-half order. With `blocks`, a decoder
+    weight stored as Q4_0 / Q4_1 / Q8_0 comes as a QuantLinear of its own bytes (rows reordered, values kept)."""
     if "rope_freqs.weight" in gguf.tensors:
         raise CheckpointError(f"{gguf.path}: Llama-3.1 rope_freqs tensors are not supported; use the HF checkpoint")
     tensors = {}
@@ -164,17 +171,24 @@ def read_gguf(gguf: GGUFFile, config: LlamaConfig) -> dict[str, torch.Tensor]:
             hf_name = f"model.layers.{parts[1]}.{_GGUF_NAMES[parts[2]]}.{parts[3]}"
         else:
             raise CheckpointError(f"{gguf.path}: unexpected tensor {name!r}")
-        w = t.dequantize()
+        keep = blocks and hf_name.startswith("model.layers.") and t.type in GGUF_KINDS and len(t.shape) == 2
+        # Kept blocks: (out, in/32 blocks, bytes per block); q/k rows move as whole rows of blocks.
+        w = t.data.reshape(t.shape[0], -1, GGML_TYPES[t.type][2]) if keep else t.dequantize()
         if parts[-2] == "attn_q":
             w = unpermute_rope_rows(w, config.num_attention_heads)
         elif parts[-2] == "attn_k":
             w = unpermute_rope_rows(w, config.num_key_value_heads)
-        tensors[hf_name] = torch.from_numpy(w)
+        w = torch.from_numpy(w.copy() if keep else w)
+        tensors[hf_name] = QuantLinear.from_gguf(w, t.type, t.shape) if keep else w
     return tensors
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu") -> tuple[LlamaForCausalLM, dict]:
-    """(model, info) from a local GGUF file or HF directory; info holds the tokenizer source."""
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu",
+               quant: str = "none") -> tuple[LlamaForCausalLM, dict]:
+    """(model, info) from a local GGUF file or HF directory; info holds the tokenizer source.
+    `quant` ("none", "q4", "q8"): the decoder's linear layers as QuantLinear (see QUANTS)."""
+    if quant not in QUANTS:
+        raise ValueError(f"load_model: quant must be one of {', '.join(map(repr, QUANTS))}; got {quant!r}")
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
@@ -185,18 +199,45 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu
     else:
         gguf = GGUFFile(path)
         config = config_from_gguf(gguf)
-        tensors = read_gguf(gguf, config)
+        tensors = read_gguf(gguf, config, blocks=quant != "none")
         info = {"gguf_metadata": gguf.metadata}
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
+    blocks = {k.removesuffix(".weight"): v for k, v in tensors.items() if isinstance(v, QuantLinear)}
+    tensors = {k: v for k, v in tensors.items() if not isinstance(v, QuantLinear)}
     # With tied embeddings a checkpoint may omit lm_head.weight or carry a copy of the embedding (dropped).
     tied = ("lm_head.weight",) if config.tie_word_embeddings else ()
-    tensors = check_state_dict(model, tensors, path, ignore=tied, optional=tied)
+    tensors = check_state_dict(model, tensors, path, ignore=tied, optional=tied + tuple(f"{m}.weight" for m in blocks))
     for k in tensors:  # one at a time, so peak memory stays near one copy; copy=True gives torch-owned memory
         tensors[k] = tensors[k].to(device=device, dtype=dtype, copy=True)
     model.load_state_dict(tensors, strict=False, assign=True)  # strictness checked above (tied lm_head)
     model.tie_weights()
+    if quant != "none":
+        quantize_decoder(model, QUANT_KINDS[quant], blocks, path, device)
     return model.eval(), info
+
+
+def quantize_decoder(model: LlamaForCausalLM, kind: str, blocks: dict[str, QuantLinear], source: Path,
+                     device) -> None:
+    """Every linear layer of the decoder becomes a QuantLinear: its GGUF blocks where `blocks` has them,
+    else its float weight quantised to `kind` (one layer at a time). lm_head and embeddings stay float."""
+    modules = model.model.layers.named_modules(prefix="model.layers")
+    linears = [(n, m) for n, m in modules if isinstance(m, torch.nn.Linear)]
+    unexpected = sorted(set(blocks) - {n for n, _ in linears})
+    if unexpected:
+        raise CheckpointError(f"{source}: checkpoint does not match the model: unexpected {unexpected[0]}.weight")
+    for name, lin in linears:
+        bias = None if lin.bias is None else lin.bias.detach()
+        if name in blocks:
+            q = blocks[name].to(device=device, dtype=model.dtype)
+            if (q.out_features, q.in_features) != tuple(lin.weight.shape):
+                raise CheckpointError(f"{source}: checkpoint does not match the model: wrong shape {name}.weight "
+                                      f"{(q.out_features, q.in_features)} != {tuple(lin.weight.shape)}")
+            q.bias = bias
+        else:
+            q = QuantLinear.from_float(lin.weight, kind, bias=bias, dtype=model.dtype)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, q)
 
 
 def _generation_eos(directory: Path, config: LlamaConfig) -> list[int]:
@@ -209,11 +250,12 @@ def _generation_eos(directory: Path, config: LlamaConfig) -> list[int]:
 
 
 def load_llm(
-    name_or_path: str | Path = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device="cpu"
+    name_or_path: str | Path = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device="cpu", quant: str = "none"
 ) -> tuple[LlamaForCausalLM, Tokenizer]:
-    """(model in eval mode, tokenizer) for a registry name, a local GGUF/HF directory or a hub id."""
+    """(model in eval mode, tokenizer) for a registry name, a local GGUF/HF directory or a hub id.
+    quant="q4" / "q8" keeps the decoder's linear layers quantised (QUANTS); "none" dequantises to `dtype`."""
     path = resolve(name_or_path)
-    model, info = load_model(path, dtype=dtype, device=device)
+    model, info = load_model(path, dtype=dtype, device=device, quant=quant)
     if "gguf_metadata" in info:
         tokenizer = Tokenizer.from_gguf_metadata(info["gguf_metadata"], source=str(path))
     else:

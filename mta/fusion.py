@@ -11,9 +11,10 @@ import torch
 from torch import Tensor, nn
 
 from kernels.merge import check_weights, combine_factors, default_chunk, fold_, uses_workspace
+from kernels.quant import QuantLinear
 from kernels.rowlora import RowLoRALinear
 from mta.adapter import Adapter, check_modules
-from mta.lora import LLAMA_TARGETS, LoRAConfig, LoRALinear, inject_lora, is_target
+from mta.lora import LLAMA_TARGETS, LoRAConfig, LoRALinear, inject_lora, is_target, refuse_quantized_fold
 
 
 def _linears(model: nn.Module) -> dict[str, nn.Linear]:
@@ -42,6 +43,8 @@ def _plan(model: nn.Module, adapters: Sequence[Adapter], weights: Sequence[float
             if m not in linears:
                 raise ValueError(f"{a.source}: module {m!r} is not a linear layer of this model; wrong base model?")
         check_modules(a, {m: linears[m] for m in a.A})
+    for m in first.A:
+        refuse_quantized_fold(m, linears[m])
     return {m: linears[m] for m in first.A}
 
 
@@ -86,12 +89,14 @@ def fold_adapters(model: nn.Module, adapters: Sequence[Adapter], weights: Sequen
 
 
 class BaseWeights:
-    """A pristine copy of the base weights LoRA folds touch, so every user starts again from W0."""
+    """A pristine copy of the base weights LoRA folds touch, so every user starts again from W0.
+    Quantised layers (QuantLinear) are never folded into, so they need no copy and get none."""
 
     def __init__(self, model: nn.Module, targets: tuple[str, ...] | str = LLAMA_TARGETS,
                  device: torch.device | str | None = None):
         self.model = model
-        self.linears = {m: lin for m, lin in _linears(model).items() if is_target(m, lin, targets)}
+        self.linears = {m: lin for m, lin in _linears(model).items()
+                        if is_target(m, lin, targets) and not isinstance(lin, QuantLinear)}
         self.weights = {m: lin.weight.detach().to(device=device or lin.weight.device, copy=True)
                         for m, lin in self.linears.items()}
 

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from kernels.merge import fold_
+from kernels.quant import QuantLinear
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -43,16 +44,19 @@ class LoRAConfig:
 
 
 class LoRALinear(nn.Module):
-    """A frozen nn.Linear plus a trainable low-rank update B @ A."""
+    """A frozen nn.Linear (or a quantised kernels.quant.QuantLinear, kept unmerged) plus a trainable B @ A."""
 
     is_wrapper = True  # a module around a base linear (`self.base`) that `unload_lora` removes
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
+    def __init__(self, base: nn.Linear | QuantLinear, r: int, alpha: float, dropout: float = 0.0,
+                 use_rslora: bool = False):
         super().__init__()
         self.base = base.requires_grad_(False)
+        base_dtype, device = (base.dtype, base.device) if isinstance(base, QuantLinear) else \
+            (base.weight.dtype, base.weight.device)
         # Half-precision bases get fp32 adapters, as PEFT's autocast_adapter_dtype does.
-        dtype = torch.float32 if base.weight.dtype in (torch.float16, torch.bfloat16) else base.weight.dtype
-        kw = dict(bias=False, device=base.weight.device, dtype=dtype)
+        dtype = torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
+        kw = dict(bias=False, device=device, dtype=dtype)
         self.lora_A = nn.Linear(base.in_features, r, **kw)
         self.lora_B = nn.Linear(r, base.out_features, **kw)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -70,14 +74,23 @@ class LoRALinear(nn.Module):
         return self.lora_B.weight.float() @ self.lora_A.weight.float() * self.scaling
 
     @torch.no_grad()
-    def merge(self) -> nn.Linear:
+    def merge(self, name: str = "") -> nn.Linear:
         """Fold B @ A into the base weight (fp32 accumulation) and return the base layer."""
+        refuse_quantized_fold(name or f"LoRALinear({self.base.out_features}, {self.base.in_features})", self.base)
         fold_(self.base.weight, self.lora_B.weight * self.scaling, self.lora_A.weight)
         return self.base
 
 
+def refuse_quantized_fold(name: str, base: nn.Module) -> None:
+    """Folding ΔW into a quantised base is not done: say so, naming the module."""
+    if isinstance(base, QuantLinear):
+        raise ValueError(f"module {name!r}: the base weight is quantised ({base.kind}), and a LoRA is not folded "
+                         "into quantised weights; on a quantised base the fused LoRA is applied unmerged (the "
+                         "per-row adapter path), or load the base with quant='none'")
+
+
 def is_target(name: str, module: nn.Module, targets: tuple[str, ...] | str) -> bool:
-    if not isinstance(module, nn.Linear) or name.split(".")[-1] == "lm_head":
+    if not isinstance(module, (nn.Linear, QuantLinear)) or name.split(".")[-1] == "lm_head":
         return False
     if isinstance(targets, str):
         return True
@@ -115,7 +128,7 @@ def _unwrap(model: nn.Module, merge: bool) -> nn.Module:
     layers = lora_layers(model) if merge else wrapped
     for name, layer in layers.items():
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, layer.merge() if merge else layer.base)
+        setattr(model.get_submodule(parent), child, layer.merge(name) if merge else layer.base)
     return model
 
 

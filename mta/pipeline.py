@@ -83,7 +83,7 @@ class Run:
     def engine(self) -> Engine:
         p = self.profile
         log(f"loading {p.llm} ({p.dtype}, {p.device})")
-        model, tok = load_llm(p.llm, dtype=p.torch_dtype, device=p.device)
+        model, tok = load_llm(p.llm, dtype=p.torch_dtype, device=p.device, quant=p.base_quant)
         if not p.chat_template:
             tok.chat_format = "plain"
         return Engine(p, self.task_spec, model, tok)

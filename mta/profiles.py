@@ -27,6 +27,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 FUSIONS = ("paper", "authors_code")
 BANK_DATA = ("adaptation", "authors_code")
 EMPTY_CLUSTER = ("most_active", "none")
+BASE_QUANTS = ("none", "q4", "q8")  # mta.checkpoint.QUANTS
 
 
 def choose(owner: str, field: str, value, allowed: tuple) -> None:
@@ -117,6 +118,9 @@ class Profile:
     stage2_encoder: str  # whole-history embeddings for matching (paper: bge-small-en-v1.5)
     dtype: str = "float32"
     device: str = "cpu"
+    # The base LLM's linear layers: "none" dequantised to `dtype`; "q4" / "q8" kept quantised (a GGUF's own
+    # Q4_0 / Q4_1 / Q8_0 blocks as shipped; other weights as Q4_1 blocks or int8 per channel), LoRAs unmerged.
+    base_quant: str = "none"
     n_anchors: int = 50  # V
     top_k: int = 2  # K
     min_anchor_items: int = 11  # the authors' code only takes users with more than 10 items
@@ -183,6 +187,7 @@ class Profile:
         check_types(self)
         owner = f"profile {self.name}"
         choose(owner, "dtype", self.dtype, DTYPES)
+        choose(owner, "base_quant", self.base_quant, BASE_QUANTS)
         choose(owner, "fusion", self.fusion, FUSIONS)
         choose(owner, "merge_space", self.merge_space, MERGE_MODES)
         choose(owner, "bank_data", self.bank_data, BANK_DATA)

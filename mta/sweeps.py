@@ -26,8 +26,8 @@ from mta.rundir import RunDir, atomic_path, read_json, write_json
 
 # Profile fields one meta-LoRA depends on (besides its anchor's history and the seed): a point that keeps
 # them reuses the main run's meta-LoRA of every anchor both runs have.
-ADAPTER_FIELDS = ("llm", "dtype", "bank", "bank_data", "max_items_per_anchor", "max_prompt_tokens", "chat_template",
-                  "prompt_style")
+ADAPTER_FIELDS = ("llm", "dtype", "base_quant", "bank", "bank_data", "max_items_per_anchor", "max_prompt_tokens",
+                  "chat_template", "prompt_style")
 # Profile fields that stage 1, the bank, stage 2 and the baselines' stage 1c depend on: a point that keeps them
 # shares all of these artifacts.
 ARTIFACT_FIELDS = (*ADAPTER_FIELDS, "stage1_encoder", "stage2_encoder", "n_anchors", "min_anchor_items",

@@ -1,0 +1,239 @@
+"""Quantised base weights (kernels.quant): matmuls against the dequantised weight, GGUF blocks kept exactly,
+LoRA on a quantised base, load_llm(quant=...), and the refusal to fold into quantised weights.
+
+Bounds. A quantised matmul and F.linear over the dequantised weight see the same weights (bit for bit in
+fp32: see kernels.quant) and differ only in summation order, so in fp32 |y - y_ref| <= 1e-5 · (|x| @ |W|ᵀ)
+(K <= 1536 terms, 2^-24 each, with margin). With bf16 activations the kernels also round x, the scales and
+zeros and y to bf16 (8 significant bits), so the bound is 2^-6 · (|x| @ |W|ᵀ).
+"""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels import quant
+from kernels.quant import QuantLinear, kernel_for
+from mta import checkpoint
+from mta.adapter import Adapter
+from mta.checkpoint import load_llm, load_model, read_gguf
+from mta.fusion import BaseWeights, fold_adapters
+from mta.gguf import GGML_TYPES, GGUFFile, dequantize
+from mta.lora import LoRAConfig, LoRALinear, inject_lora, merge_lora
+from mta.profiles import BASE_QUANTS, PROFILES
+from tests.fixtures import SMOLLM_FILE, make_llm, smollm_dir
+
+FP32_BOUND, BF16_BOUND = 1e-5, 2.0**-6
+
+
+def assert_within(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rel: float) -> float:
+    """|y - x @ wᵀ| <= rel · (|x| @ |w|ᵀ) elementwise (reference in fp64); returns the worst ratio."""
+    ref = x.double() @ w.double().T
+    scale = x.double().abs() @ w.double().abs().T
+    ratio = ((y.double() - ref).abs() / scale.clamp(min=1e-30)).max().item()
+    assert ratio <= rel, f"error {ratio:.2e} of |x||W| exceeds {rel:.1e}"
+    return ratio
+
+
+def random_q4_1_bytes(rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """GGUF Q4_1 tensor bytes (rows, cols/32 · 20) with realistic blocks: d > 0, m ≈ -8d, random nibbles."""
+    rng = np.random.default_rng(seed)
+    n = rows * cols // 32
+    d = rng.uniform(1e-3, 2e-2, n).astype(np.float16)
+    m = (-8 * d.astype(np.float32) * rng.uniform(0.5, 1.5, n)).astype(np.float16)
+    b = np.empty((n, 20), np.uint8)
+    b[:, 0:2], b[:, 2:4] = d.view(np.uint8).reshape(n, 2), m.view(np.uint8).reshape(n, 2)
+    b[:, 4:] = rng.integers(0, 256, (n, 16), dtype=np.uint8)
+    return b.reshape(rows, -1)
+
+
+KINDS = ["q4_0", "q4_1", "q8_0", "int8"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("rows", [1, 8])  # on CPU: fp32 takes the chunked fallback, bf16 the kernels
+def test_quant_matmul_matches_dequantised_matmul(kind, rows):
+    torch.manual_seed(0)
+    w = torch.randn(96, 160) * 0.05  # out 96 (a multiple of 16), in 160 (5 blocks)
+    layer = QuantLinear.from_float(w, kind)
+    wq = layer.dequantize()  # (96, 160) fp32
+    assert wq.shape == (96, 160) and layer.out_features == 96 and layer.in_features == 160
+    x = torch.randn(2, rows, 160)
+    assert_within(layer(x).flatten(0, 1), x.flatten(0, 1), wq, FP32_BOUND)
+    bf16 = QuantLinear.from_float(w, kind).to(torch.bfloat16)
+    assert bf16.dtype == torch.bfloat16 and bf16.scales.dtype == layer.scales.dtype  # stored scales untouched
+    assert torch.equal(bf16.dequantize(torch.float32), wq)
+    y = bf16(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    assert_within(y.flatten(0, 1), x.bfloat16().flatten(0, 1), wq, BF16_BOUND)
+    # quantisation error itself: 4-bit within half a step of its block, int8 / Q8_0 within half of 1/127
+    step = (w.view(96, 5, 32).amax(-1) - w.view(96, 5, 32).amin(-1)).max().item()
+    assert (wq - w).abs().max().item() <= (step / 15 if kind.startswith("q4") else w.abs().max().item() / 127)
+
+
+def test_kernels_this_torch_offers():
+    cpu = torch.device("cpu")
+    bf16 = torch.bfloat16
+    print("\nkernels (bf16):", {k: kernel_for(k, cpu, bf16, 96, 160) for k in KINDS},
+          "| fp32:", {k: kernel_for(k, cpu, torch.float32, 96, 160) for k in KINDS})
+    assert kernel_for("q4_1", cpu, bf16, 96, 160) == "int4pack" and kernel_for("int8", cpu, bf16, 96, 160) == "int8pack"
+    assert kernel_for("q8_0", cpu, bf16, 96, 160) is None  # block-scaled int8: no torch kernel
+    assert kernel_for("q4_1", cpu, bf16, 40, 160) is None  # the CPU int4 kernel needs out % 16 == 0
+    layer = QuantLinear.from_float(torch.randn(40, 64), "q4_1")  # ... and then the fallback serves it
+    x = torch.randn(3, 64)
+    assert_within(layer(x), x, layer.dequantize(), FP32_BOUND)
+
+
+def test_synthetic_q4_1_blocks_are_kept_exactly():
+    rows, cols = 48, 256
+    raw = random_q4_1_bytes(rows, cols)
+    layer = QuantLinear.from_gguf(torch.from_numpy(raw), "Q4_1", (rows, cols))
+    assert layer.kind == "q4_1" and layer.qweight.dtype == torch.uint8 and layer.scales.dtype == torch.float16
+    assert layer.nbytes() == raw.size  # the GGUF's bytes, nothing added
+    ref = torch.from_numpy(dequantize(raw.reshape(-1), "Q4_1", (rows, cols)))
+    assert torch.equal(layer.dequantize(), ref)  # elementwise, same formula: bit-identical
+    # The kernel's form w = s·(q - 8) + z with s = d, z = m + 8d: z exact in fp32, so the same weights.
+    d, m = layer.scales.double(), layer.mins.double()
+    assert torch.equal((layer.mins.float() + 8 * layer.scales.float()).double(), m + 8 * d)
+    packed, sz = layer._pack(torch.device("cpu"), torch.float32)
+    q = quant._unpack_nibbles(layer.qweight).float().view(rows, -1, 32)
+    w_kernel = ((q - 8) * sz[..., 0].T[..., None] + sz[..., 1].T[..., None]).view(rows, cols)
+    assert torch.equal(w_kernel, ref)
+    x = torch.randn(1, cols)
+    assert_within(layer(x), x, ref, FP32_BOUND)
+    # torch's fp32 kernel on these operands (slower than the fallback on CPU, so not the default path)
+    assert_within(torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 32, sz), x, ref, FP32_BOUND)
+
+
+def test_smollm2_q4_1_layer_packed_equals_dequantised():
+    gguf = GGUFFile(smollm_dir() / SMOLLM_FILE)
+    config = checkpoint.config_from_gguf(gguf)
+    dense = read_gguf(gguf, config)
+    blocks = read_gguf(gguf, config, blocks=True)
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight"):
+        layer = blocks[name]
+        assert isinstance(layer, QuantLinear) and layer.kind == "q4_1"
+        assert torch.equal(layer.dequantize(), dense[name]), name  # q rows un-permuted as whole rows of blocks
+        z = layer.mins.float() + 8 * layer.scales.float()
+        assert torch.equal(z.double(), layer.mins.double() + 8 * layer.scales.double())  # exact for every block
+        x = torch.randn(1, layer.in_features)
+        fp32 = assert_within(layer(x), x, dense[name], FP32_BOUND)
+        packed, sz = layer._pack(x.device, torch.float32)
+        kernel = assert_within(torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 32, sz), x, dense[name],
+                               FP32_BOUND)
+        bf16 = assert_within(layer.to(torch.bfloat16)(x.bfloat16()), x.bfloat16(), dense[name], BF16_BOUND)
+        print(f"\n{name}: error / (|x||W|) fp32 fallback {fp32:.1e}, fp32 kernel {kernel:.1e}, bf16 kernel {bf16:.1e}")
+    assert not isinstance(blocks["model.embed_tokens.weight"], QuantLinear)  # embeddings stay float
+
+
+@pytest.mark.parametrize("kind", ["q4_1", "int8"])
+@pytest.mark.parametrize("rows", [1, 6])
+def test_lora_gradients_through_quantised_base_equal_dequantised_base(kind, rows):
+    torch.manual_seed(0)
+    bases = [QuantLinear.from_float(torch.randn(64, 96) * 0.1, kind), QuantLinear.from_float(torch.randn(96, 64) * 0.1,
+                                                                                             kind)]
+    dense = []
+    for q in bases:
+        lin = nn.Linear(q.in_features, q.out_features, bias=False)
+        lin.weight.data.copy_(q.dequantize())
+        dense.append(lin)
+    quantised = nn.Sequential(*[LoRALinear(b, r=4, alpha=8) for b in bases])
+    reference = nn.Sequential(*[LoRALinear(b, r=4, alpha=8) for b in dense])
+    for lq, lr in zip(quantised, reference, strict=True):
+        nn.init.normal_(lq.lora_B.weight)  # nonzero B, so every factor gets a gradient
+        lr.load_state_dict({k: v for k, v in lq.state_dict().items() if k.startswith("lora_")}, strict=False)
+    x = torch.randn(rows, 96)
+    xs = [x.clone().requires_grad_(True), x.clone().requires_grad_(True)]
+    for model, xi in zip((quantised, reference), xs, strict=True):
+        (model(xi) ** 2).sum().backward()
+    grads = [[p.grad for p in m.parameters() if p.requires_grad] for m in (quantised, reference)]
+    assert len(grads[0]) == 4 and not any(b.qweight.requires_grad for b in bases)
+    for gq, gr in zip(*grads, strict=True):
+        torch.testing.assert_close(gq, gr, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-4, atol=1e-5)
+
+
+def test_folding_into_a_quantised_base_is_refused_naming_the_module(tmp_path):
+    model, _ = load_model(make_llm(tmp_path / "llm"), quant="q4")
+    config = LoRAConfig(r=2, alpha=4, target_modules="all")
+    names = inject_lora(model, config)
+    assert "model.layers.0.self_attn.q_proj" in names  # LoRA wraps QuantLinear bases
+    with pytest.raises(ValueError, match=r"module 'model\.layers\.0\.self_attn\.q_proj': .*quantised \(q4_1\).*"
+                                         r"applied unmerged"):
+        merge_lora(model)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    adapter = Adapter(config, {n: m.lora_A.weight.detach() for n, m in layers.items()},
+                      {n: m.lora_B.weight.detach() for n, m in layers.items()})
+    from mta.lora import unload_lora
+    unload_lora(model)
+    base = BaseWeights(model, targets="all")
+    assert base.weights == {}  # quantised layers get no pristine copy: they are never folded into
+    with pytest.raises(ValueError, match=r"module 'model\.layers\.0\.\w+\.\w+_proj': the base weight is quantised"):
+        fold_adapters(model, [adapter], [1.0], "param", base)
+
+
+@pytest.mark.parametrize("quant", ["q8", "q4"])
+def test_load_llm_quantised_safetensors(tmp_path, quant):
+    directory = make_llm(tmp_path / "llm")
+    dense, tok = load_llm(directory)
+    model, _ = load_llm(directory, quant=quant)
+    kinds = {m.kind for m in model.modules() if isinstance(m, QuantLinear)}
+    assert kinds == {checkpoint.QUANT_KINDS[quant]}
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 7 * model.config.num_hidden_layers
+    assert type(model.lm_head) is nn.Linear and type(model.model.embed_tokens) is nn.Embedding
+    # the quantised model equals the float model with every decoder weight replaced by its dequantised form
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            dense.get_submodule(name).weight.data.copy_(m.dequantize())
+    ids = torch.tensor([tok.encode("Generate a headline for the following article.")])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), dense(ids), rtol=1e-4, atol=1e-4)
+    # LoRA trains and generates on it, unmerged
+    inject_lora(model, LoRAConfig(r=2, alpha=4, target_modules="all"))
+    loss = model(ids).float().logsumexp(-1).mean()
+    loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+    assert model.generate(ids, max_new_tokens=3).shape == (1, 3)
+
+
+def test_base_quant_is_a_validated_profile_choice():
+    assert BASE_QUANTS == checkpoint.QUANTS
+    assert PROFILES["cpu"].base_quant == "none"
+    assert PROFILES["cpu"].replace(base_quant="q4").base_quant == "q4"
+    with pytest.raises(ValueError, match=r"base_quant must be one of 'none', 'q4', 'q8'; got 'q5'"):
+        PROFILES["cpu"].replace(base_quant="q5")
+    with pytest.raises(ValueError, match=r"quant must be one of"):
+        load_model("unused", quant="int3")
+
+
+@pytest.mark.slow
+def test_smollm2_quantised_generation_against_fp32():
+    dense, tok = load_llm("smollm2-135m")
+    model, _ = load_llm("smollm2-135m", quant="q4")
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len(layers) == 7 * 30 and {m.kind for m in layers} == {"q4_1"}  # every block kept as shipped
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied, float
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            assert torch.equal(m.dequantize(), dense.get_submodule(name).weight), name
+    ids = torch.tensor([tok.chat_prompt("Name three primary colors.")])
+    ours = model.generate(ids, max_new_tokens=16, stop_token_ids=tok.eos_token_ids)[0].tolist()
+    ref = dense.generate(ids, max_new_tokens=16, stop_token_ids=tok.eos_token_ids)[0].tolist()
+    same = sum(a == b for a, b in zip(ours, ref, strict=False)) / max(len(ours), len(ref))
+    print(f"\nq4 vs fp32-dequantised greedy: {same:.0%} of {len(ref)} tokens identical: {tok.decode(ours)!r}")
+    assert len(ours) >= 3
+    with torch.no_grad():  # a prefill pass (fallback path) agrees within fp32 summation order
+        torch.testing.assert_close(model(ids), dense(ids), rtol=1e-3, atol=1e-3)
+
+
+def test_gguf_block_sizes():
+    assert {k: GGML_TYPES[k][1:] for k in quant.GGUF_KINDS} == {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q8_0": (32, 34)}
+
+
+def test_fallback_chunks_cover_every_row(monkeypatch):
+    monkeypatch.setattr(quant, "CHUNK_ELEMENTS", 3 * 64)  # 3 rows per chunk: 17 rows = 6 chunks, last partial
+    layer = QuantLinear.from_float(torch.randn(17, 64), "q8_0")
+    x = torch.randn(5, 64)
+    assert_within(layer(x), x, layer.dequantize(), FP32_BOUND)
+    assert torch.equal(torch.cat([w for _, w in layer._chunks(torch.float32)]), layer.dequantize())
+    assert_within(F.linear(x, layer.dequantize()), x, layer.dequantize(), FP32_BOUND)
