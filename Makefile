@@ -49,6 +49,7 @@ bench: install
 	$(PY) tools/bench_llama.py
 	$(PY) tools/bench_lora.py
 	$(PY) tools/bench_encoders.py
+	$(PY) tools/bench_multi.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
