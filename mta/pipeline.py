@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -15,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from mta import report, seeds
-from mta.adapter import load_adapter, save_adapter
+from mta.adapter import Adapter, load_adapter, save_adapter
 from mta.checkpoint import load_llm
 from mta.encoders import load_encoder
 from mta.errors import InputError
@@ -135,6 +136,18 @@ def stage1_select(run: Run) -> dict:
     return doc
 
 
+def train_adapter(run: Run, path: Path, examples, recipe, seed: int, on: Sequence[Adapter] = ()) -> None:
+    """One fresh LoRA on W0 (plus the folded `on`) trained on `examples`, saved as a PEFT adapter with its
+    train_log.json: a meta-LoRA of the bank, a population LoRA, a Per-Pcs sharer."""
+    engine = run.engine
+    engine.reset()
+    train_log, _ = engine.personalize(on, [1.0] * len(on), recipe, examples, seed)
+    adapter = engine.trained_adapter()
+    engine.reset()
+    train_log = {"examples": len(examples), **summarize(train_log)}
+    save_adapter(adapter, path, extra={"train_log.json": json.dumps(train_log, indent=2)})
+
+
 def stage1_bank(run: Run) -> None:
     anchors = stage1_select(run)["anchors"]
     by_id = {u.user_id: u for u in run.candidates}
@@ -144,16 +157,10 @@ def stage1_bank(run: Run) -> None:
     p = run.profile
     log(f"stage 1b: training {len(todo)} of {len(anchors)} meta-LoRAs (rank {p.bank.rank}, "
         f"{p.bank.epochs} epochs, at most {p.max_items_per_anchor or 'all'} items each)")
-    engine = run.engine
     for a in tqdm(todo, desc="bank", disable=not run.progress):
         seed = derive_seed(run.seed, "bank", a["user_id"])
-        engine.reset()
-        examples = engine.examples(by_id[a["user_id"]].history, seed, limit=p.max_items_per_anchor, bank=True)
-        train_log, _ = engine.personalize([], [], p.bank, examples, seed)
-        adapter = engine.trained_adapter()
-        engine.reset()
-        train_log = {"examples": len(examples), **summarize(train_log)}
-        save_adapter(adapter, run.dir.adapter(a["user_id"]), extra={"train_log.json": json.dumps(train_log, indent=2)})
+        examples = run.engine.examples(by_id[a["user_id"]].history, seed, limit=p.max_items_per_anchor, bank=True)
+        train_adapter(run, run.dir.adapter(a["user_id"]), examples, p.bank, seed)
 
 
 def stage2_match_anchors(run: Run) -> dict:
@@ -184,16 +191,10 @@ def _population_lora(run: Run, path: Path, spec, what: str) -> None:
     """A LoRA on the population (the bank candidates' history items), saved as a PEFT adapter."""
     if path.exists():
         return
-    p, engine = run.profile, run.engine
     seed = derive_seed(run.seed, what)
-    engine.reset()
-    examples = engine.population_examples(run.candidates, seed, p.population_items)
+    examples = run.engine.population_examples(run.candidates, seed, run.profile.population_items)
     log(f"stage 1c: {what} on {len(examples)} population examples (rank {spec.rank})")
-    train_log, _ = engine.personalize([], [], spec, examples, seed)
-    adapter = engine.trained_adapter()
-    engine.reset()
-    save_adapter(adapter, path, extra={"train_log.json": json.dumps({"examples": len(examples),
-                                                                     **summarize(train_log)}, indent=2)})
+    train_adapter(run, path, examples, spec, seed)
 
 
 def stage1c_perpcs(run: Run) -> None:
@@ -212,12 +213,7 @@ def stage1c_perpcs(run: Run) -> None:
         seed = derive_seed(run.seed, "perpcs", a)
         examples = engine.examples(by_id[a].history, seed, limit=p.perpcs_sharer_items)
         if not d.perpcs_sharer(a).exists():
-            engine.reset()
-            train_log, _ = engine.personalize([task], [1.0], p.perpcs_sharer, examples, seed)
-            adapter = engine.trained_adapter()
-            engine.reset()
-            save_adapter(adapter, d.perpcs_sharer(a), extra={"train_log.json": json.dumps(
-                {"examples": len(examples), **summarize(train_log)}, indent=2)})
+            train_adapter(run, d.perpcs_sharer(a), examples, p.perpcs_sharer, seed, on=[task])
         gates, gate_log = train_perpcs_gates(engine, task, load_adapter(d.perpcs_sharer(a)), examples, seed)
         with atomic_path(d.perpcs_gates(a)) as tmp:
             save_file({m: g.contiguous().cpu() for m, g in gates.items()}, tmp, metadata={

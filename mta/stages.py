@@ -42,6 +42,13 @@ def derive_seed(seed: int, *parts: str) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
+def seeded_subset(items: Sequence, limit: int | None, seed: int) -> list:
+    """At most `limit` of `items`, drawn at random under `seed`, in their original order."""
+    if limit is None or len(items) <= limit:
+        return list(items)
+    return [items[i] for i in sorted(random.Random(seed).sample(range(len(items)), limit))]
+
+
 def item_texts(task: TaskSpec, user: User) -> list[str]:
     """How a user's history items are shown to the encoders."""
     return [task.render_history(item) for item in user.history]
@@ -177,18 +184,14 @@ class Engine:
         the profile's `bank_data` names."""
         pairs = training_pairs(self.task, history, seed=seed, bank=bank and self.profile.bank_data == "authors_code",
                                style=self.profile.prompt_style)
-        if limit is not None and len(pairs) > limit:
-            keep = sorted(random.Random(seed).sample(range(len(pairs)), limit))
-            pairs = [pairs[i] for i in keep]
-        return self.tokenize(pairs)
+        return self.tokenize(seeded_subset(pairs, limit, seed))
 
     def population_examples(self, users: Sequence[User], seed: int, limit: int | None = None
                             ) -> list[tuple[list[int], list[int]]]:
         """The population's training examples (Per-Pcs's task LoRA, PROPER's population LoRA): every user's
         history items in the adaptation format, at most `limit` of them drawn at random (seeded)."""
         slots = [(i, j) for i, u in enumerate(users) for j in range(len(u.history)) if len(u.history) >= 2]
-        if limit is not None and len(slots) > limit:
-            slots = sorted(random.Random(seed).sample(slots, limit))
+        slots = seeded_subset(slots, limit, seed)
         pairs = []
         for i in sorted({i for i, _ in slots}):
             mine = training_pairs(self.task, users[i].history, seed=derive_seed(seed, users[i].user_id),
@@ -415,11 +418,7 @@ def prepare_proper(engine: Engine, user: User, baselines: Baselines | None, unit
 
     proper.set_stage(engine.model, "user")
     user_log = train(engine.model, examples, p.proper_user.train_config(unit_seed), pad, before_forward=same_user)
-    router_examples = examples
-    if p.proper_router_items is not None and len(examples) > p.proper_router_items:
-        keep = sorted(random.Random(derive_seed(unit_seed, "router")).sample(range(len(examples)),
-                                                                             p.proper_router_items))
-        router_examples = [examples[i] for i in keep]
+    router_examples = seeded_subset(examples, p.proper_router_items, derive_seed(unit_seed, "router"))
     proper.set_stage(engine.model, "router")
     router_log = train(engine.model, router_examples, p.proper_router.train_config(unit_seed), pad)
     engine.model.eval()

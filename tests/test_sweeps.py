@@ -84,7 +84,7 @@ def count_trainings(monkeypatch) -> list:
     personalize = Engine.personalize
 
     def counting(self, adapters, weights, recipe, *rest):
-        if adapters == [] and recipe is not None:  # a fresh LoRA on W0: a meta-LoRA of the bank
+        if not adapters and recipe is not None:  # a fresh LoRA on W0: a meta-LoRA of the bank
             trained.append(recipe)
         return personalize(self, adapters, weights, recipe, *rest)
 
