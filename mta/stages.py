@@ -2,13 +2,14 @@
 
 Stage 1a  select_anchors   per-item embeddings, user vector = mean (Eq. 2), K-Means into V clusters,
                            the most active eligible user of each cluster is its anchor (Eq. 3).
-Stage 1b  train_anchor     one LoRA per anchor on its own history: the Meta-LoRA Bank.
+Stage 1b  Engine.personalize  one LoRA per anchor on its own history: the Meta-LoRA Bank.
+Stage 1c  train_perpcs_gates, train_proper_group   the population-level parts of Per-Pcs and PROPER.
 Stage 2   match_anchors    whole-history embeddings, cosine to every anchor (Eq. 4), kept for every
                            anchor; `fused_anchors` takes the top K and alpha_i = sim_i / sum(sim)
                            (Eq. 6) when a method uses them.
 Stage 3   run_unit         per user, each method of `mta.methods`: fuse its meta-LoRAs (Eq. 5), fold
                            them into W0 and train a fresh LoRA on top (Eq. 7) as the method's row says,
-                           then generate.
+                           then generate; Per-Pcs and PROPER through their own `PROCEDURES`.
 """
 
 from __future__ import annotations
