@@ -313,6 +313,9 @@ def results(run: Run) -> dict:
             "anchors": [a["user_id"] for a in anchors["anchors"]],
             "anchor_rules": {a["user_id"]: a.get("rule", "") for a in anchors["anchors"]},
             "clusters_without_anchor": anchors["clusters_without_anchor"],
+            "stage_seconds": read_json(run.dir.timings) if run.dir.timings.exists() else {},
+            "method_seconds": {m: round(sum(sum(r["seconds"].values()) for r in rs.values() if not r.get("error")), 1)
+                               for m, rs in rows.items()},
             "bank_missing": [a["user_id"] for a in anchors["anchors"]
                              if not (run.dir.adapter(a["user_id"]) / "adapter_model.safetensors").exists()]}
     return report.build_results(run.task_spec.name, rows, meta)
@@ -333,18 +336,29 @@ def run_and_report(run: Run) -> dict:
 
 
 def reproduce(run: Run) -> dict:
+    """Every stage in order. Each stage's wall time is added to `timings.json`, so a resumed run's file
+    holds the cold run's total per stage (a finished stage adds about nothing when it is skipped)."""
     start = time.perf_counter()
     torch.manual_seed(run.seed)
-    stage1_select(run)
-    stage1_bank(run)
-    stage2_match_anchors(run)
-    stage1c_baselines(run)
-    stage3_run(run)
+    timings = read_json(run.dir.timings) if run.dir.timings.exists() else {}
+    stages = [("stage1a_select", stage1_select), ("stage1b_bank", stage1_bank),
+              ("stage2_match_anchors", stage2_match_anchors), ("stage1c_perpcs", _if_method("perpcs", stage1c_perpcs)),
+              ("stage1c_proper", _if_method("proper", stage1c_proper)), ("stage3", stage3_run)]
+    for name, stage in stages:
+        t0 = time.perf_counter()
+        stage(run)
+        timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - t0, 1)
+        write_json(run.dir.timings, timings)
     result = write_results(run)
     latency = result["meta"]["mta_latency_median_s"]
-    log(f"done in {time.perf_counter() - start:.0f} s: {run.dir.results_md}; median per-user MTA latency "
+    log(f"done in {time.perf_counter() - start:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}): "
+        f"{run.dir.results_md}; median per-user MTA latency "
         f"(match + fuse + adapt + generate): {'n/a' if latency is None else f'{latency:.1f} s'}")
     return result
+
+
+def _if_method(method: str, stage):
+    return lambda run: stage(run) if method in run.methods else None
 
 
 def reproduce_seeds(runs: list[Run], results: list[dict]) -> dict:

@@ -187,6 +187,12 @@ def render_markdown(result: dict) -> str:
     timing = meta.get("mta_latency_median_s")
     if timing is not None:
         out += ["", f"Median per-user MTA latency (match + fuse + adapt + generate): {timing:.1f} s."]
+    if meta.get("stage_seconds"):
+        out += ["", "## Wall time", "", "| stage | seconds |", "|---|---:|"]
+        out += [f"| {k} | {v:.0f} |" for k, v in meta["stage_seconds"].items()]
+        out += ["", "Stage 3 by method (sum over users of each unit's own phases):", "",
+                "| method | seconds |", "|---|---:|"]
+        out += [f"| {label(m)} | {v:.0f} |" for m, v in meta.get("method_seconds", {}).items()]
     out += ["", "## Bank", "", f"{len(meta.get('anchors', []))} anchors."]
     rules = Counter(meta.get("anchor_rules", {}).values())
     out += [f"- {n} chosen as the {rule}" for rule, n in sorted(rules.items()) if rule]

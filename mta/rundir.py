@@ -198,3 +198,7 @@ class RunDir:
     @property
     def results_md(self) -> Path:
         return self.root / "results.md"
+
+    @property
+    def timings(self) -> Path:
+        return self.root / "timings.json"
