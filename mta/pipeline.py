@@ -74,11 +74,20 @@ class Run:
         return load_candidates(self.lamp_dir, self.task_spec.name)
 
     @cached_property
-    def test_users(self) -> list[User]:
+    def all_test_users(self) -> list[User]:
         users = load_test_users(self.lamp_dir, self.task_spec.name, errors=self.load_errors)
         for uid, err in self.load_errors.items():
             log(f"skipping test user {uid}: {err}")
-        return users[: self.n_users] if self.n_users else users
+        return users
+
+    @cached_property
+    def test_users(self) -> list[User]:
+        return self.all_test_users[: self.n_users] if self.n_users else self.all_test_users
+
+    @property
+    def subset(self) -> int | None:
+        """N when the run covers only the first N of the test users (its report gets its own file)."""
+        return self.n_users if self.n_users and self.n_users < len(self.all_test_users) else None
 
     @cached_property
     def engine(self) -> Engine:
@@ -323,8 +332,8 @@ def results(run: Run) -> dict:
 
 def write_results(run: Run) -> dict:
     result = results(run)
-    write_json(run.dir.results_json, result)
-    with atomic_path(run.dir.results_md) as tmp:
+    write_json(run.dir.results_json(run.subset), result)
+    with atomic_path(run.dir.results_md(run.subset)) as tmp:
         tmp.write_text(report.render_markdown(result))
     return result
 
@@ -352,7 +361,7 @@ def reproduce(run: Run) -> dict:
     result = write_results(run)
     latency = result["meta"]["mta_latency_median_s"]
     log(f"done in {time.perf_counter() - start:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}): "
-        f"{run.dir.results_md}; median per-user MTA latency "
+        f"{run.dir.results_md(run.subset)}; median per-user MTA latency "
         f"(match + fuse + adapt + generate): {'n/a' if latency is None else f'{latency:.1f} s'}")
     return result
 
@@ -364,7 +373,8 @@ def _if_method(method: str, stage):
 def reproduce_seeds(runs: list[Run], results: list[dict]) -> dict:
     """Several seeds of one reproduction: the summary across them (`mta.seeds`), next to their directories."""
     first = runs[0].dir.root
-    folder = first.parent / first.name.replace(f"-seed{runs[0].seed}", "-seeds" + "-".join(str(r.seed) for r in runs))
+    name = first.name.replace(f"-seed{runs[0].seed}", "-seeds" + "-".join(str(r.seed) for r in runs))
+    folder = first.parent / (name + (f"-{runs[0].subset}-users" if runs[0].subset else ""))
     summary = seeds.write_summary(folder, results, [r.seed for r in runs])
     log(f"{len(runs)} seeds: {folder / 'summary.md'}")
     return summary

@@ -191,13 +191,13 @@ class RunDir:
     def user_result(self, user_id: str, method: str) -> Path:
         return self.root / "users" / id_folder(user_id) / f"{method}.json"
 
-    @property
-    def results_json(self) -> Path:
-        return self.root / "results.json"
+    def results_json(self, n_users: int | None = None) -> Path:
+        """`results.json` for every test user; a run on the first N users writes `results-N-users.json`
+        beside it, so a smaller run on the same directory never overwrites the full report."""
+        return self.root / ("results.json" if n_users is None else f"results-{n_users}-users.json")
 
-    @property
-    def results_md(self) -> Path:
-        return self.root / "results.md"
+    def results_md(self, n_users: int | None = None) -> Path:
+        return self.results_json(n_users).with_suffix(".md")
 
     @property
     def timings(self) -> Path:

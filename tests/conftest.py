@@ -5,7 +5,8 @@ import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-N_USERS = 2
+N_USERS = 2  # of the tiny data's 4 test users, so its report is results-2-users.json
+RESULTS_JSON, RESULTS_MD = f"results-{N_USERS}-users.json", f"results-{N_USERS}-users.md"
 
 
 @pytest.fixture(scope="session")

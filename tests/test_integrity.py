@@ -14,7 +14,7 @@ import pytest
 from mta import pipeline
 from mta.cli import main
 from mta.errors import InputError
-from tests.conftest import N_USERS
+from tests.conftest import N_USERS, RESULTS_JSON
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,9 +35,11 @@ def with_runs(argv: list[str], runs: Path) -> list[str]:
 
 def comparable(result: dict) -> dict:
     """results.json without what legitimately differs between two runs: timings."""
+    timings = ("seconds", "mta_latency_median_s", "stage_seconds", "method_seconds")
+
     def strip(obj):
         if isinstance(obj, dict):
-            return {k: strip(v) for k, v in obj.items() if k not in ("seconds", "mta_latency_median_s")}
+            return {k: strip(v) for k, v in obj.items() if k not in timings}
         if isinstance(obj, list):
             return [strip(v) for v in obj]
         return obj
@@ -175,7 +177,7 @@ def test_a_run_killed_at_every_stage_resumes_to_the_same_results(tiny_run, tmp_p
     import torch
 
     reference_dir, argv, _ = tiny_run
-    reference = json.loads((reference_dir / "results.json").read_text())
+    reference = json.loads((reference_dir / RESULTS_JSON).read_text())
     argv = with_runs(argv, tmp_path / "runs")
     run_dir = run_dir_of(argv)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
@@ -192,9 +194,9 @@ def test_a_run_killed_at_every_stage_resumes_to_the_same_results(tiny_run, tmp_p
         assert seen and not finished, f"the run ended before it could be killed in {line_start!r}"
         leftovers = [p for p in run_dir.rglob("*") if p.name.endswith(".tmp")]
         assert all(p.name.startswith(".") for p in leftovers)  # never the name of an artifact
-        assert not (run_dir / "results.json").exists()
+        assert not (run_dir / RESULTS_JSON).exists()
     proc = subprocess.run(reproduce_cmd(argv), capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    resumed = json.loads((run_dir / "results.json").read_text())
+    resumed = json.loads((run_dir / RESULTS_JSON).read_text())
     assert comparable(resumed) == comparable(reference)
     assert not list(run_dir.rglob("*.tmp"))

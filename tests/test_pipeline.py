@@ -12,7 +12,7 @@ from mta import pipeline
 from mta.cli import main
 from mta.methods import ALL, DEFAULT
 from mta.stages import fusion_weights
-from tests.conftest import N_USERS
+from tests.conftest import N_USERS, RESULTS_JSON, RESULTS_MD
 
 
 def test_every_artifact_and_both_tables(tiny_run):
@@ -37,7 +37,7 @@ def test_every_artifact_and_both_tables(tiny_run):
     assert set(result["mta_vs"]) == set(DEFAULT) - {"mta"}
     for r in result["mta_vs"].values():
         assert r["ci95"][0] <= r["diff"] <= r["ci95"][1] and 0 <= r["outputs_differ"] <= N_USERS
-    md = (run_dir / "results.md").read_text()
+    md = (run_dir / RESULTS_MD).read_text()
     assert "Table 1" in md and "Table 2" in md and "MTA against every other method" in md
     assert json.loads((run_dir / "config.json").read_text())["profile"]["name"] == "tiny"
     assert not list(run_dir.rglob("*.tmp"))
@@ -80,7 +80,7 @@ def test_perpcs_and_proper_artifacts_and_results(tiny_run):
         pr = json.loads((run_dir / "users" / uid / "proper.json").read_text())
         assert pr["train"]["steps"] >= 1 and pr["train_router"]["steps"] >= 1
     assert {"perpcs", "proper"} <= set(result["mta_vs"])
-    md = (run_dir / "results.md").read_text()
+    md = (run_dir / RESULTS_MD).read_text()
     table1 = md.split("## Table 1")[1].split("## Table 2")[0]
     order = ["Non-personalized", "RAG (BM25, k=1)", "RAG (BM25, k=3)", "RAG (BM25, k=5)", "OPPU", "Per-Pcs",
              "PROPER", "MTA"]
@@ -138,7 +138,7 @@ def test_bad_user_and_missing_adapter_are_recorded(tiny_run, tmp_path):
     copy = runs / "news_headline" / "tiny-seed0"
     shutil.copytree(run_dir, copy)
     shutil.rmtree(copy / "users")
-    (copy / "results.json").unlink()
+    (copy / RESULTS_JSON).unlink()
     anchor = json.loads((copy / "stage1" / "anchors.json").read_text())["anchors"][0]["user_id"]
     shutil.rmtree(copy / "bank" / anchor)
     (copy / "bank" / anchor).mkdir()  # present but empty: the bank is missing this adapter
@@ -152,6 +152,18 @@ def test_bad_user_and_missing_adapter_are_recorded(tiny_run, tmp_path):
     uses_missing = anchor in sorted(sims, key=lambda a: -sims[a])[:2]
     assert (anchor in failures["merged_only"].get(ok_user, "")) == uses_missing
     assert result["meta"]["bank_missing"] == [anchor]
+
+
+def test_a_smaller_run_on_the_same_directory_keeps_the_larger_report(tiny_run):
+    run_dir, argv, result = tiny_run
+    before = (run_dir / RESULTS_JSON).read_text()
+    one = main("test", pipeline.reproduce, argv[:argv.index("--users")] + ["--users", "1", "--no-progress"])
+    assert (run_dir / RESULTS_JSON).read_text() == before
+    assert json.loads((run_dir / "results-1-users.json").read_text())["users"] == one["users"] == result["users"][:1]
+    timings = json.loads((run_dir / "timings.json").read_text())
+    assert list(timings) == ["stage1a_select", "stage1b_bank", "stage2_match_anchors", "stage1c_perpcs",
+                             "stage1c_proper", "stage3"]
+    assert "## Wall time" in (run_dir / RESULTS_MD).read_text()
 
 
 def test_fusion_weights():
@@ -234,10 +246,10 @@ def test_several_seeds_give_a_summary_across_them(tiny_run):
     run_dir, argv, result = tiny_run
     summary = main("test", pipeline.reproduce, argv + ["--seed", "0 1", "--methods", "rag1,merged_only,mta"],
                    across_seeds=reproduce_seeds)
-    folder = run_dir.parent / "tiny-seeds0-1"
+    folder = run_dir.parent / f"tiny-seeds0-1-{N_USERS}-users"
     assert json.loads((folder / "summary.json").read_text()) == json.loads(json.dumps(summary))
     assert "mean ± sd" in (folder / "summary.md").read_text()
-    seed1 = json.loads((run_dir.parent / "tiny-seed1" / "results.json").read_text())
+    seed1 = json.loads((run_dir.parent / "tiny-seed1" / RESULTS_JSON).read_text())
     for m in ("rag1", "merged_only", "mta"):
         values = [result["methods"][m]["metrics"]["rouge-1"], seed1["methods"][m]["metrics"]["rouge-1"]]
         assert summary["methods"][m]["rouge-1"]["mean"] == pytest.approx(np.mean(values))

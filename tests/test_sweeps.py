@@ -10,6 +10,7 @@ from mta import pipeline
 from mta.cli import main
 from mta.stages import Engine
 from mta.sweeps import llama3_8b_shapes, lora_parameters, run_sweep
+from tests.conftest import RESULTS_JSON
 
 POINTS = {"alpha": (None, 0.0, 1.0), "k": (1, 2), "rank": (2, 4), "bank": (2, 3), "adapt": ((3e-2, 1, 2), (1e-3, 1, 4))}
 
@@ -69,7 +70,7 @@ def test_alpha_reaches_the_merge(fresh_run, monkeypatch):
     main("test", lambda run: run_sweep(run, "alpha", (0.0, 0.3, 1.0), methods=("merged_only",)), argv)
     assert sorted(w for _, w in seen) == sorted([[0.0, 1.0]] * 2 + [[0.3, 0.7]] * 2 + [[1.0, 0.0]] * 2)
     main("test", lambda run: run_sweep(run, "k", (1,), methods=("merged_only",)), argv)
-    alpha1, k1 = (json.loads((run_dir / "sweeps" / w / p / "results.json").read_text())["per_user"]
+    alpha1, k1 = (json.loads((run_dir / "sweeps" / w / p / RESULTS_JSON).read_text())["per_user"]
                   for w, p in (("alpha", "1.0"), ("k", "1")))
     assert {u: r["merged_only"]["output"] for u, r in alpha1.items()} == \
         {u: r["merged_only"]["output"] for u, r in k1.items()}
@@ -118,10 +119,10 @@ def test_a_bank_point_reuses_the_meta_loras_of_other_points(fresh_run, monkeypat
 
 def test_the_main_profile_point_is_the_main_run(tiny_run):
     run_dir, argv, _ = tiny_run
-    before = (run_dir / "results.json").read_text()
+    before = (run_dir / RESULTS_JSON).read_text()
     out = main("test", lambda run: run_sweep(run, "k", (2, 1), methods=("merged_only",)), argv)
     assert not (run_dir / "sweeps" / "k" / "2").exists()  # top_k = 2 is the tiny profile's own
-    assert (run_dir / "results.json").read_text() == before
+    assert (run_dir / RESULTS_JSON).read_text() == before
     assert set(out["points"]["1"]) == {"merged_only"}
 
 
