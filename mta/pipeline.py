@@ -19,7 +19,6 @@ from mta import report, seeds
 from mta.adapter import Adapter, load_adapter, save_adapter
 from mta.checkpoint import load_llm
 from mta.encoders import load_encoder
-from mta.errors import InputError
 from mta.lamp import LampDataError, TaskSpec, User, get_task, load_candidates, load_test_users
 from mta.methods import DEFAULT, get, units
 from mta.profiles import Profile, profile_from_dict
@@ -29,6 +28,7 @@ from mta.stages import (
     Engine,
     derive_seed,
     match_anchors,
+    run_group,
     run_unit,
     select_anchors,
     summarize,
@@ -153,23 +153,50 @@ def train_adapter(run: Run, path: Path, examples, recipe, seed: int, on: Sequenc
     train_log, _ = engine.personalize(on, [1.0] * len(on), recipe, examples, seed)
     adapter = engine.trained_adapter()
     engine.reset()
-    train_log = {"examples": len(examples), **summarize(train_log)}
+    _save_trained(adapter, path, len(examples), train_log)
+
+
+def train_adapters(run: Run, paths: Sequence[Path], examples: Sequence, recipe, seeds: Sequence[int]) -> None:
+    """`train_adapter` for a group of LoRAs on W0 in one pass (the batched engine), each saved as it would be
+    alone; a killed run loses the group in flight."""
+    engine = run.engine
+    engine.reset()
+    try:
+        logs, _ = engine.personalize_many([[]] * len(paths), [[]] * len(paths), recipe, examples, seeds)
+        adapters = [engine.slot_adapter(u) for u in range(len(paths))]
+    finally:
+        engine.reset()
+    for path, adapter, ex, log in zip(paths, adapters, examples, logs, strict=True):
+        _save_trained(adapter, path, len(ex), log, group=len(paths))
+
+
+def _save_trained(adapter: Adapter, path: Path, n_examples: int, log, group: int = 1) -> None:
+    train_log = {"examples": n_examples, **summarize(log), **({"group": group} if group > 1 else {})}
     save_adapter(adapter, path, extra={"train_log.json": json.dumps(train_log, indent=2)})
 
 
 def stage1_bank(run: Run) -> None:
     anchors = stage1_select(run)["anchors"]
     by_id = {u.user_id: u for u in run.candidates}
-    todo = [a for a in anchors if not run.dir.adapter(a["user_id"]).exists()]
+    todo = [a["user_id"] for a in anchors if not run.dir.adapter(a["user_id"]).exists()]
     if not todo:
         return
     p = run.profile
-    log(f"stage 1b: training {len(todo)} of {len(anchors)} meta-LoRAs (rank {p.bank.rank}, "
-        f"{p.bank.epochs} epochs, at most {p.max_items_per_anchor or 'all'} items each)")
-    for a in tqdm(todo, desc="bank", disable=not run.progress):
-        seed = derive_seed(run.seed, "bank", a["user_id"])
-        examples = run.engine.examples(by_id[a["user_id"]].history, seed, limit=p.max_items_per_anchor, bank=True)
-        train_adapter(run, run.dir.adapter(a["user_id"]), examples, p.bank, seed)
+    size = p.group_size if p.engine == "batched" else 1
+    log(f"stage 1b: training {len(todo)} of {len(anchors)} meta-LoRAs (rank {p.bank.rank}, {p.bank.epochs} epochs, "
+        f"at most {p.max_items_per_anchor or 'all'} items each), {p.engine}, {size} at a time")
+    with tqdm(total=len(todo), desc="bank", disable=not run.progress) as bar:
+        for i in range(0, len(todo), size):
+            group = todo[i: i + size]
+            seeds = [derive_seed(run.seed, "bank", a) for a in group]
+            examples = [run.engine.examples(by_id[a].history, seed, limit=p.max_items_per_anchor, bank=True)
+                        for a, seed in zip(group, seeds, strict=True)]
+            paths = [run.dir.adapter(a) for a in group]
+            if p.engine == "batched":
+                train_adapters(run, paths, examples, p.bank, seeds)
+            else:
+                train_adapter(run, paths[0], examples[0], p.bank, seeds[0])
+            bar.update(len(group))
 
 
 def stage2_match_anchors(run: Run) -> dict:
@@ -278,25 +305,42 @@ def load_bank(run: Run) -> tuple[dict, dict[str, str]]:
 
 
 def stage3_run(run: Run) -> None:
+    """Every missing (user, method) result: user by user (`run_unit`), or with the batched engine each unit of
+    methods for `group_size` users at once (`run_group`). Each result is written as soon as its group ends."""
     matches = read_json(run.dir.matches) if run.dir.matches.exists() else {}
     todo = {u.user_id: [m for m in run.methods if not run.dir.user_result(u.user_id, m).exists()]
             for u in run.test_users}
     todo = {u: ms for u, ms in todo.items() if ms}
     if not todo:
         return
-    log(f"stage 3: {sum(map(len, todo.values()))} (user, method) units to run for {len(todo)} users")
+    p = run.profile
+    log(f"stage 3: {sum(map(len, todo.values()))} (user, method) units to run for {len(todo)} users, {p.engine}")
     bank, _ = load_bank(run)
     baselines = load_baselines(run)
     engine = run.engine
-    for user in tqdm([u for u in run.test_users if u.user_id in todo], desc="users", disable=not run.progress):
-        for unit in units(todo[user.user_id]):
-            try:
-                results = run_unit(engine, user, unit, matches.get(user.user_id), bank, run.seed, baselines)
-            except InputError as e:
-                log(f"user {user.user_id}, {', '.join(m.name for m in unit)}: {e}")
-                results = {m.name: {"user_id": user.user_id, "method": m.name, "error": str(e)} for m in unit}
-            for m, result in results.items():
-                write_json(run.dir.user_result(user.user_id, m), result)
+    users = [u for u in run.test_users if u.user_id in todo]
+    if p.engine == "sequential":
+        groups = [([u], unit) for u in users for unit in units(todo[u.user_id])]
+    else:
+        by_unit: dict[tuple[str, ...], list[User]] = {}
+        for u in users:
+            for unit in units(todo[u.user_id]):
+                by_unit.setdefault(tuple(m.name for m in unit), []).append(u)
+        groups = [(us[i: i + p.group_size], [get(m) for m in names])
+                  for names, us in by_unit.items() for i in range(0, len(us), p.group_size)]
+    with tqdm(total=sum(len(us) * len(unit) for us, unit in groups), desc="stage 3", disable=not run.progress) as bar:
+        for group, unit in groups:
+            if len(group) == 1:
+                results = {group[0].user_id: run_unit(engine, group[0], unit, matches.get(group[0].user_id), bank,
+                                                      run.seed, baselines)}
+            else:
+                results = run_group(engine, group, unit, matches, bank, run.seed, baselines)
+            for uid, rows in results.items():
+                for m, result in rows.items():
+                    if "error" in result:
+                        log(f"user {uid}, {m}: {result['error']}")
+                    write_json(run.dir.user_result(uid, m), result)
+            bar.update(len(group) * len(unit))
 
 
 def collect(run: Run) -> dict:

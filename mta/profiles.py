@@ -28,6 +28,7 @@ FUSIONS = ("paper", "authors_code")
 BANK_DATA = ("adaptation", "authors_code")
 EMPTY_CLUSTER = ("most_active", "none")
 BASE_QUANTS = ("none", "q4", "q8")  # mta.checkpoint.QUANTS
+ENGINES = ("batched", "sequential")
 
 
 def choose(owner: str, field: str, value, allowed: tuple) -> None:
@@ -150,6 +151,14 @@ class Profile:
     # "authors_code": prompts as the released scripts build them; "paper": Appendix E's templates.
     prompt_style: str = "authors_code"
     encoder_batch_size: int = 32
+    # Stage 1b and stage 3: "batched" trains and decodes `group_size` adapters (anchors, or users of one method)
+    # in one pass through per-row adapters; "sequential" one at a time, the reference (README, "Many users").
+    engine: str = "batched"
+    group_size: int = 8  # adapter factors and activations grow with it, never a copy of W
+    rows_per_pass: int | None = 8  # training rows per forward of a batched step (the activation memory); None: all
+    # bf16 autocast in the batched engine's training and decoding (CUDA bf16, AVX512-BF16 or AMX); None: on CUDA
+    # only, as mta.train does.
+    bf16: bool | None = None
     # ---- the two trained baselines of Table 1 (README, "Per-Pcs and PROPER"); defaults: their releases.
     # Population-level examples (the bank candidates' history items) each population LoRA trains on; None: all.
     population_items: int | None = None
@@ -193,6 +202,7 @@ class Profile:
         choose(owner, "bank_data", self.bank_data, BANK_DATA)
         choose(owner, "prompt_style", self.prompt_style, PROMPT_STYLES)
         choose(owner, "empty_cluster", self.empty_cluster, EMPTY_CLUSTER)
+        choose(owner, "engine", self.engine, ENGINES)
         if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.device):
             raise ValueError(f"{owner}: device must be 'cpu', 'cuda', 'cuda:<index>' or 'mps'; got {self.device!r}")
         if not 1 <= self.top_k <= 8:
@@ -205,11 +215,11 @@ class Profile:
         if self.fusion == "authors_code" and self.top_k != 2:
             raise ValueError(f"{owner}: fusion 'authors_code' merges exactly 2 anchors; top_k is {self.top_k}")
         for name in ("n_anchors", "min_anchor_items", "max_prompt_tokens", "max_new_tokens", "encoder_batch_size",
-                     "perpcs_top_k", "perpcs_assembly_batch", "proper_experts"):
+                     "perpcs_top_k", "perpcs_assembly_batch", "proper_experts", "group_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{owner}: {name} must be at least 1; got {getattr(self, name)}")
-        for name in ("max_items_per_anchor", "population_items", "perpcs_sharer_items", "proper_group_items",
-                     "proper_router_items"):
+        for name in ("rows_per_pass", "max_items_per_anchor", "population_items", "perpcs_sharer_items",
+                     "proper_group_items", "proper_router_items"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{owner}: {name} must be at least 1 or None")
         if self.perpcs_tau <= 0:
@@ -292,6 +302,7 @@ PAPER = Profile(
     dtype="bfloat16",
     device="cuda",
     n_anchors=50,
+    rows_per_pass=4,  # about 5 GB of bf16 activations per 1,024-token row of Llama-3-8B without checkpointing
     # Table 4: rank 4, batch 2 with 4 accumulation steps; lr 1e-4 and 3 epochs for LaMP-2 and LaMP-4,
     # lr 5e-5 with 2 epochs for LaMP-1 and LaMP-5 and 1 epoch for LaMP-3.
     stack=LoRASpec(rank=4, alpha=8.0, lr=1e-4, epochs=3, batch_size=2, grad_accum=4),
@@ -311,6 +322,7 @@ CPU = PAPER.replace(
     dtype="float32",
     device="cpu",
     n_anchors=16,
+    rows_per_pass=8,
     max_items_per_anchor=48,
     max_prompt_tokens=384,
     # Chosen on 20 dev users by `make sweep WHAT=adapt` (README): with Table 4's 6 steps at lr 1e-4 the

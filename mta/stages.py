@@ -10,6 +10,9 @@ Stage 2   match_anchors    whole-history embeddings, cosine to every anchor (Eq.
 Stage 3   run_unit         per user, each method of `mta.methods`: fuse its meta-LoRAs (Eq. 5), fold
                            them into W0 and train a fresh LoRA on top (Eq. 7) as the method's row says,
                            then generate; Per-Pcs and PROPER through their own `PROCEDURES`.
+          run_group        the same for a group of users at once (the batched engine): per-row adapters
+                           hold each user's fused LoRA unmerged and its fresh LoRA; one pass trains and
+                           one batch decodes them all (`mta.multi_lora`, `mta.train_many`).
 """
 
 from __future__ import annotations
@@ -32,9 +35,11 @@ from mta.kmeans import kmeans
 from mta.lamp import TaskSpec, User, instruction_only, query_prompt, training_pairs
 from mta.lora import inject_lora, unload_lora
 from mta.methods import Method
+from mta.multi_lora import generate_many, get_row_adapter, stack_many, unload_row_lora
 from mta.profiles import LoRASpec, Profile
 from mta.tokenizer import Tokenizer
 from mta.train import TrainLog, train
+from mta.train_many import train_many
 
 
 def derive_seed(seed: int, *parts: str) -> int:
@@ -235,17 +240,46 @@ class Engine:
         """The LoRA `personalize` trained, detached from the model."""
         return get_adapter(self.model, self.lora_config)
 
-    def generate(self, prompts: Sequence[str]) -> list[str]:
+    def personalize_many(self, fused: Sequence[Sequence[Adapter]], weights: Sequence[Sequence[float]],
+                         recipe: LoRASpec | None, examples: Sequence = (), seeds: Sequence[int] = ()
+                         ) -> tuple[list[TrainLog] | None, dict]:
+        """`personalize` for U adapters in one pass (the batched engine): slot u holds W0 plus the fused LoRA
+        of `fused[u]` (Eq. 5) applied unmerged and, with a `recipe`, a fresh LoRA trained on `examples[u]`
+        (Eq. 7), initialised as `personalize` would under `seeds[u]` (`mta.multi_lora.stack_many`,
+        `mta.train_many.train_many`). Returns (one log per slot, seconds per phase for the whole group)."""
+        p, seconds = self.profile, {}
+        tic = time.perf_counter()
+        self.lora_config = recipe.lora_config(p.llm) if recipe else None
+        stack_many(self.model, fused, weights, self.lora_config, p.merge_space, seeds)
+        if any(fused):
+            seconds["fuse"] = time.perf_counter() - tic
+        if recipe is None:
+            return None, seconds
+        logs = train_many(self.model, examples, [recipe.train_config(s) for s in seeds], self.tok.pad_token_id,
+                          p.rows_per_pass, p.bf16)
+        self.model.eval()
+        seconds["adapt"] = logs[0].seconds
+        return logs, seconds
+
+    def slot_adapter(self, slot: int) -> Adapter:
+        """The LoRA `personalize_many` trained in slot `slot`, detached from the model."""
+        return get_row_adapter(self.model, slot, self.lora_config)
+
+    def generate(self, prompts: Sequence[str], slots: Sequence[int] | None = None) -> list[str]:
+        """Greedy outputs for left-padded prompts; with `slots`, prompt n uses slot `slots[n]`'s adapters."""
         seqs = [self.tok.chat_prompt(fit_text(self.tok, p, self.prompt_budget)) for p in prompts]
         ids, mask = self.tok.pad(seqs, side="left")
-        device = self.profile.device
-        new = self.model.generate(ids.to(device), mask.to(device), max_new_tokens=self.profile.max_new_tokens,
-                                  stop_token_ids=self.tok.eos_token_ids, pad_token_id=self.tok.pad_token_id)
+        ids, mask = ids.to(self.profile.device), mask.to(self.profile.device)
+        kw = dict(max_new_tokens=self.profile.max_new_tokens, stop_token_ids=self.tok.eos_token_ids,
+                  pad_token_id=self.tok.pad_token_id)
+        new = self.model.generate(ids, mask, **kw) if slots is None else \
+            generate_many(self.model, ids, mask, slots, self.profile.bf16, **kw)
         return [self.tok.decode(row.tolist()).strip() for row in new]
 
     def reset(self) -> None:
         """Back to the plain base model: no LoRA layers, W = W0."""
         unload_lora(self.model)
+        unload_row_lora(self.model)
         if self.folded:
             self.base.restore()
             self.folded = False
@@ -262,11 +296,21 @@ def method_prompt(task: TaskSpec, user: User, method: Method, style: str) -> str
     return query_prompt(task, user.history, query, k=method.history_items, style=style)
 
 
-def prepare_weights(engine: Engine, user: User, method: Method, match: dict | None, bank: dict[str, Adapter],
-                    unit_seed: int, baselines: Baselines | None = None) -> tuple[dict, dict]:
-    """Set the model up as the method's row says. Returns (seconds per phase, details for the result)."""
-    if method.procedure != "fuse_then_train":
-        return PROCEDURES[method.procedure](engine, user, baselines, unit_seed)
+@dataclass
+class Setup:
+    """What a fuse-then-train method needs for one user: the meta-LoRAs to fuse and their weights (Eq. 5-6), the
+    recipe of the LoRA trained on top and its examples (Eq. 7)."""
+
+    adapters: list[Adapter]
+    weights: list[float]
+    recipe: LoRASpec | None
+    examples: list
+    seconds: dict
+    extra: dict
+
+
+def method_setup(engine: Engine, user: User, method: Method, match: dict | None, bank: dict[str, Adapter],
+                 unit_seed: int) -> Setup:
     p = engine.profile
     seconds, extra = {}, {}
     adapters, weights = [], []
@@ -281,32 +325,104 @@ def prepare_weights(engine: Engine, user: User, method: Method, match: dict | No
         seconds["match"] = match["seconds"]
         extra.update(anchors=anchors, weights=weights)
     recipe = None if method.recipe == "none" else getattr(p, method.recipe)
-    examples = engine.examples(user.history, unit_seed) if recipe else ()
-    log, phases = engine.personalize(adapters, weights, recipe, examples, unit_seed)
-    seconds.update(phases)
-    if log is not None:
-        extra["train"] = summarize(log)
-    return seconds, extra
+    examples = engine.examples(user.history, unit_seed) if recipe else []
+    return Setup(adapters, weights, recipe, examples, seconds, extra)
+
+
+def prepare_weights(engine: Engine, user: User, method: Method, match: dict | None, bank: dict[str, Adapter],
+                    unit_seed: int, baselines: Baselines | None = None) -> tuple[dict, dict]:
+    """Set the model up as the method's row says. Returns (seconds per phase, details for the result)."""
+    if method.procedure != "fuse_then_train":
+        return PROCEDURES[method.procedure](engine, user, baselines, unit_seed)
+    setup = method_setup(engine, user, method, match, bank, unit_seed)
+    log, phases = engine.personalize(setup.adapters, setup.weights, setup.recipe, setup.examples, unit_seed)
+    extra = {**setup.extra, **({"train": summarize(log)} if log is not None else {})}
+    return {**setup.seconds, **phases}, extra
+
+
+def unit_results(task: TaskSpec, user: User, unit: Sequence[Method], outputs: Sequence[str], seconds: dict,
+                 extra: dict) -> dict[str, dict]:
+    """Method name -> the result row of one user (its first query)."""
+    query = user.query[0]
+    return {m.name: {"user_id": user.user_id, "method": m.name, "query_id": query.id, "output": output,
+                     "prediction": task.parse(output), "gold": query.gold, "seconds": seconds, **extra}
+            for m, output in zip(unit, outputs, strict=True)}
+
+
+def error_results(user: User, unit: Sequence[Method], error: Exception) -> dict[str, dict]:
+    return {m.name: {"user_id": user.user_id, "method": m.name, "error": str(error)} for m in unit}
 
 
 def run_unit(engine: Engine, user: User, unit: Sequence[Method], match: dict | None,
              bank: dict[str, Adapter], seed: int, baselines: Baselines | None = None) -> dict[str, dict]:
     """One unit of stage 3 (`mta.methods.units`) for one user's first query -> method name: {output,
-    prediction, gold, seconds, ...}. A unit's methods share its weights and one batched generation."""
-    task, query = engine.task, user.query[0]
+    prediction, gold, seconds, ...}. A unit's methods share its weights and one batched generation.
+    Bad input (InputError) gives the unit's error rows."""
     engine.reset()
     try:
         seconds, extra = ({}, {}) if unit[0].on_base_weights else prepare_weights(
             engine, user, unit[0], match, bank, derive_seed(seed, user.user_id, unit[0].name), baselines)
         tic = time.perf_counter()
-        outputs = engine.generate([method_prompt(task, user, m, engine.profile.prompt_style) for m in unit])
+        outputs = engine.generate([method_prompt(engine.task, user, m, engine.profile.prompt_style) for m in unit])
         generate = (time.perf_counter() - tic) / len(unit)
+    except InputError as e:
+        return error_results(user, unit, e)
     finally:
         engine.reset()
-    return {m.name: {"user_id": user.user_id, "method": m.name, "query_id": query.id, "output": output,
-                     "prediction": task.parse(output), "gold": query.gold,
-                     "seconds": {**seconds, "generate": generate}, **extra}
-            for m, output in zip(unit, outputs, strict=True)}
+    return unit_results(engine.task, user, unit, outputs, {**seconds, "generate": generate}, extra)
+
+
+def run_group(engine: Engine, users: Sequence[User], unit: Sequence[Method], matches: dict,
+              bank: dict[str, Adapter], seed: int, baselines: Baselines | None = None) -> dict[str, dict[str, dict]]:
+    """`run_unit` for many users at once (the batched engine): user id -> method name -> result.
+
+    Methods on W0 decode every user's prompts in batches of similar length. A fuse-then-train method gives
+    each user a slot of per-row adapters (its fused LoRA unmerged, its fresh LoRA on top), trains all the
+    slots in one pass and decodes them in one batch; each result's seconds are the group's divided by its
+    size. Per-Pcs and PROPER run user by user. A user with bad input gets its error rows; the rest go on."""
+    task, style, size = engine.task, engine.profile.prompt_style, engine.profile.group_size
+    method = unit[0]
+    if method.on_base_weights:
+        prompts = [(u, m, method_prompt(task, u, m, style)) for u in users for m in unit]
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i][2]))
+        outputs = [""] * len(prompts)
+        tic = time.perf_counter()
+        for i in range(0, len(order), size * len(unit)):
+            chunk = order[i: i + size * len(unit)]
+            for j, out in zip(chunk, engine.generate([prompts[j][2] for j in chunk]), strict=True):
+                outputs[j] = out
+        generate = (time.perf_counter() - tic) / len(prompts)
+        return {u.user_id: unit_results(task, u, unit, outputs[n * len(unit): (n + 1) * len(unit)],
+                                        {"generate": generate}, {"group": len(users)})
+                for n, u in enumerate(users)}
+    if method.procedure != "fuse_then_train":
+        return {u.user_id: run_unit(engine, u, unit, matches.get(u.user_id), bank, seed, baselines) for u in users}
+    out, setups = {}, {}
+    for u in users:
+        try:
+            setups[u.user_id] = method_setup(engine, u, method, matches.get(u.user_id), bank,
+                                             derive_seed(seed, u.user_id, method.name))
+        except InputError as e:
+            out[u.user_id] = error_results(u, unit, e)
+    ok = [u for u in users if u.user_id in setups]
+    if not ok:
+        return out
+    chosen = [setups[u.user_id] for u in ok]
+    engine.reset()
+    try:
+        logs, phases = engine.personalize_many([s.adapters for s in chosen], [s.weights for s in chosen],
+                                               chosen[0].recipe, [s.examples for s in chosen],
+                                               [derive_seed(seed, u.user_id, method.name) for u in ok])
+        tic = time.perf_counter()
+        outputs = engine.generate([method_prompt(task, u, method, style) for u in ok], slots=range(len(ok)))
+        phases["generate"] = time.perf_counter() - tic
+    finally:
+        engine.reset()
+    for n, (u, s) in enumerate(zip(ok, chosen, strict=True)):
+        seconds = {**s.seconds, **{k: v / len(ok) for k, v in phases.items()}}
+        extra = {**s.extra, "group": len(ok), **({"train": summarize(logs[n])} if logs else {})}
+        out[u.user_id] = unit_results(task, u, unit, [outputs[n]], seconds, extra)
+    return out
 
 
 # ----------------------------------------------------------------------------- Per-Pcs and PROPER (Table 1)
