@@ -64,9 +64,11 @@ def test_alpha_reaches_the_merge(fresh_run, monkeypatch):
     from mta import stages
 
     run_dir, argv, _ = fresh_run
-    seen, fold = [], stages.fold_adapters
+    seen, fold, many = [], stages.fold_adapters, stages.Engine.personalize_many
     monkeypatch.setattr(stages, "fold_adapters", lambda model, adapters, weights, *a: seen.append(
         (len(adapters), list(weights))) or fold(model, adapters, weights, *a))
+    monkeypatch.setattr(stages.Engine, "personalize_many", lambda self, fused, weights, *a: seen.extend(
+        (len(f), list(w)) for f, w in zip(fused, weights, strict=True)) or many(self, fused, weights, *a))
     main("test", lambda run: run_sweep(run, "alpha", (0.0, 0.3, 1.0), methods=("merged_only",)), argv)
     assert sorted(w for _, w in seen) == sorted([[0.0, 1.0]] * 2 + [[0.3, 0.7]] * 2 + [[1.0, 0.0]] * 2)
     main("test", lambda run: run_sweep(run, "k", (1,), methods=("merged_only",)), argv)
@@ -89,7 +91,13 @@ def count_trainings(monkeypatch) -> list:
             trained.append(recipe)
         return personalize(self, adapters, weights, recipe, *rest)
 
+    def counting_many(self, fused, weights, recipe, *rest):
+        trained.extend(recipe for adapters in fused if not adapters and recipe is not None)
+        return personalize_many(self, fused, weights, recipe, *rest)
+
+    personalize_many = Engine.personalize_many
     monkeypatch.setattr(Engine, "personalize", counting)
+    monkeypatch.setattr(Engine, "personalize_many", counting_many)
     return trained
 
 
