@@ -192,7 +192,7 @@ def stage1_bank(run: Run) -> None:
             examples = [run.engine.examples(by_id[a].history, seed, limit=p.max_items_per_anchor, bank=True)
                         for a, seed in zip(group, seeds, strict=True)]
             paths = [run.dir.adapter(a) for a in group]
-            if p.engine == "batched":
+            if len(group) > 1:
                 train_adapters(run, paths, examples, p.bank, seeds)
             else:
                 train_adapter(run, paths[0], examples[0], p.bank, seeds[0])
@@ -305,8 +305,9 @@ def load_bank(run: Run) -> tuple[dict, dict[str, str]]:
 
 
 def stage3_run(run: Run) -> None:
-    """Every missing (user, method) result: user by user (`run_unit`), or with the batched engine each unit of
-    methods for `group_size` users at once (`run_group`). Each result is written as soon as its group ends."""
+    """Every missing (user, method) result, unit of methods by unit: for `group_size` users at once with the
+    batched engine (`run_group`), for one user at a time otherwise (`run_unit`). Each result is written as
+    soon as its group ends."""
     matches = read_json(run.dir.matches) if run.dir.matches.exists() else {}
     todo = {u.user_id: [m for m in run.methods if not run.dir.user_result(u.user_id, m).exists()]
             for u in run.test_users}
@@ -318,16 +319,13 @@ def stage3_run(run: Run) -> None:
     bank, _ = load_bank(run)
     baselines = load_baselines(run)
     engine = run.engine
-    users = [u for u in run.test_users if u.user_id in todo]
-    if p.engine == "sequential":
-        groups = [([u], unit) for u in users for unit in units(todo[u.user_id])]
-    else:
-        by_unit: dict[tuple[str, ...], list[User]] = {}
-        for u in users:
-            for unit in units(todo[u.user_id]):
-                by_unit.setdefault(tuple(m.name for m in unit), []).append(u)
-        groups = [(us[i: i + p.group_size], [get(m) for m in names])
-                  for names, us in by_unit.items() for i in range(0, len(us), p.group_size)]
+    size = p.group_size if p.engine == "batched" else 1
+    by_unit: dict[tuple[str, ...], list[User]] = {}
+    for u in run.test_users:
+        for unit in units(todo.get(u.user_id, [])):
+            by_unit.setdefault(tuple(m.name for m in unit), []).append(u)
+    groups = [(us[i: i + size], [get(m) for m in names])
+              for names, us in by_unit.items() for i in range(0, len(us), size)]
     with tqdm(total=sum(len(us) * len(unit) for us, unit in groups), desc="stage 3", disable=not run.progress) as bar:
         for group, unit in groups:
             if len(group) == 1:
