@@ -15,6 +15,7 @@ from mta import pipeline
 from mta.cli import main
 from mta.errors import InputError
 from tests.conftest import N_USERS, RESULTS_JSON
+from tests.fixtures import make_profile
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -169,7 +170,7 @@ KILL_POINTS = (("stage 1a:", None), ("stage 1b:", "bank/*/adapter_model.safetens
 
 
 @pytest.mark.slow
-def test_a_run_killed_at_every_stage_resumes_to_the_same_results(tiny_run, tmp_path):
+def test_a_run_killed_at_every_stage_resumes_to_the_same_results(tiny_run, tiny_run_inputs, tmp_path):
     """SIGKILL a `make reproduce`-equivalent process in each stage (stage 1a, the bank after its first
     meta-LoRA, stage 2, Per-Pcs's and PROPER's population stage after the first sharer LoRA, stage 3 after
     its first result), rerun, and compare with the uninterrupted run:
@@ -178,7 +179,11 @@ def test_a_run_killed_at_every_stage_resumes_to_the_same_results(tiny_run, tmp_p
 
     reference_dir, argv, _ = tiny_run
     reference = json.loads((reference_dir / RESULTS_JSON).read_text())
+    # The bank's 3 anchors in groups of two: a kill after the first saved meta-LoRA lands while the
+    # second group trains (with one group, the rest of the bank and stage 2 can finish before the kill).
+    _, llm, bert = tiny_run_inputs
     argv = with_runs(argv, tmp_path / "runs")
+    argv[argv.index("--profile") + 1] = str(make_profile(tmp_path / "tiny.json", llm, bert, group_size=2))
     run_dir = run_dir_of(argv)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     for line_start, artifact in KILL_POINTS:
