@@ -145,12 +145,13 @@ def stage1_select(run: Run) -> dict:
     return doc
 
 
-def train_adapter(run: Run, path: Path, examples, recipe, seed: int, on: Sequence[Adapter] = ()) -> None:
+def train_adapter(run: Run, path: Path, examples, recipe, seed: int, on: Sequence[Adapter] = (),
+                  probe: bool = False) -> None:
     """One fresh LoRA on W0 (plus the folded `on`) trained on `examples`, saved as a PEFT adapter with its
-    train_log.json: a meta-LoRA of the bank, a population LoRA, a Per-Pcs sharer."""
+    train_log.json: a meta-LoRA of the bank, a population LoRA, a Per-Pcs sharer (these two `probe`d)."""
     engine = run.engine
     engine.reset()
-    train_log, _ = engine.personalize(on, [1.0] * len(on), recipe, examples, seed)
+    train_log, _ = engine.personalize(on, [1.0] * len(on), recipe, examples, seed, probe=probe)
     adapter = engine.trained_adapter()
     engine.reset()
     _save_trained(adapter, path, len(examples), train_log)
@@ -230,7 +231,7 @@ def _population_lora(run: Run, path: Path, spec, what: str) -> None:
     seed = derive_seed(run.seed, what)
     examples = run.engine.population_examples(run.candidates, seed, run.profile.population_items)
     log(f"stage 1c: {what} on {len(examples)} population examples (rank {spec.rank})")
-    train_adapter(run, path, examples, spec, seed)
+    train_adapter(run, path, examples, spec, seed, probe=True)
 
 
 def stage1c_perpcs(run: Run) -> None:
@@ -249,7 +250,7 @@ def stage1c_perpcs(run: Run) -> None:
         seed = derive_seed(run.seed, "perpcs", a)
         examples = engine.examples(by_id[a].history, seed, limit=p.perpcs_sharer_items)
         if not d.perpcs_sharer(a).exists():
-            train_adapter(run, d.perpcs_sharer(a), examples, p.perpcs_sharer, seed, on=[task])
+            train_adapter(run, d.perpcs_sharer(a), examples, p.perpcs_sharer, seed, on=[task], probe=True)
         gates, gate_log = train_perpcs_gates(engine, task, load_adapter(d.perpcs_sharer(a)), examples, seed)
         with atomic_path(d.perpcs_gates(a)) as tmp:
             save_file({m: g.contiguous().cpu() for m, g in gates.items()}, tmp, metadata={

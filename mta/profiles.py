@@ -104,11 +104,11 @@ class LoRASpec:
         return LoRAConfig(r=self.rank, alpha=self.alpha, dropout=self.dropout, target_modules=self.targets,
                           base_model_name_or_path=base_model)
 
-    def train_config(self, seed: int, progress: bool = False) -> TrainConfig:
+    def train_config(self, seed: int, progress: bool = False, probe: bool = False) -> TrainConfig:
         return TrainConfig(lr=self.lr, epochs=self.epochs, batch_size=self.batch_size, grad_accum=self.grad_accum,
                            weight_decay=self.weight_decay, schedule=self.schedule, warmup_ratio=self.warmup_ratio,
                            max_grad_norm=self.max_grad_norm, group_by_length=self.group_by_length, seed=seed,
-                           max_steps=self.max_steps, progress=progress)
+                           max_steps=self.max_steps, progress=progress, probe=probe)
 
 
 @dataclass(frozen=True)
@@ -186,6 +186,7 @@ class Profile:
                                      weight_decay=0.0, warmup_ratio=0.0)
     proper_router: LoRASpec = LoRASpec(rank=4, alpha=8.0, targets=FFN, lr=2e-4, epochs=1, batch_size=1,
                                        weight_decay=0.0, warmup_ratio=0.0)
+    proper_user_items: int | None = None  # the user's items the user LoRA trains on; None: all
     proper_router_items: int | None = None  # the user's items the LoRA-aware router trains on; None: all
     # Task directory name -> the fields that differ for that task, in `profile_from_dict`'s form, e.g.
     # {"citation": {"stack": {"epochs": 2, "lr": 5e-5}}}; a run applies its task's row (`for_task`).
@@ -219,7 +220,7 @@ class Profile:
             if getattr(self, name) < 1:
                 raise ValueError(f"{owner}: {name} must be at least 1; got {getattr(self, name)}")
         for name in ("rows_per_pass", "max_items_per_anchor", "population_items", "perpcs_sharer_items",
-                     "proper_group_items", "proper_router_items"):
+                     "proper_group_items", "proper_user_items", "proper_router_items"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{owner}: {name} must be at least 1 or None")
         if self.perpcs_tau <= 0:
@@ -346,7 +347,9 @@ CPU = PAPER.replace(
     proper_group_items=2,
     proper_user=LoRASpec(rank=4, alpha=8.0, targets=FFN, lr=1e-3, epochs=1, batch_size=2, warmup_ratio=0.0),
     proper_router=LoRASpec(rank=4, alpha=8.0, targets=FFN, lr=1e-3, epochs=1, batch_size=2, warmup_ratio=0.0),
-    proper_router_items=4,
+    # The rule's second application (README): the measured per-user PROPER stage cut to fit 35 %.
+    proper_user_items=4,
+    proper_router_items=2,
     per_task={},
     notes=(
         "SmolLM2-135M-Instruct (GGUF Q4_1, dequantised) stands in for Llama-3-8B-Instruct",

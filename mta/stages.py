@@ -165,7 +165,9 @@ def fit_text(tok: Tokenizer, text: str, max_tokens: int) -> str:
 
 
 def summarize(log: TrainLog) -> dict:
-    return {"steps": len(log.losses), "first_loss": log.losses[0], "last_loss": log.losses[-1],
+    probe = {"probe_before": log.probe[0], "probe_after": log.probe[1], "probe_seconds": log.probe_seconds} \
+        if log.probe else {}
+    return {"steps": len(log.losses), "first_loss": log.losses[0], "last_loss": log.losses[-1], **probe,
             "lrs": log.lrs, "tokens": log.tokens, "seconds": log.seconds}
 
 
@@ -213,7 +215,7 @@ class Engine:
         return out
 
     def personalize(self, adapters: Sequence[Adapter], weights: Sequence[float], recipe: LoRASpec | None,
-                    examples=(), seed: int = 0) -> tuple[TrainLog | None, dict]:
+                    examples=(), seed: int = 0, probe: bool = False) -> tuple[TrainLog | None, dict]:
         """Set up the weights a method generates with: W0 plus the fused LoRA of `adapters` (Eq. 5), and,
         with a `recipe`, a fresh LoRA on top trained on `examples` (Eq. 7, `mta.fusion.stack_lora`); the
         trained LoRA stays injected (`trained_adapter`). Returns (training log, seconds per phase)."""
@@ -231,7 +233,7 @@ class Engine:
             seconds["fuse"] = time.perf_counter() - tic
         if recipe is None:
             return None, seconds
-        log = train(self.model, examples, recipe.train_config(seed), pad_id=self.tok.pad_token_id)
+        log = train(self.model, examples, recipe.train_config(seed, probe=probe), pad_id=self.tok.pad_token_id)
         self.model.eval()
         seconds["adapt"] = log.seconds
         return log, seconds
@@ -453,7 +455,8 @@ def train_perpcs_gates(engine: Engine, task: Adapter, sharer: Adapter, examples,
     inject_lora(engine.model, sharer.config)
     set_adapter(engine.model, sharer)
     perpcs.inject_gates(engine.model)
-    log = train(engine.model, examples, engine.profile.perpcs_gate.train_config(seed), pad_id=engine.tok.pad_token_id)
+    log = train(engine.model, examples, engine.profile.perpcs_gate.train_config(seed, probe=True),
+                pad_id=engine.tok.pad_token_id)
     gates = perpcs.gate_vectors(engine.model)
     engine.reset()
     return gates, log
@@ -477,8 +480,8 @@ def train_proper_group(engine: Engine, population: Adapter, users: Sequence[User
     def rows(batch):
         proper.set_users(model, torch.tensor([ex.row for ex in batch], device=model.device))
 
-    log = train(model, examples, p.proper_group.train_config(seed), engine.tok.pad_token_id, before_forward=rows,
-                aux_loss=lambda: proper.constraint_loss(model))
+    log = train(model, examples, p.proper_group.train_config(seed, probe=True), engine.tok.pad_token_id,
+                before_forward=rows, aux_loss=lambda: proper.constraint_loss(model))
     state = proper.mixture_state(model)
     engine.reset()
     return state, log
@@ -534,10 +537,12 @@ def prepare_proper(engine: Engine, user: User, baselines: Baselines | None, unit
         proper.set_users(engine.model, row.expand(len(batch)))
 
     proper.set_stage(engine.model, "user")
-    user_log = train(engine.model, examples, p.proper_user.train_config(unit_seed), pad, before_forward=same_user)
+    user_examples = seeded_subset(examples, p.proper_user_items, derive_seed(unit_seed, "user"))
+    user_log = train(engine.model, user_examples, p.proper_user.train_config(unit_seed, probe=True), pad,
+                     before_forward=same_user)
     router_examples = seeded_subset(examples, p.proper_router_items, derive_seed(unit_seed, "router"))
     proper.set_stage(engine.model, "router")
-    router_log = train(engine.model, router_examples, p.proper_router.train_config(unit_seed), pad)
+    router_log = train(engine.model, router_examples, p.proper_router.train_config(unit_seed, probe=True), pad)
     engine.model.eval()
     return ({"adapt": user_log.seconds + router_log.seconds},
             {"train": summarize(user_log), "train_router": summarize(router_log)})

@@ -6,6 +6,7 @@ attended to, and their positions are left out of the loss.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -39,6 +40,7 @@ class TrainConfig:
     shuffle: bool = True
     group_by_length: bool = False  # as transformers' Trainer: batch similar lengths together, less padding
     progress: bool = True
+    probe: bool = False  # score the first step's batch before and after training (TrainLog.probe)
 
     def __post_init__(self):
         if self.schedule not in ("cosine", "linear", "constant"):
@@ -59,6 +61,11 @@ class TrainLog:
     tokens: int = 0  # non-pad tokens processed
     target_tokens: int = 0  # response tokens the loss was computed on
     seconds: float = 0.0
+    # With TrainConfig.probe: the first step's batch scored (no grad, eval mode) before and after training,
+    # so a run of a few steps is judged on the same examples, not on two different batches. Its time is
+    # instrumentation, kept out of `seconds`.
+    probe: tuple[float, float] | None = None
+    probe_seconds: float = 0.0
 
     @property
     def tokens_per_second(self) -> float:
@@ -179,9 +186,15 @@ def train(model: nn.Module, examples: Sequence[Example], config: TrainConfig, pa
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     log, was_training = TrainLog(), model.training
+    batches = step_batches(examples, config)
+    if config.probe:
+        tic = time.perf_counter()
+        first = next(batches)
+        batches = itertools.chain([first], batches)
+        before = probe_loss(model, first, config.max_len, pad_id or 0, device, before_forward)
+        log.probe_seconds = time.perf_counter() - tic
     model.train()
     start = time.perf_counter()
-    batches = step_batches(examples, config)
     with tqdm(total=total, desc="train", disable=not config.progress, leave=False) as bar:
         for step in range(total):
             lr = config.lr * lr_factor(step, total, warmup, config.schedule)
@@ -217,5 +230,24 @@ def train(model: nn.Module, examples: Sequence[Example], config: TrainConfig, pa
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}")
     log.seconds = time.perf_counter() - start
+    if config.probe:
+        tic = time.perf_counter()
+        log.probe = (before, probe_loss(model, first, config.max_len, pad_id or 0, device, before_forward))
+        log.probe_seconds += time.perf_counter() - tic
     model.train(was_training)
     return log
+
+
+@torch.no_grad()
+def probe_loss(model: nn.Module, step: Sequence[Sequence[Example]], max_len: int | None, pad_id: int,
+               device: torch.device, before_forward: Callable[[Sequence[Example]], None] | None) -> float:
+    """Mean response-token loss of one optimizer step's micro-batches in eval mode (no dropout, no aux loss)."""
+    model.eval()
+    total, n_targets = 0.0, 0
+    for batch in step:
+        ids, mask, _ = make_batch(batch, max_len, pad_id)
+        if before_forward is not None:
+            before_forward(batch)
+        total += response_loss_sum(model, ids.to(device), mask.to(device)).item()
+        n_targets += int(mask.sum())
+    return total / n_targets

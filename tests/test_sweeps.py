@@ -86,10 +86,10 @@ def count_trainings(monkeypatch) -> list:
     trained = []
     personalize = Engine.personalize
 
-    def counting(self, adapters, weights, recipe, *rest):
+    def counting(self, adapters, weights, recipe, *rest, **kw):
         if not adapters and recipe is not None:  # a fresh LoRA on W0: a meta-LoRA of the bank
             trained.append(recipe)
-        return personalize(self, adapters, weights, recipe, *rest)
+        return personalize(self, adapters, weights, recipe, *rest, **kw)
 
     def counting_many(self, fused, weights, recipe, *rest):
         trained.extend(recipe for adapters in fused if not adapters and recipe is not None)

@@ -99,6 +99,22 @@ def test_same_seed_same_result_and_loss_decreases():
     assert other.losses != logs[0].losses
 
 
+def test_probe_scores_the_first_batch_before_and_after_without_changing_the_training():
+    """The probe is the first step's loss re-scored without dropout: before training it equals the first
+    step's loss of a dropout-free run, after a few steps it is lower, and the run's losses are untouched."""
+    cfg = TrainConfig(lr=2e-2, epochs=1, batch_size=2, grad_accum=2, progress=False, seed=3)
+    plain = train(lora_model(), examples(8), cfg)
+    probed = train(lora_model(), examples(8), TrainConfig(**{**cfg.__dict__, "probe": True}))
+    assert plain.probe is None and probed.losses == plain.losses
+    before, after = probed.probe
+    model = lora_model()
+    for layer in lora_layers(model).values():
+        layer.dropout = torch.nn.Identity()
+    no_dropout = train(model, examples(8), cfg)
+    assert before == pytest.approx(no_dropout.losses[0], rel=1e-6)
+    assert after < before
+
+
 def test_gradient_accumulation_equals_big_batch():
     base = lora_model()
     for p in base.parameters():
