@@ -50,6 +50,7 @@ bench: install
 	$(PY) tools/bench_lora.py
 	$(PY) tools/bench_encoders.py
 	$(PY) tools/bench_multi.py
+	$(PY) tools/bench_multi.py --llm smollm2-135m --users 16 --seq 64
 
 clean:
 	rm -rf $(VENV) build *.egg-info

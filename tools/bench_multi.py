@@ -10,11 +10,21 @@ of a chosen shape:
 
 run: python tools/bench_multi.py [--users 8] [--hidden 64] [--layers 2] [--seq 32] [--device cpu] [--repeat 5]
 (the default shape is the tests' tiny model; --hidden 576 --layers 30 is SmolLM2-135M's width and depth)
+
+With --llm (e.g. smollm2-135m, real weights), the decode figure instead: U users' MTA adapters, 32 new
+tokens each, ours in one batch vs ours one user at a time (fold, then a batch-1 decode; the fold not timed)
+vs PEFT's mixed-adapter batch (`generate(..., adapter_names=...)`, one rank-12 adapter per user holding
+the fused and the stacked factors), with each side's agreement with ours one at a time and peak RSS;
+and the bank figure: 8 fresh rank-8 meta-LoRAs, 4 items of --seq + 16 tokens each (2 steps at batch 2),
+trained one at a time (train) vs together (train_many, 8 rows per pass as the cpu profile), with their
+losses compared.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib
+import resource
 import sys
 import time
 from pathlib import Path
@@ -25,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mta.adapter import Adapter, set_adapter
 from mta.fusion import stack_lora
 from mta.llama import LlamaConfig, LlamaForCausalLM
-from mta.lora import LLAMA_TARGETS, LoRAConfig, find_targets
-from mta.multi_lora import generate_many, rows, set_slot, stack_many
+from mta.lora import LLAMA_TARGETS, LoRAConfig, find_targets, inject_lora
+from mta.multi_lora import generate_many, row_layers, rows, set_slot, stack_many
 from mta.train import TrainConfig, train
 from mta.train_many import train_many
 
@@ -62,7 +72,10 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=8)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--llm", default=None, help="real weights: the decode figure against PEFT (see above)")
     args = ap.parse_args()
+    if args.llm:
+        return decode_against_peft(args)
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.manual_seed(0)
@@ -114,6 +127,117 @@ def main() -> None:
     print(f"{'':12}{'loop (s)':>12}{'batched (s)':>14}{'speed-up':>10}")
     for name, (a, b) in results.items():
         print(f"{name:12}{a:12.4f}{b:14.4f}{a / b:10.1f}x")
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peft_twin(model, many, users: int):
+    """transformers + PEFT holding our weights and one adapter per user: slot u's fused pair (scaling
+    inside B) and stacked pair (times its scaling) concatenated into one rank-(r_f + r) LoRA, alpha = rank."""
+    from bench_llama import reference_model
+
+    peft = importlib.import_module("peft")
+    layers = row_layers(many)
+    some = next(iter(layers.values()))
+    rank = some.fused_A.shape[1] + some.r
+    cfg = peft.LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=list(LLAMA_TARGETS))
+    hf = peft.get_peft_model(reference_model(model), cfg, adapter_name="u0")
+    for u in range(1, users):
+        hf.add_adapter(f"u{u}", cfg)
+    with torch.no_grad():
+        for name, layer in layers.items():
+            target = hf.base_model.model.get_submodule(name)
+            for u in range(users):
+                target.lora_A[f"u{u}"].weight.copy_(torch.cat([layer.fused_A[u], layer.lora_A[u]], 0))
+                target.lora_B[f"u{u}"].weight.copy_(torch.cat([layer.fused_B[u], layer.scaling * layer.lora_B[u]], 1))
+    return hf.eval()
+
+
+def decode_against_peft(args) -> None:
+    from mta.checkpoint import load_llm
+
+    U, new = args.users, 32
+    model, _ = load_llm(args.llm)
+    rss_model = peak_rss_mib()
+    bank_cfg = LoRAConfig(r=8, alpha=16.0, target_modules=LLAMA_TARGETS)
+    stack_cfg = LoRAConfig(r=4, alpha=8.0, target_modules=LLAMA_TARGETS)
+    bank = [random_adapter(model, bank_cfg, s, std=0.01) for s in range(4)]
+    fused = [[bank[u % 4], bank[(u + 1) % 4]] for u in range(U)]
+    weights = [[0.6, 0.4]] * U
+    stacked = [random_adapter(model, stack_cfg, 100 + u, std=0.01) for u in range(U)]
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.randint(args.seq // 2, args.seq + 1, (U,), generator=g).tolist()
+    T = max(lengths)
+    ids, mask = torch.zeros(U, T, dtype=torch.long), torch.zeros(U, T, dtype=torch.long)
+    for n, n_tok in enumerate(lengths):  # left padding
+        ids[n, T - n_tok:] = torch.randint(3, model.config.vocab_size, (n_tok,), generator=g)
+        mask[n, T - n_tok:] = 1
+
+    alone, seconds = [], 0.0
+    with torch.no_grad():
+        for u in range(U):
+            m = copy.deepcopy(model)
+            stack_lora(m, fused[u], weights[u], stack_cfg, "param")
+            set_adapter(m, stacked[u])
+            prompt = ids[u: u + 1, T - lengths[u]:]
+            t = time.perf_counter()
+            alone.append(m.generate(prompt, max_new_tokens=new)[0, -new:])
+            seconds += time.perf_counter() - t
+            del m
+        rss_alone = peak_rss_mib()
+        many = copy.deepcopy(model)
+        stack_many(many, fused, weights, stack_cfg, "param", list(range(U)))
+        for u in range(U):
+            set_slot(many, u, stacked[u])
+        slots = list(range(U))
+        t = time.perf_counter()
+        ours = generate_many(many, ids, mask, slots, max_new_tokens=new)
+        batched = time.perf_counter() - t
+        rss_ours = peak_rss_mib()
+        hf = peft_twin(model, many, U)
+        t = time.perf_counter()
+        ref = hf.generate(input_ids=ids, attention_mask=mask, adapter_names=[f"u{u}" for u in slots],
+                          max_new_tokens=new, do_sample=False)[:, -new:]
+        peft_s = time.perf_counter() - t
+    rss_peft = peak_rss_mib()
+    same = lambda out: sum(torch.equal(out[u], alone[u]) for u in range(U))  # noqa: E731
+    print(f"{args.llm}: {U} users, prompts of {args.seq // 2}..{args.seq} tokens, {new} new tokens, "
+          f"{torch.get_num_threads()} threads, one run each")
+    print(f"{'':24}{'seconds':>9}{'tok/s':>8}{'rows = one at a time':>22}{'peak RSS so far (MiB)':>23}")
+    for name, sec, out, rss in (("ours, one at a time", seconds, None, rss_alone), ("ours, one batch", batched, ours,
+                                rss_ours), ("PEFT mixed-adapter batch", peft_s, ref, rss_peft)):
+        agree = f"{U}/{U}" if out is None else f"{same(out)}/{U}"
+        print(f"{name:24}{sec:9.2f}{U * new / sec:8.1f}{agree:>22}{rss:23.0f}")
+    print(f"speed-up of ours batched: {seconds / batched:.1f}x over one at a time (target >= 3x), "
+          f"{peft_s / batched:.1f}x over PEFT (target >= 1.5x); RSS after loading the model {rss_model:.0f} MiB")
+    bank_against_loop(model, bank_cfg, args.seq)
+
+
+def bank_against_loop(model, config: LoRAConfig, seq: int, anchors: int = 8) -> None:
+    g = torch.Generator().manual_seed(2)
+    vocab = model.config.vocab_size
+    item = lambda n: torch.randint(3, vocab, (n,), generator=g).tolist()  # noqa: E731
+    data = [[(item(seq), item(16)) for _ in range(4)] for _ in range(anchors)]
+    tc = TrainConfig(lr=1e-4, batch_size=2, progress=False)
+    loop, t = [], time.perf_counter()
+    for a in range(anchors):
+        m = copy.deepcopy(model)
+        torch.manual_seed(a)
+        inject_lora(m, config)
+        loop.append(train(m, data[a], tc).losses)
+        del m
+    alone = time.perf_counter() - t
+    many = copy.deepcopy(model)
+    stack_many(many, [[]] * anchors, [[]] * anchors, config, "param", list(range(anchors)))
+    t = time.perf_counter()
+    logs = train_many(many, data, tc, rows_per_pass=8)
+    together = time.perf_counter() - t
+    pairs = [(a, b) for log, ref in zip(logs, loop, strict=True) for a, b in zip(log.losses, ref, strict=True)]
+    worst = max(abs(a - b) / abs(b) for a, b in pairs)
+    print(f"bank, {anchors} meta-LoRAs x 2 steps: one at a time {alone:.1f} s, together {together:.1f} s: "
+          f"{alone / together:.2f}x (target >= 1.5x); largest relative loss difference {worst:.1e}")
 
 
 if __name__ == "__main__":
