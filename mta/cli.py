@@ -95,8 +95,9 @@ def main(description: str, stage, argv: list[str] | None = None, add_args=None, 
             run.check_inputs()
         outputs = []
         for run in runs:
-            run.write_config()
-            outputs.append(stage(run, args) if add_args else stage(run))
+            with run.dir.lock():
+                run.write_config()
+                outputs.append(stage(run, args) if add_args else stage(run))
         return across_seeds(runs, outputs) if len(runs) > 1 else outputs[0]
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")

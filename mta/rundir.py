@@ -19,6 +19,7 @@ then renamed), so a rerun skips what exists and recomputes what is missing.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -128,6 +129,10 @@ def run_folder(profile: str, seed: int) -> str:
     return f"{profile if plain else '~' + id_folder(profile)}-seed{seed}"
 
 
+class RunDirBusy(ValueError):
+    """Another command holds the run directory (`RunDir.lock`)."""
+
+
 @dataclass(frozen=True)
 class RunDir:
     """`root` holds this run's config, per-user results and tables; `shared`, when set, is the run
@@ -139,6 +144,29 @@ class RunDir:
     @classmethod
     def create(cls, runs: str | Path, task: str, profile: str, seed: int) -> RunDir:
         return cls(Path(runs) / task / run_folder(profile, seed))
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold this run directory for one command: a second command on it (which would clear the first's
+        temporaries and race it on every unit) fails at once, naming the process that holds it. The lock
+        is an flock on `.lock`, released by the kernel however the holder ends."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                raise RunDirBusy(f"{self.root}: in use by {holder}; wait for it to end, or use another "
+                                 f"--runs folder") from None
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()}\n")
+            f.flush()
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     def remove_stale_temporaries(self) -> list[Path]:
         """Delete what a killed run left under a temporary name (`.<name>.*.tmp`, never read as an artifact)."""

@@ -205,3 +205,23 @@ def test_a_run_killed_at_every_stage_resumes_to_the_same_results(tiny_run, tiny_
     resumed = json.loads((run_dir / RESULTS_JSON).read_text())
     assert comparable(resumed) == comparable(reference)
     assert not list(run_dir.rglob("*.tmp"))
+
+
+def test_a_second_command_on_a_busy_run_directory_fails_before_touching_it(tiny_run, tmp_path):
+    """Two drivers on one run directory: the second stops at once, naming the holder, and leaves the
+    first's temporaries alone (which its start-up would otherwise delete as stale)."""
+    from mta.rundir import RunDir
+
+    _, argv, _ = tiny_run
+    argv = with_runs(argv, tmp_path / "runs")
+    run_dir = RunDir(run_dir_of(argv))
+    with run_dir.lock():
+        in_flight = run_dir.root / "users" / ".u0.json.123.tmp"
+        in_flight.parent.mkdir(parents=True)
+        in_flight.write_text("{}")
+        with pytest.raises(SystemExit, match=f"in use by pid {os.getpid()}"):
+            main("test", pipeline.reproduce, argv)
+        assert in_flight.exists() and not (run_dir.root / "config.json").exists()
+    in_flight.unlink()
+    with run_dir.lock():  # released: free again
+        pass
