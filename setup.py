@@ -27,5 +27,7 @@ setup(
             "matplotlib>=3.7",
         ],
         "plot": ["matplotlib>=3.7"],
+        # `--executor ray` (mta.executor): imported only when chosen.
+        "ray": ["ray>=2.9"],
     },
 )

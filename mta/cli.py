@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from mta import methods
+from mta.executor import EXECUTORS, Executor
 from mta.lamp import default_lamp_dir
 from mta.pipeline import Run
 from mta.profiles import Profile, resolve_profile
@@ -27,6 +28,11 @@ def parser(description: str) -> argparse.ArgumentParser:
                          f"them (default: {','.join(methods.DEFAULT)})")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a profile field, e.g. --set stack.lr=3e-4 --set n_anchors=8")
+    ap.add_argument("--executor", default="local", choices=EXECUTORS,
+                    help="where stage 1b's and stage 3's groups run: here, or on Ray ($RAY_ADDRESS joins a cluster; "
+                         "without it a local one is started and stopped)")
+    ap.add_argument("--workers", type=int, default=2, help="Ray workers (each loads the model once)")
+    ap.add_argument("--worker-threads", type=int, default=1, help="torch threads (and Ray CPUs) per CPU worker")
     ap.add_argument("--no-progress", action="store_true")
     return ap
 
@@ -76,7 +82,8 @@ def run_from_args(args: argparse.Namespace, seed: int | None = None) -> Run:
     return Run(task=args.task, profile=profile, lamp_dir=args.lamp_dir or default_lamp_dir(), runs=args.runs,
                seed=seeds_from_args(args)[0] if seed is None else seed,
                n_users=None if args.users == "all" else int(args.users),
-               methods=methods.parse(args.methods), progress=not args.no_progress)
+               methods=methods.parse(args.methods), progress=not args.no_progress,
+               executor=Executor(args.executor, workers=args.workers, threads=args.worker_threads))
 
 
 def main(description: str, stage, argv: list[str] | None = None, add_args=None, across_seeds=None):

@@ -19,7 +19,9 @@ from mta import report, seeds
 from mta.adapter import Adapter, load_adapter, save_adapter
 from mta.checkpoint import load_llm
 from mta.encoders import load_encoder
+from mta.executor import Executor, Job, run_jobs
 from mta.lamp import LampDataError, TaskSpec, User, get_task, load_candidates, load_test_users
+from mta.log import log
 from mta.methods import DEFAULT, get, units
 from mta.profiles import Profile, profile_from_dict
 from mta.rundir import RunDir, atomic_path, read_json, write_json, write_npy
@@ -37,10 +39,6 @@ from mta.stages import (
 )
 
 
-def log(msg: str) -> None:
-    tqdm.write(f"[mta {time.strftime('%H:%M:%S')}] {msg}")
-
-
 @dataclass
 class Run:
     """One reproduction: a task under a profile and a seed, in its own run directory."""
@@ -54,6 +52,7 @@ class Run:
     methods: tuple[str, ...] = DEFAULT
     progress: bool = True
     run_dir: RunDir | None = None  # default: <runs>/<task>/<profile>-seed<seed>
+    executor: Executor = field(default_factory=Executor)  # where stage 1b's and stage 3's groups run (mta.executor)
     load_errors: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -167,8 +166,8 @@ def train_adapters(run: Run, paths: Sequence[Path], examples: Sequence, recipe, 
         adapters = [engine.slot_adapter(u) for u in range(len(paths))]
     finally:
         engine.reset()
-    for path, adapter, ex, log in zip(paths, adapters, examples, logs, strict=True):
-        _save_trained(adapter, path, len(ex), log, group=len(paths))
+    for path, adapter, ex, train_log in zip(paths, adapters, examples, logs, strict=True):
+        _save_trained(adapter, path, len(ex), train_log, group=len(paths))
 
 
 def _save_trained(adapter: Adapter, path: Path, n_examples: int, log, group: int = 1) -> None:
@@ -178,26 +177,34 @@ def _save_trained(adapter: Adapter, path: Path, n_examples: int, log, group: int
 
 def stage1_bank(run: Run) -> None:
     anchors = stage1_select(run)["anchors"]
-    by_id = {u.user_id: u for u in run.candidates}
     todo = [a["user_id"] for a in anchors if not run.dir.adapter(a["user_id"]).exists()]
     if not todo:
         return
     p = run.profile
     size = p.group_size if p.engine == "batched" else 1
     log(f"stage 1b: training {len(todo)} of {len(anchors)} meta-LoRAs (rank {p.bank.rank}, {p.bank.epochs} epochs, "
-        f"at most {p.max_items_per_anchor or 'all'} items each), {p.engine}, {size} at a time")
-    with tqdm(total=len(todo), desc="bank", disable=not run.progress) as bar:
-        for i in range(0, len(todo), size):
-            group = todo[i: i + size]
-            seeds = [derive_seed(run.seed, "bank", a) for a in group]
-            examples = [run.engine.examples(by_id[a].history, seed, limit=p.max_items_per_anchor, bank=True)
-                        for a, seed in zip(group, seeds, strict=True)]
-            paths = [run.dir.adapter(a) for a in group]
-            if len(group) > 1:
-                train_adapters(run, paths, examples, p.bank, seeds)
-            else:
-                train_adapter(run, paths[0], examples[0], p.bank, seeds[0])
-            bar.update(len(group))
+        f"at most {p.max_items_per_anchor or 'all'} items each), {p.engine}, {size} at a time, "
+        f"{run.executor.kind} executor")
+    jobs = [Job(f"bank: {', '.join(g)}", "bank", tuple(g), size=len(g))
+            for g in (todo[i: i + size] for i in range(0, len(todo), size))]
+    failed = run_jobs(run, jobs, run_job, "bank")
+    if failed:
+        raise RuntimeError(f"stage 1b: {len(failed)} group(s) failed ({'; '.join(failed.values())}); rerun to "
+                           f"train them")
+
+
+def bank_group(run: Run, anchor_ids: Sequence[str]) -> None:
+    """Train and save the meta-LoRAs of a group of anchors: together on the batched engine, alone otherwise."""
+    p = run.profile
+    by_id = {u.user_id: u for u in run.candidates}
+    seeds = [derive_seed(run.seed, "bank", a) for a in anchor_ids]
+    examples = [run.engine.examples(by_id[a].history, seed, limit=p.max_items_per_anchor, bank=True)
+                for a, seed in zip(anchor_ids, seeds, strict=True)]
+    paths = [run.dir.adapter(a) for a in anchor_ids]
+    if len(anchor_ids) > 1:
+        train_adapters(run, paths, examples, p.bank, seeds)
+    else:
+        train_adapter(run, paths[0], examples[0], p.bank, seeds[0])
 
 
 def stage2_match_anchors(run: Run) -> dict:
@@ -309,37 +316,58 @@ def stage3_run(run: Run) -> None:
     """Every missing (user, method) result, unit of methods by unit: for `group_size` users at once with the
     batched engine (`run_group`), for one user at a time otherwise (`run_unit`). Each result is written as
     soon as its group ends."""
-    matches = read_json(run.dir.matches) if run.dir.matches.exists() else {}
     todo = {u.user_id: [m for m in run.methods if not run.dir.user_result(u.user_id, m).exists()]
             for u in run.test_users}
     todo = {u: ms for u, ms in todo.items() if ms}
     if not todo:
         return
     p = run.profile
-    log(f"stage 3: {sum(map(len, todo.values()))} (user, method) units to run for {len(todo)} users, {p.engine}")
-    bank, _ = load_bank(run)
-    baselines = load_baselines(run)
-    engine = run.engine
+    log(f"stage 3: {sum(map(len, todo.values()))} (user, method) units to run for {len(todo)} users, {p.engine}, "
+        f"{run.executor.kind} executor")
+    load_baselines(run)  # a missing baseline artifact fails here, before any job
     size = p.group_size if p.engine == "batched" else 1
-    by_unit: dict[tuple[str, ...], list[User]] = {}
+    by_unit: dict[tuple[str, ...], list[str]] = {}
     for u in run.test_users:
         for unit in units(todo.get(u.user_id, [])):
-            by_unit.setdefault(tuple(m.name for m in unit), []).append(u)
-    groups = [(us[i: i + size], [get(m) for m in names])
-              for names, us in by_unit.items() for i in range(0, len(us), size)]
-    with tqdm(total=sum(len(us) * len(unit) for us, unit in groups), desc="stage 3", disable=not run.progress) as bar:
-        for group, unit in groups:
-            if len(group) == 1:
-                results = {group[0].user_id: run_unit(engine, group[0], unit, matches.get(group[0].user_id), bank,
-                                                      run.seed, baselines)}
-            else:
-                results = run_group(engine, group, unit, matches, bank, run.seed, baselines)
-            for uid, rows in results.items():
-                for m, result in rows.items():
-                    if "error" in result:
-                        log(f"user {uid}, {m}: {result['error']}")
-                    write_json(run.dir.user_result(uid, m), result)
-            bar.update(len(group) * len(unit))
+            by_unit.setdefault(tuple(m.name for m in unit), []).append(u.user_id)
+    jobs = [Job(f"stage 3, {'+'.join(names)}: {', '.join(us[i: i + size])}", "stage3", tuple(us[i: i + size]),
+                names, size=len(us[i: i + size]) * len(names))
+            for names, us in by_unit.items() for i in range(0, len(us), size)]
+    for job, error in run_jobs(run, jobs, run_job, "stage 3").items():
+        log(f"{job.name}: {error}")
+        for uid in job.ids:
+            for m in job.methods:
+                write_json(run.dir.user_result(uid, m), {"error": error})
+
+
+def stage3_group(run: Run, user_ids: Sequence[str], unit: Sequence, cache: dict) -> None:
+    """Run one unit of methods for a group of users and write each (user, method) result: together on the
+    batched engine (`run_group`), one user alone otherwise (`run_unit`)."""
+    if "bank" not in cache:  # once per process: the driver's, or a Ray worker's
+        cache["matches"] = read_json(run.dir.matches) if run.dir.matches.exists() else {}
+        cache["bank"], _ = load_bank(run)
+        cache["baselines"] = load_baselines(run)
+    matches, bank, baselines = cache["matches"], cache["bank"], cache["baselines"]
+    by_id = {u.user_id: u for u in run.test_users}
+    group = [by_id[uid] for uid in user_ids]
+    if len(group) == 1:
+        results = {group[0].user_id: run_unit(run.engine, group[0], unit, matches.get(group[0].user_id), bank,
+                                              run.seed, baselines)}
+    else:
+        results = run_group(run.engine, group, unit, matches, bank, run.seed, baselines)
+    for uid, rows in results.items():
+        for m, result in rows.items():
+            if "error" in result:
+                log(f"user {uid}, {m}: {result['error']}")
+            write_json(run.dir.user_result(uid, m), result)
+
+
+def run_job(run: Run, job: Job, cache: dict) -> None:
+    """One job of `mta.executor`, in the driver or in a Ray worker."""
+    if job.kind == "bank":
+        bank_group(run, job.ids)
+    else:
+        stage3_group(run, job.ids, [get(m) for m in job.methods], cache)
 
 
 def collect(run: Run) -> dict:

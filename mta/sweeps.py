@@ -19,8 +19,9 @@ from safetensors import safe_open
 from mta import pipeline, report
 from mta.adapter import load_adapter
 from mta.lamp import get_task
+from mta.log import log
 from mta.methods import get, label
-from mta.pipeline import Run, log
+from mta.pipeline import Run
 from mta.profiles import Profile, profile_from_dict
 from mta.rundir import RunDir, atomic_path, read_json, write_json
 

@@ -1,0 +1,134 @@
+"""Where the independent groups of a stage run: in this process (`local`), or on Ray (`ray`).
+
+A job is one group of stage 1b (anchors trained together) or of stage 3 (users of one unit of methods),
+and `work(run, job, cache)` runs it and writes its artifacts atomically into the run directory, as a
+local run does. On Ray each worker is an actor that holds one copy of the run (so the base model, the
+bank and the baselines load once per worker, in `cache`) and runs the jobs the driver hands it, one at a
+time. Workers write into the run directory themselves, which must therefore be on storage every worker
+sees (a local disk on one node, a shared file system on a cluster): an adapter is tens of MiB, and the
+atomic rename makes a half-written artifact impossible from any writer. The driver keeps the progress
+bar, retries a job whose worker died on a fresh worker up to `retries` times, and then records the job
+as failed while the rest of the run goes on.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from tqdm.auto import tqdm
+
+from mta.log import log
+
+EXECUTORS = ("local", "ray")
+# Fault injection for the tests: a worker exits abruptly on the first attempt at the job with this name.
+CRASH_ENV = "MTA_TEST_CRASH_WORKER_ON"
+
+
+@dataclass(frozen=True)
+class Executor:
+    kind: str = "local"
+    workers: int = 2  # Ray actors
+    threads: int = 1  # torch threads per worker on a CPU (each asks Ray for this many CPUs)
+    retries: int = 2  # fresh workers a job gets after its worker died
+
+    def __post_init__(self):
+        if self.kind not in EXECUTORS:
+            raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}; got {self.kind!r}")
+        if self.workers < 1 or self.threads < 1 or self.retries < 0:
+            raise ValueError(f"executor: workers and threads must be at least 1 and retries at least 0; "
+                             f"got {self.workers}, {self.threads}, {self.retries}")
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str  # names the job in logs: "bank: a1, a2" or "stage 3, mta: u1, u2"
+    kind: str  # "bank" or "stage3"
+    ids: tuple[str, ...]  # anchor ids or user ids
+    methods: tuple[str, ...] = ()  # stage 3: the unit of methods
+    size: int = 1  # progress units (anchors, or (user, method) pairs)
+
+
+Work = Callable[[object, Job, dict], None]
+
+
+def run_jobs(run, jobs: Sequence[Job], work: Work, desc: str) -> dict[Job, str]:
+    """Run every job with `run.executor`; returns the jobs that failed -> their error."""
+    with tqdm(total=sum(j.size for j in jobs), desc=desc, disable=not run.progress) as bar:
+        if run.executor.kind == "local":
+            cache: dict = {}
+            for job in jobs:
+                work(run, job, cache)
+                bar.update(job.size)
+            return {}
+        return _on_ray(run, jobs, work, bar)
+
+
+class Worker:
+    """One Ray actor: a copy of the run, loaded once, running jobs one at a time."""
+
+    def __init__(self, run, threads: int):
+        import torch
+
+        torch.set_num_threads(threads)
+        self.run, self.cache = run, {}
+
+    def do(self, job: Job, work: Work, attempt: int) -> float:
+        if attempt == 0 and os.environ.get(CRASH_ENV) == job.name:
+            os._exit(1)
+        t = time.perf_counter()
+        log(f"worker {os.getpid()}: {job.name}")
+        work(self.run, job, self.cache)
+        return time.perf_counter() - t
+
+
+def _on_ray(run, jobs: Sequence[Job], work: Work, bar) -> dict[Job, str]:
+    ray = importlib.import_module("ray")
+    ex = run.executor
+    started = not ray.is_initialized()
+    if started:
+        address = os.environ.get("RAY_ADDRESS")
+        ray.init(address=address, num_cpus=None if address else ex.workers * ex.threads,
+                 include_dashboard=False, logging_level="warning", runtime_env={"env_vars": _passed_env()})
+    gpus = 1 if run.profile.device.startswith("cuda") else 0
+    actor = ray.remote(num_cpus=ex.threads, num_gpus=gpus, max_restarts=0)(Worker)
+    spec = dataclasses.replace(run)  # a fresh copy: no loaded model travels to the workers
+    try:
+        idle = [actor.remote(spec, ex.threads) for _ in range(min(ex.workers, len(jobs)))]
+        queue = [(job, 0) for job in jobs]
+        running, failed = {}, {}
+        while queue or running:
+            while queue and idle:
+                job, attempt = queue.pop(0)
+                w = idle.pop()
+                running[w.do.remote(job, work, attempt)] = (job, attempt, w)
+            done, _ = ray.wait(list(running), num_returns=1)
+            job, attempt, w = running.pop(done[0])
+            try:
+                ray.get(done[0])
+                idle.append(w)
+                bar.update(job.size)
+            except ray.exceptions.RayActorError as e:
+                ray.kill(w)
+                idle.append(actor.remote(spec, ex.threads))
+                if attempt < ex.retries:
+                    log(f"{job.name}: its worker died; retry {attempt + 1} of {ex.retries}")
+                    queue.append((job, attempt + 1))
+                else:
+                    failed[job] = f"worker died {attempt + 1} times: {type(e).__name__}"
+                    bar.update(job.size)
+            except ray.exceptions.RayTaskError as e:
+                raise e.as_instanceof_cause() from None
+        return failed
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _passed_env() -> dict[str, str]:
+    """What the workers must see as the driver does: the test fault hook and the package search path."""
+    names = (CRASH_ENV, "PYTHONPATH", "LAMP_DIR", "HF_HOME", "OMP_NUM_THREADS")
+    return {k: os.environ[k] for k in names if k in os.environ}

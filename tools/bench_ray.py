@@ -1,0 +1,59 @@
+"""What `--executor ray` costs: the scheduling overhead per job, and a simulated fan-out.
+
+  overhead   N no-op jobs through W workers (mta.executor, as the pipeline submits them): milliseconds per job
+  fan-out    200 jobs that each sleep --unit-s (a stand-in for a unit whose time is spent elsewhere: a GPU,
+             I/O) over 8 workers, against the ideal 200 * unit / 8
+
+run: python tools/bench_ray.py [--jobs 200] [--unit-s 0.2]
+The real unit it compares with: a stage-3 MTA unit, about 8 s per user on 2 CPU cores (README, "Status").
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mta.executor import Executor, Job, run_jobs
+from mta.pipeline import Run
+from mta.profiles import CPU
+
+
+def nothing(run, job, cache) -> None:
+    pass
+
+
+def sleeping(run, job, cache) -> None:
+    time.sleep(float(job.ids[0]))
+
+
+def timed_fanout(jobs: int, workers: int, work, unit_s: float) -> float:
+    run = Run(task="lamp4", profile=CPU, lamp_dir=Path("."), progress=False,
+              executor=Executor("ray", workers=workers))
+    batch = [Job(f"job {i}", "bench", (str(unit_s),)) for i in range(jobs)]
+    t = time.perf_counter()
+    failed = run_jobs(run, batch, work, "bench")
+    assert not failed, failed
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--jobs", type=int, default=200)
+    ap.add_argument("--unit-s", type=float, default=0.2)
+    args = ap.parse_args()
+    # Each run_jobs call starts and stops its own local cluster: time a warm-up, then the run itself.
+    start = timed_fanout(1, 2, nothing, 0.0)
+    total = timed_fanout(args.jobs, 2, nothing, 0.0)
+    per_job = (total - start) / (args.jobs - 1) * 1e3
+    print(f"overhead: {args.jobs} no-op jobs on 2 workers in {total:.1f} s, of which {start:.1f} s is starting the "
+          f"cluster and workers (one job's run): {per_job:.1f} ms per job, {per_job / 8000:.2%} of an 8 s unit")
+    fan = timed_fanout(args.jobs, 8, sleeping, args.unit_s)
+    ideal = args.jobs * args.unit_s / 8
+    print(f"fan-out: {args.jobs} jobs of {args.unit_s} s on 8 workers in {fan:.1f} s against the ideal {ideal:.1f} s "
+          f"(+{fan - ideal:.1f} s, of which about {start:.1f} s is start-up)")
+
+
+if __name__ == "__main__":
+    main()
