@@ -26,6 +26,7 @@ from mta.log import log
 EXECUTORS = ("local", "ray")
 # Fault injection for the tests: a worker exits abruptly on the first attempt at the job with this name.
 CRASH_ENV = "MTA_TEST_CRASH_WORKER_ON"
+IN_FLIGHT = 2  # jobs handed to one worker at a time
 
 
 @dataclass(frozen=True)
@@ -97,23 +98,28 @@ def _on_ray(run, jobs: Sequence[Job], work: Work, bar) -> dict[Job, str]:
     actor = ray.remote(num_cpus=ex.threads, num_gpus=gpus, max_restarts=0)(Worker)
     spec = dataclasses.replace(run)  # a fresh copy: no loaded model travels to the workers
     try:
-        idle = [actor.remote(spec, ex.threads) for _ in range(min(ex.workers, len(jobs)))]
+        # Two jobs in flight per worker: it starts the next as soon as one ends, without waiting for the
+        # driver's round trip (a worker still runs its jobs one at a time).
+        slots = {actor.remote(spec, ex.threads): 0 for _ in range(min(ex.workers, len(jobs)))}
         queue = [(job, 0) for job in jobs]
         running, failed = {}, {}
         while queue or running:
-            while queue and idle:
-                job, attempt = queue.pop(0)
-                w = idle.pop()
-                running[w.do.remote(job, work, attempt)] = (job, attempt, w)
+            for w in list(slots):
+                while queue and slots.get(w, IN_FLIGHT) < IN_FLIGHT:
+                    job, attempt = queue.pop(0)
+                    running[w.do.remote(job, work, attempt)] = (job, attempt, w)
+                    slots[w] += 1
             done, _ = ray.wait(list(running), num_returns=1)
             job, attempt, w = running.pop(done[0])
+            if w in slots:
+                slots[w] -= 1
             try:
                 ray.get(done[0])
-                idle.append(w)
                 bar.update(job.size)
             except ray.exceptions.RayActorError as e:
-                ray.kill(w)
-                idle.append(actor.remote(spec, ex.threads))
+                if slots.pop(w, None) is not None:  # the first of its jobs to report the death replaces it
+                    ray.kill(w)
+                    slots[actor.remote(spec, ex.threads)] = 0
                 if attempt < ex.retries:
                     log(f"{job.name}: its worker died; retry {attempt + 1} of {ex.retries}")
                     queue.append((job, attempt + 1))

@@ -43,16 +43,21 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=200)
     ap.add_argument("--unit-s", type=float, default=0.2)
     args = ap.parse_args()
-    # Each run_jobs call starts and stops its own local cluster: time a warm-up, then the run itself.
-    start = timed_fanout(1, 2, nothing, 0.0)
-    total = timed_fanout(args.jobs, 2, nothing, 0.0)
-    per_job = (total - start) / (args.jobs - 1) * 1e3
-    print(f"overhead: {args.jobs} no-op jobs on 2 workers in {total:.1f} s, of which {start:.1f} s is starting the "
-          f"cluster and workers (one job's run): {per_job:.1f} ms per job, {per_job / 8000:.2%} of an 8 s unit")
-    fan = timed_fanout(args.jobs, 8, sleeping, args.unit_s)
-    ideal = args.jobs * args.unit_s / 8
-    print(f"fan-out: {args.jobs} jobs of {args.unit_s} s on 8 workers in {fan:.1f} s against the ideal {ideal:.1f} s "
-          f"(+{fan - ideal:.1f} s, of which about {start:.1f} s is start-up)")
+    import ray  # one cluster for every figure, so run_jobs neither starts nor stops one
+
+    ray.init(num_cpus=8, include_dashboard=False, logging_level="warning", log_to_driver=False)
+    # Each figure against the same call with one job per worker: the difference is the jobs, not the
+    # workers' start-up (importing torch: seconds on 2 cores).
+    few, many = timed_fanout(2, 2, nothing, 0.0), timed_fanout(args.jobs, 2, nothing, 0.0)
+    per_job = (many - few) / (args.jobs - 2) * 1e3
+    print(f"overhead: {args.jobs} no-op jobs on 2 workers in {many:.2f} s, 2 in {few:.2f} s (start-up): "
+          f"{per_job:.1f} ms per job, {per_job / 8000:.3%} of an 8 s stage-3 unit")
+    few, many = timed_fanout(8, 8, sleeping, args.unit_s), timed_fanout(args.jobs, 8, sleeping, args.unit_s)
+    ideal = (args.jobs - 8) * args.unit_s / 8
+    print(f"fan-out: {args.jobs} jobs of {args.unit_s} s on 8 workers in {many:.1f} s, 8 in {few:.1f} s: the other "
+          f"{args.jobs - 8} took {many - few:.2f} s against the ideal {ideal:.2f} s "
+          f"({(many - few) / ideal - 1:+.1%})")
+    ray.shutdown()
 
 
 if __name__ == "__main__":
