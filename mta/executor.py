@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -77,13 +76,11 @@ class Worker:
         torch.set_num_threads(threads)
         self.run, self.cache = run, {}
 
-    def do(self, job: Job, work: Work, attempt: int) -> float:
+    def do(self, job: Job, work: Work, attempt: int) -> None:
         if attempt == 0 and os.environ.get(CRASH_ENV) == job.name:
             os._exit(1)
-        t = time.perf_counter()
         log(f"worker {os.getpid()}: {job.name}")
         work(self.run, job, self.cache)
-        return time.perf_counter() - t
 
 
 def _on_ray(run, jobs: Sequence[Job], work: Work, bar) -> dict[Job, str]:
@@ -105,7 +102,7 @@ def _on_ray(run, jobs: Sequence[Job], work: Work, bar) -> dict[Job, str]:
         running, failed = {}, {}
         while queue or running:
             for w in list(slots):
-                while queue and slots.get(w, IN_FLIGHT) < IN_FLIGHT:
+                while queue and slots[w] < IN_FLIGHT:
                     job, attempt = queue.pop(0)
                     running[w.do.remote(job, work, attempt)] = (job, attempt, w)
                     slots[w] += 1

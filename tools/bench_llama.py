@@ -4,7 +4,9 @@ Prints, per dtype (fp32, the dequantized GGUF values, and bf16, those values rou
 always hold the same tensors): greedy decode tokens/s (batch 1 and 8, 64 new tokens; ours eager and with
 the decode step compiled), prefill tokens/s, the ratios ours/transformers and peak RSS. Targets: >= 1.5x
 for batch-1 decode, >= 1.0x elsewhere. Batch-1 decode streams every weight once per token, so the time
-of exactly that (one F.linear per weight matrix, nothing else) is printed as its roofline.
+of exactly that (one F.linear per weight matrix, nothing else) is printed as its roofline. Then the
+quantised bases (--quants q4,q8): decode at batch 1 and 8 against transformers fp32 (target >= 3x at
+batch 1), bytes read per token, peak RSS, and one LoRA training step against our fp32.
 transformers runs eager, its default; the first compiled run pays the compile (minutes on a CPU), which
 the warm-up absorbs. Runs are interleaved (ours, theirs, ours, ...) and the best of --repeats is kept,
 so load from other processes hits both sides alike.
@@ -137,6 +139,65 @@ def bench(args, dtype: torch.dtype) -> None:
     print(f"peak RSS of the process so far: {rss_ours:.0f} MiB after loading ours, {rss:.0f} MiB with both models")
 
 
+def weight_bytes(model) -> int:
+    """Bytes a batch-1 decode step reads: every parameter and buffer once (shared storage counted once)."""
+    seen = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def bench_quant(args) -> None:
+    """The quantised bases (q4, q8) beside our fp32 and transformers fp32: greedy decode at batch 1 and 8,
+    one LoRA training step, bytes read per decoded token, peak RSS after each load."""
+    from mta.lora import LLAMA_TARGETS, LoRAConfig, inject_lora
+    from mta.train import TrainConfig, train
+
+    fp32, tok = load_llm(args.model)
+    models, rss = {"fp32": fp32}, {"fp32": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    for q in args.quants.split(","):
+        models[q] = load_llm(args.model, quant=q)[0]
+        rss[q] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    ref = reference_model(fp32)
+    n = args.new_tokens
+
+    def decode(model, ids, mask):
+        if model is ref:
+            ref.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        else:
+            model.generate(ids, attention_mask=mask, max_new_tokens=n)
+
+    print(f"\nmodel {args.model}: quantised bases, {args.threads} threads, best of {args.repeats} interleaved runs")
+    print(f"{'decode tok/s':16s} {'transformers':>13s}" + "".join(f"{'ours ' + k:>11s}" for k in models)
+          + f"  ours {'/'.join(models)} / transformers")
+    for size in (1, 8):
+        ids, mask = tok.pad([tok.chat_prompt(p) for p in PROMPTS[:size]], side="left")
+        sides = [ref, *models.values()]
+        for m in sides:
+            decode(m, ids, mask)  # warm-up
+        best = [float("inf")] * len(sides)
+        for _ in range(args.repeats):
+            for i, m in enumerate(sides):
+                best[i] = min(best[i], timed(functools.partial(decode, m, ids, mask)))
+        rates = [size * n / t for t in best]
+        print(f"{'batch ' + str(size):16s} {rates[0]:13.1f}" + "".join(f"{r:11.1f}" for r in rates[1:])
+              + "  " + " / ".join(f"{r / rates[0]:.2f}x" for r in rates[1:]), flush=True)
+    print(f"{'MB per token':16s} {weight_bytes(fp32) / 1e6:13.0f}"
+          + "".join(f"{weight_bytes(m) / 1e6:11.0f}" for m in models.values()) + "  (weights read once per token)")
+    print(f"{'peak RSS, MiB':16s} {'':13s}" + "".join(f"{rss[k]:11.0f}" for k in models) + "  (after each load)")
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randint(3, 1000, (112,), generator=g).tolist(), torch.randint(3, 1000, (16,), generator=g).tolist())
+            for _ in range(8)]
+    rates = {}
+    for k, m in models.items():
+        torch.manual_seed(0)
+        inject_lora(m, LoRAConfig(r=8, alpha=16.0, target_modules=LLAMA_TARGETS))
+        rates[k] = max(train(m, data, TrainConfig(lr=1e-4, batch_size=4, progress=False)).tokens_per_second
+                       for _ in range(2))
+    print(f"{'LoRA train tok/s':16s} {'':13s}" + "".join(f"{rates[k]:11.1f}" for k in models)
+          + "  (rank 8 on every linear, batch 4 x 128 tokens, best of 2 epochs of 2 steps)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -144,10 +205,13 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated torch dtypes")
+    parser.add_argument("--quants", default="q4,q8", help="quantised bases to compare ('' for none)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    for dtype in args.dtypes.split(","):
+    for dtype in filter(None, args.dtypes.split(",")):
         bench(args, getattr(torch, dtype))
+    if args.quants:
+        bench_quant(args)
 
 
 if __name__ == "__main__":
