@@ -324,7 +324,6 @@ def stage3_run(run: Run) -> None:
     p = run.profile
     log(f"stage 3: {sum(map(len, todo.values()))} (user, method) units to run for {len(todo)} users, {p.engine}, "
         f"{run.executor.kind} executor")
-    load_baselines(run)  # a missing baseline artifact fails here, before any job
     size = p.group_size if p.engine == "batched" else 1
     by_unit: dict[tuple[str, ...], list[str]] = {}
     for u in run.test_users:
