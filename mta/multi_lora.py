@@ -22,6 +22,7 @@ from kernels.rowlora import RowLoRALinear
 from mta.adapter import Adapter, check_modules
 from mta.fusion import _plan, merged_factors
 from mta.lora import LoRAConfig, LoRALinear, find_targets, is_target
+from mta.precision import autocast
 
 
 def row_layers(model: nn.Module) -> dict[str, RowLoRALinear]:
@@ -172,39 +173,15 @@ def stack_many(model: nn.Module, fused: Sequence[Sequence[Adapter]], weights: Se
     return names
 
 
-# ----------------------------------------------------------------------------- precision
-
-
-def bf16_supported(device: torch.device | str) -> bool:
-    """Whether bf16 autocast runs natively: CUDA with bf16, or a CPU with AVX512-BF16 / AMX (oneDNN)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return False
-
-
-def autocast(device: torch.device | str, bf16: bool | None):
-    """bf16 autocast on `device` when `bf16` (an error where the hardware lacks it); None: as mta.train
-    does (on CUDA only); False: off."""
-    device = torch.device(device)
-    if bf16 is None:
-        bf16 = device.type == "cuda"
-    elif bf16 and not bf16_supported(device):
-        raise ValueError(f"bf16 autocast is not supported on {device} (needs CUDA bf16, AVX512-BF16 or AMX)")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(bf16))
-
-
 # ----------------------------------------------------------------------------- generation
 
 
 def generate_many(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, slots: Sequence[int] | Tensor,
-                  bf16: bool | None = False, **kwargs) -> Tensor:
+                  bf16: bool = False, **kwargs) -> Tensor:
     """One batched decode for many users: row n of the left-padded prompts uses slot `slots[n]`'s adapters.
 
     Every row has its own KV cache rows and ends at its own stop token (then holds the pad id), as in
-    `LlamaForCausalLM.generate`, which takes the other arguments. `bf16`: see `autocast` (default off).
+    `LlamaForCausalLM.generate`, which takes the other arguments. `bf16`: bf16 autocast (`mta.precision`).
     """
     slots = torch.as_tensor(slots, dtype=torch.long)
     if slots.shape != (input_ids.shape[0],):

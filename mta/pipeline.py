@@ -23,6 +23,7 @@ from mta.executor import Executor, Job, run_jobs
 from mta.lamp import LampDataError, TaskSpec, User, get_task, load_candidates, load_test_users
 from mta.log import log
 from mta.methods import DEFAULT, get, units
+from mta.precision import resolve_bf16
 from mta.profiles import Profile, profile_from_dict
 from mta.rundir import RunDir, atomic_path, read_json, write_json, write_npy
 from mta.stages import (
@@ -59,6 +60,8 @@ class Run:
         for m in self.methods:
             get(m)
         self.profile = self.profile.for_task(self.task_spec.name)  # the settings of this task (Table 4)
+        # bf16 = None: on where the device has it natively; config.json records the choice made here
+        self.profile = self.profile.replace(bf16=resolve_bf16(self.profile.bf16, self.profile.device))
 
     @property
     def task_spec(self) -> TaskSpec:

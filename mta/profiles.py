@@ -104,11 +104,12 @@ class LoRASpec:
         return LoRAConfig(r=self.rank, alpha=self.alpha, dropout=self.dropout, target_modules=self.targets,
                           base_model_name_or_path=base_model)
 
-    def train_config(self, seed: int, progress: bool = False, probe: bool = False) -> TrainConfig:
+    def train_config(self, seed: int, progress: bool = False, probe: bool = False, bf16: bool = False
+                     ) -> TrainConfig:
         return TrainConfig(lr=self.lr, epochs=self.epochs, batch_size=self.batch_size, grad_accum=self.grad_accum,
                            weight_decay=self.weight_decay, schedule=self.schedule, warmup_ratio=self.warmup_ratio,
                            max_grad_norm=self.max_grad_norm, group_by_length=self.group_by_length, seed=seed,
-                           max_steps=self.max_steps, progress=progress, probe=probe)
+                           max_steps=self.max_steps, progress=progress, probe=probe, bf16=bf16)
 
 
 @dataclass(frozen=True)
@@ -156,8 +157,9 @@ class Profile:
     engine: str = "batched"
     group_size: int = 8  # adapter factors and activations grow with it, never a copy of W
     rows_per_pass: int | None = 8  # training rows per forward of a batched step (the activation memory); None: all
-    # bf16 autocast in the batched engine's training and decoding (CUDA bf16, AVX512-BF16 or AMX); None: on CUDA
-    # only, as mta.train does.
+    # bf16 autocast for every training and decoding step (`mta.precision`); None: where the device computes
+    # bf16 natively (CUDA, AVX512-BF16 or AMX), fp32 elsewhere. A run records the resolved choice. The `cpu`
+    # profile keeps None because bf16 passed the cross-check (README, "Many users in one batch").
     bf16: bool | None = None
     # ---- the two trained baselines of Table 1 (README, "Per-Pcs and PROPER"); defaults: their releases.
     # Population-level examples (the bank candidates' history items) each population LoRA trains on; None: all.
@@ -257,7 +259,8 @@ class Profile:
                 f"PROPER {self.proper_experts} experts, "
                 f"their population LoRAs on {self.population_items or 'every'} population items; "
                 f"prompts capped at {self.max_prompt_tokens} tokens, greedy decoding of at most "
-                f"{self.max_new_tokens} tokens")
+                f"{self.max_new_tokens} tokens; "
+                f"arithmetic {({True: 'bf16 autocast', False: 'fp32', None: 'bf16 where native'})[self.bf16]}")
 
     def replace(self, **changes) -> Profile:
         return dataclasses.replace(self, **changes)

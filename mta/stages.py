@@ -36,9 +36,10 @@ from mta.lamp import TaskSpec, User, instruction_only, query_prompt, training_pa
 from mta.lora import inject_lora, unload_lora
 from mta.methods import Method
 from mta.multi_lora import generate_many, get_row_adapter, stack_many, unload_row_lora
+from mta.precision import autocast
 from mta.profiles import LoRASpec, Profile
 from mta.tokenizer import Tokenizer
-from mta.train import TrainLog, train
+from mta.train import TrainConfig, TrainLog, train
 from mta.train_many import train_many
 
 
@@ -233,10 +234,14 @@ class Engine:
             seconds["fuse"] = time.perf_counter() - tic
         if recipe is None:
             return None, seconds
-        log = train(self.model, examples, recipe.train_config(seed, probe=probe), pad_id=self.tok.pad_token_id)
+        log = train(self.model, examples, self.train_config(recipe, seed, probe), pad_id=self.tok.pad_token_id)
         self.model.eval()
         seconds["adapt"] = log.seconds
         return log, seconds
+
+    def train_config(self, recipe: LoRASpec, seed: int, probe: bool = False) -> TrainConfig:
+        """`recipe`'s optimiser settings under this run's precision (the profile's resolved `bf16`)."""
+        return recipe.train_config(seed, probe=probe, bf16=self.profile.bf16)
 
     def trained_adapter(self) -> Adapter:
         """The LoRA `personalize` trained, detached from the model."""
@@ -257,8 +262,8 @@ class Engine:
             seconds["fuse"] = time.perf_counter() - tic
         if recipe is None:
             return None, seconds
-        logs = train_many(self.model, examples, [recipe.train_config(s) for s in seeds], self.tok.pad_token_id,
-                          p.rows_per_pass, p.bf16)
+        logs = train_many(self.model, examples, [self.train_config(recipe, s) for s in seeds], self.tok.pad_token_id,
+                          p.rows_per_pass)
         self.model.eval()
         seconds["adapt"] = logs[0].seconds
         return logs, seconds
@@ -274,8 +279,11 @@ class Engine:
         ids, mask = ids.to(self.profile.device), mask.to(self.profile.device)
         kw = dict(max_new_tokens=self.profile.max_new_tokens, stop_token_ids=self.tok.eos_token_ids,
                   pad_token_id=self.tok.pad_token_id)
-        new = self.model.generate(ids, mask, **kw) if slots is None else \
-            generate_many(self.model, ids, mask, slots, self.profile.bf16, **kw)
+        if slots is None:
+            with autocast(self.profile.device, self.profile.bf16):
+                new = self.model.generate(ids, mask, **kw)
+        else:
+            new = generate_many(self.model, ids, mask, slots, self.profile.bf16, **kw)
         return [self.tok.decode(row.tolist()).strip() for row in new]
 
     def reset(self) -> None:
@@ -455,7 +463,7 @@ def train_perpcs_gates(engine: Engine, task: Adapter, sharer: Adapter, examples,
     inject_lora(engine.model, sharer.config)
     set_adapter(engine.model, sharer)
     perpcs.inject_gates(engine.model)
-    log = train(engine.model, examples, engine.profile.perpcs_gate.train_config(seed, probe=True),
+    log = train(engine.model, examples, engine.train_config(engine.profile.perpcs_gate, seed, probe=True),
                 pad_id=engine.tok.pad_token_id)
     gates = perpcs.gate_vectors(engine.model)
     engine.reset()
@@ -480,7 +488,7 @@ def train_proper_group(engine: Engine, population: Adapter, users: Sequence[User
     def rows(batch):
         proper.set_users(model, torch.tensor([ex.row for ex in batch], device=model.device))
 
-    log = train(model, examples, p.proper_group.train_config(seed, probe=True), engine.tok.pad_token_id,
+    log = train(model, examples, engine.train_config(p.proper_group, seed, probe=True), engine.tok.pad_token_id,
                 before_forward=rows, aux_loss=lambda: proper.constraint_loss(model))
     state = proper.mixture_state(model)
     engine.reset()
@@ -538,11 +546,11 @@ def prepare_proper(engine: Engine, user: User, baselines: Baselines | None, unit
 
     proper.set_stage(engine.model, "user")
     user_examples = seeded_subset(examples, p.proper_user_items, derive_seed(unit_seed, "user"))
-    user_log = train(engine.model, user_examples, p.proper_user.train_config(unit_seed, probe=True), pad,
+    user_log = train(engine.model, user_examples, engine.train_config(p.proper_user, unit_seed, probe=True), pad,
                      before_forward=same_user)
     router_examples = seeded_subset(examples, p.proper_router_items, derive_seed(unit_seed, "router"))
     proper.set_stage(engine.model, "router")
-    router_log = train(engine.model, router_examples, p.proper_router.train_config(unit_seed, probe=True), pad)
+    router_log = train(engine.model, router_examples, engine.train_config(p.proper_router, unit_seed, probe=True), pad)
     engine.model.eval()
     return ({"adapt": user_log.seconds + router_log.seconds},
             {"train": summarize(user_log), "train_router": summarize(router_log)})

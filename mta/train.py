@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from mta.precision import autocast
+
 Example = tuple[Sequence[int], Sequence[int]]  # (prompt_ids, response_ids)
 
 
@@ -41,6 +43,7 @@ class TrainConfig:
     group_by_length: bool = False  # as transformers' Trainer: batch similar lengths together, less padding
     progress: bool = True
     probe: bool = False  # score the first step's batch before and after training (TrainLog.probe)
+    bf16: bool = False  # bf16 autocast (mta.precision); parameters, AdamW state and loss stay fp32
 
     def __post_init__(self):
         if self.schedule not in ("cosine", "linear", "constant"):
@@ -183,7 +186,6 @@ def train(model: nn.Module, examples: Sequence[Example], config: TrainConfig, pa
     torch.manual_seed(config.seed)
     total, warmup = schedule_length(config, len(examples))
     opt = adamw(params, config)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     log, was_training = TrainLog(), model.training
     batches = step_batches(examples, config)
@@ -208,7 +210,7 @@ def train(model: nn.Module, examples: Sequence[Example], config: TrainConfig, pa
                 ids, mask = ids.to(device), mask.to(device)
                 if before_forward is not None:
                     before_forward(batch)
-                with autocast:
+                with autocast(device, config.bf16):
                     loss = response_loss_sum(model, ids, mask) / n_targets
                     if aux_loss is not None:
                         loss = loss + aux_loss() / len(micro)

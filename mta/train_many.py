@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from mta.multi_lora import autocast, rows, stacked_layers
+from mta.multi_lora import rows, stacked_layers
+from mta.precision import autocast
 from mta.train import (
     Example,
     TrainConfig,
@@ -89,13 +90,13 @@ def slot_grad_norms(params: Sequence[nn.Parameter]) -> Tensor:
 
 
 def train_many(model: nn.Module, examples: Sequence[Sequence[Example]], configs: TrainConfig | Sequence[TrainConfig],
-               pad_id: int | None = 0, rows_per_pass: int | None = None, bf16: bool | None = None) -> list[TrainLog]:
+               pad_id: int | None = 0, rows_per_pass: int | None = None) -> list[TrainLog]:
     """Train slot u's stacked LoRA on `examples[u]` with `configs[u]` (one config for all, or one each);
     returns one TrainLog per slot, whose `seconds` is the joint run's wall time.
 
-    `bf16`: autocast as `mta.multi_lora.autocast` (None: on CUDA only, as train()). Dropout in the LoRA
-    layers draws other random numbers than train() would. Raises FloatingPointError on a NaN/inf loss or
-    gradient norm, naming the adapter and its step.
+    The adapters share AdamW's betas and eps and the precision (`bf16`). Dropout in the LoRA layers draws
+    other random numbers than train() would. Raises FloatingPointError on a NaN/inf loss or gradient norm,
+    naming the adapter and its step.
     """
     layers = stacked_layers(model)
     if not layers:
@@ -107,8 +108,8 @@ def train_many(model: nn.Module, examples: Sequence[Sequence[Example]], configs:
     for u, ex in enumerate(examples):
         if not ex:
             raise ValueError(f"train_many: no examples for adapter {u}")
-    if len({(c.betas, c.eps) for c in configs}) != 1:
-        raise ValueError("train_many: adapters must share AdamW betas and eps")
+    if len({(c.betas, c.eps, c.bf16) for c in configs}) != 1:
+        raise ValueError("train_many: adapters must share AdamW betas and eps, and bf16")
     params = [p for layer in layers.values() for p in (layer.lora_A, layer.lora_B)]
     device = params[0].device
     opt = BankAdamW(params, U, configs[0].betas, configs[0].eps)
@@ -143,7 +144,7 @@ def train_many(model: nn.Module, examples: Sequence[Sequence[Example]], configs:
                 ids, mask = ids.to(device), mask.to(device)
                 row_weight = (1.0 / n_targets)[slots].to(device)  # (rows,) 1 / n_u of each row's adapter
                 token_slot = slots.to(device)[mask.nonzero()[:, 0]]  # (N,) the adapter of each target, row-major
-                with rows(model, slots), autocast(device, bf16):
+                with rows(model, slots), autocast(device, configs[0].bf16):
                     logits, targets = response_logits(model, ids, mask)  # (N, V), (N,)
                     ce = F.cross_entropy(logits.float(), targets, reduction="none")  # (N,)
                     weighted = ce * row_weight[mask.nonzero()[:, 0]]

@@ -134,6 +134,7 @@ def make_profile(path: Path, llm: Path, encoder: Path, **overrides) -> Path:
     profile = {"base": "cpu", "name": "tiny", "llm": str(llm), "stage1_encoder": str(encoder),
                "stage2_encoder": str(encoder), "n_anchors": 3, "min_anchor_items": 11, "max_items_per_anchor": 6,
                "max_new_tokens": 6, "max_prompt_tokens": 256, "notes": ["tiny random models, for tests"],
+               "bf16": False,  # the same arithmetic on every CPU
                "bank": {"epochs": 1, "batch_size": 4}, "oppu": {"epochs": 1, "batch_size": 4, "lr": 2e-3},
                "stack": {"epochs": 1, "batch_size": 2, "lr": 3e-2},
                # Per-Pcs and PROPER: one or two optimizer steps per trained part

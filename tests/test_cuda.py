@@ -1,6 +1,7 @@
 """The CUDA subset (`pytest -m cuda`, run by tools/gpu_check.py): the kernels and the batched engine on a
 GPU against the CPU results the other tests check. Skipped where there is no CUDA device."""
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -66,6 +67,6 @@ def test_adapters_trained_together_on_cuda_in_bf16_stay_close_to_fp32():
     for bf16 in (False, True):
         many = copy.deepcopy(model)
         stack_many(many, fused, weights, STACK, "delta", SEEDS)
-        logs[bf16] = train_many(many.cuda(), data, configs, bf16=bf16)
+        logs[bf16] = train_many(many.cuda(), data, [dataclasses.replace(c, bf16=bf16) for c in configs])
     for a, b in zip(logs[False], logs[True], strict=True):
         assert a.losses == pytest.approx(b.losses, rel=0.05)

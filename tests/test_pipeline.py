@@ -11,6 +11,7 @@ import torch
 from mta import pipeline
 from mta.cli import main
 from mta.methods import ALL, DEFAULT
+from mta.precision import bf16_supported
 from mta.stages import fusion_weights
 from tests.conftest import N_USERS, RESULTS_JSON, RESULTS_MD
 
@@ -277,3 +278,19 @@ def test_both_engines_give_the_same_outputs(tiny_run, tmp_path):
         assert batched["group"] > 1 and "group" not in alone
         assert batched["first_loss"] == pytest.approx(alone["first_loss"], rel=1e-5)
         assert batched["last_loss"] == pytest.approx(alone["last_loss"], rel=1e-4)
+
+
+def test_bf16_where_native_is_resolved_and_recorded(tiny_run, tmp_path):
+    """`bf16 = None`, the cpu profile's choice, turns bf16 autocast on where this CPU has it (every method then
+    trains and decodes under it) and records the resolved bool; True on a CPU without it fails before any work."""
+    _, argv, _ = tiny_run
+    runs = argv.index("--runs") + 1
+    here = [*argv[:runs], str(tmp_path / "runs"), *argv[runs + 1:], "--users", "1"]
+    result = main("test", pipeline.reproduce, [*here, "--set", "bf16=None"])
+    (run_dir,) = (tmp_path / "runs" / "news_headline").iterdir()
+    assert json.loads((run_dir / "config.json").read_text())["profile"]["bf16"] is bf16_supported("cpu")
+    rows = [row for per in result["per_user"].values() for row in per.values()]
+    assert set(result["methods"]) == set(DEFAULT) and not any(row.get("error") for row in rows)
+    if not bf16_supported("cpu"):
+        with pytest.raises(SystemExit, match="no native bf16"):
+            main("test", pipeline.reproduce, [*here, "--set", "bf16=True"])

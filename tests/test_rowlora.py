@@ -11,7 +11,6 @@ from mta.fusion import stack_lora
 from mta.llama import LlamaConfig, LlamaForCausalLM
 from mta.lora import LLAMA_TARGETS, LoRAConfig, find_targets, inject_lora, lora_layers
 from mta.multi_lora import (
-    bf16_supported,
     fresh_adapter,
     generate_many,
     get_row_adapter,
@@ -22,6 +21,7 @@ from mta.multi_lora import (
     stack_many,
     unload_row_lora,
 )
+from mta.precision import bf16_supported
 
 VOCAB = 97
 STACK = LoRAConfig(r=2, alpha=4.0, target_modules=("q_proj", "v_proj", "down_proj"))

@@ -1,5 +1,6 @@
 """U stacked LoRAs trained in one pass (mta.train_many) against each trained alone with mta.train.train."""
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -7,7 +8,8 @@ import torch
 from mta.adapter import get_adapter, load_adapter, save_adapter
 from mta.fusion import stack_lora
 from mta.lora import LoRAConfig
-from mta.multi_lora import bf16_supported, get_row_adapter, stack_many
+from mta.multi_lora import get_row_adapter, stack_many
+from mta.precision import bf16_supported
 from mta.train import TrainConfig, train
 from mta.train_many import train_many
 from tests.test_rowlora import VOCAB, tiny, users
@@ -107,7 +109,7 @@ def test_bf16_autocast_trains_close_to_fp32():
     for bf16 in (False, True):
         many = copy.deepcopy(model)
         stack_many(many, fused, weights, STACK, "param", SEEDS)
-        logs[bf16] = train_many(many, data, cfg, bf16=bf16)
+        logs[bf16] = train_many(many, data, dataclasses.replace(cfg, bf16=bf16))
     for a, b in zip(logs[False], logs[True], strict=True):
         assert a.losses == pytest.approx(b.losses, rel=0.05)
 

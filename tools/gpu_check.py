@@ -82,13 +82,13 @@ def main() -> None:
     print(f"{args.shape} on {device} ({torch.cuda.get_device_name(device) if bf16 else 'cpu'}), {dtype}: "
           f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters; {args.items} items of "
           f"{args.prompt}+16 tokens per adapter, {args.rows_per_pass} rows per pass", flush=True)
-    recipe = TrainConfig(lr=1e-4, batch_size=2, progress=False)
+    recipe = TrainConfig(lr=1e-4, batch_size=2, progress=False, bf16=bf16)
     vocab = cfg.vocab_size
 
     def bank():
         stack_many(model, [[]] * 8, [[]] * 8, BANK, "param", seeds=list(range(8)))
         train_many(model, examples(8, args.items, args.prompt, 16, vocab, 1), recipe,
-                   rows_per_pass=args.rows_per_pass, bf16=bf16)
+                   rows_per_pass=args.rows_per_pass)
         adapters = [get_row_adapter(model, u, BANK) for u in range(8)]
         unload_row_lora(model)
         return adapters
@@ -101,7 +101,7 @@ def main() -> None:
     def stack_and_train():
         stack_many(model, fused, weights, STACK, "param", seeds=list(range(100, 100 + users)))
         train_many(model, examples(users, args.items, args.prompt, 16, vocab, 2), recipe,
-                   rows_per_pass=args.rows_per_pass, bf16=bf16)
+                   rows_per_pass=args.rows_per_pass)
 
     measured("users", device, stack_and_train)
     prompts = torch.randint(3, vocab, (users, args.prompt), generator=torch.Generator().manual_seed(3)).to(device)

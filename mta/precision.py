@@ -1,0 +1,36 @@
+"""bf16 autocast where the hardware computes it natively (CUDA bf16, or a CPU with AVX512-BF16 / AMX).
+
+Autocast keeps the parameters, the optimizer state and the loss in fp32 and runs the matrix products in
+bf16 with fp32 accumulation. A profile's `bf16 = None` means "where the device has it", resolved once per
+run by `resolve_bf16` and recorded in the run's config.json; the library functions take a plain bool.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def bf16_supported(device: torch.device | str) -> bool:
+    """Whether bf16 autocast runs natively: CUDA with bf16, or a CPU with AVX512-BF16 / AMX (oneDNN)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def resolve_bf16(bf16: bool | None, device: torch.device | str) -> bool:
+    """A profile's choice as a bool: None turns bf16 on where `device` has it natively; True where it has
+    not is an error, raised before any work."""
+    if bf16 and not bf16_supported(device):
+        raise ValueError(f"profile field bf16 is True, but {device} has no native bf16 (needs CUDA bf16, "
+                         f"AVX512-BF16 or AMX); use bf16=None (where native) or False")
+    return bf16_supported(device) if bf16 is None else bf16
+
+
+def autocast(device: torch.device | str, bf16: bool):
+    """bf16 autocast on `device` when `bf16` (an error where the hardware lacks it); a no-op otherwise."""
+    device = torch.device(device)
+    if bf16 and not bf16_supported(device):
+        raise ValueError(f"bf16 autocast is not supported on {device} (needs CUDA bf16, AVX512-BF16 or AMX)")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
