@@ -17,16 +17,26 @@ vs PEFT's mixed-adapter batch (`generate(..., adapter_names=...)`, one rank-12 a
 the fused and the stacked factors), with each side's agreement with ours one at a time and peak RSS;
 and the bank figure: 8 fresh rank-8 meta-LoRAs, 4 items of --seq + 16 tokens each (2 steps at batch 2),
 trained one at a time (train) vs together (train_many, 8 rows per pass as the cpu profile), with their
-losses compared.
+losses compared, and together in bf16 where the CPU has it.
+
+With --stage3 RUN_DIR (a finished `make reproduce` directory), stage 3 of the pipeline itself: every method for
+the first --users test users on that run's bank and stage-1/2 artifacts, three ways, each in a fresh process
+(so each peak RSS is its own): one at a time in fp32 (`engine=sequential`, the reference), batched in fp32, and
+batched in bf16 where the CPU has it natively; users per minute, the speed-up of each lever, and the share of
+(user, method) outputs identical to the reference.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import importlib
+import multiprocessing
 import resource
 import sys
+import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -37,6 +47,7 @@ from mta.fusion import stack_lora
 from mta.llama import LlamaConfig, LlamaForCausalLM
 from mta.lora import LLAMA_TARGETS, LoRAConfig, find_targets, inject_lora
 from mta.multi_lora import generate_many, row_layers, rows, set_slot, stack_many
+from mta.precision import bf16_supported
 from mta.train import TrainConfig, train
 from mta.train_many import train_many
 
@@ -73,7 +84,10 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--llm", default=None, help="real weights: the decode figure against PEFT (see above)")
+    ap.add_argument("--stage3", type=Path, default=None, help="a finished run directory: stage 3 timed (see above)")
     args = ap.parse_args()
+    if args.stage3:
+        return stage3_against_sequential(args.stage3, args.users)
     if args.llm:
         return decode_against_peft(args)
     device = torch.device(args.device)
@@ -238,6 +252,63 @@ def bank_against_loop(model, config: LoRAConfig, seq: int, anchors: int = 8) -> 
     worst = max(abs(a - b) / abs(b) for a, b in pairs)
     print(f"bank, {anchors} meta-LoRAs x 2 steps: one at a time {alone:.1f} s, together {together:.1f} s: "
           f"{alone / together:.2f}x (target >= 1.5x); largest relative loss difference {worst:.1e}")
+    if bf16_supported("cpu") and next(model.parameters()).device.type == "cpu":
+        many = copy.deepcopy(model)
+        stack_many(many, [[]] * anchors, [[]] * anchors, config, "param", list(range(anchors)))
+        t = time.perf_counter()
+        logs = train_many(many, data, dataclasses.replace(tc, bf16=True), rows_per_pass=8)
+        in_bf16 = time.perf_counter() - t
+        worst = max(abs(a - b) / abs(b) for log, ref in zip(logs, loop, strict=True)
+                    for a, b in zip(log.losses, ref, strict=True))
+        print(f"bank together in bf16: {in_bf16:.1f} s, {alone / in_bf16:.2f}x over one at a time in fp32 "
+              f"({together / in_bf16:.2f}x from bf16); largest relative loss difference from fp32 {worst:.1e}")
+
+
+STAGE3_WAYS = (("one at a time, fp32", "sequential", False), ("batched, fp32", "batched", False),
+               ("batched, bf16", "batched", True))
+
+
+def stage3_way(run_dir: Path, users: int, engine: str, bf16: bool) -> tuple[float, float, dict]:
+    """Stage 3 of `run_dir`'s run for its first `users` test users under (engine, bf16), in a scratch
+    directory that shares the run's artifacts: (seconds, peak RSS in MiB, (user, method) -> output)."""
+    from mta.methods import DEFAULT
+    from mta.pipeline import Run, collect, stage3_run, stored_profile
+    from mta.rundir import RunDir, read_json
+
+    config = read_json(run_dir / "config.json")
+    profile = stored_profile(run_dir / "config.json").replace(engine=engine, bf16=bf16)
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Run(task=config["task"], profile=profile, lamp_dir=Path(config["lamp_dir"]), seed=config["seed"],
+                  n_users=users, methods=DEFAULT, progress=False, run_dir=RunDir(Path(tmp), shared=run_dir))
+        run.engine  # noqa: B018 (the model loads outside the timed part)
+        t = time.perf_counter()
+        stage3_run(run)
+        seconds = time.perf_counter() - t
+        rows = collect(run)
+    outputs = {(uid, m): r.get("output", r.get("error")) for m, per in rows.items() for uid, r in per.items()}
+    return seconds, peak_rss_mib(), outputs
+
+
+def stage3_against_sequential(run_dir: Path, users: int) -> None:
+    if not (run_dir / "config.json").exists():
+        raise SystemExit(f"bench_multi --stage3: {run_dir} has no config.json (give a finished run directory)")
+    ways = [w for w in STAGE3_WAYS if not w[2] or bf16_supported("cpu")]
+    results = {}
+    for name, engine, bf16 in ways:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results[name] = pool.submit(stage3_way, run_dir, users, engine, bf16).result()
+        print(f"  {name}: {results[name][0]:.0f} s", flush=True)
+    ref_s, _, ref = results[STAGE3_WAYS[0][0]]
+    methods = sorted({m for _, m in ref})
+    print(f"stage 3, {users} users x {len(methods)} methods, {torch.get_num_threads()} threads, on {run_dir}")
+    print(f"{'':22}{'seconds':>9}{'users/min':>11}{'speed-up':>10}{'peak RSS (MiB)':>16}   identical to one at a time")
+    for name, (sec, rss, out) in results.items():
+        same = sum(out.get(k) == v for k, v in ref.items())
+        by_method = ", ".join(f"{m} {sum(out.get(k) == v for k, v in ref.items() if k[1] == m)}"
+                              for m in methods)
+        print(f"{name:22}{sec:9.0f}{60 * users / sec:11.2f}{ref_s / sec:9.2f}x{rss:16.0f}   "
+              f"{same}/{len(ref)} ({by_method})")
+    print("target: batched >= 2x one at a time (users per minute)")
 
 
 if __name__ == "__main__":
