@@ -507,7 +507,8 @@ def prepare_perpcs(engine: Engine, user: User, baselines: Baselines | None, unit
     missing = [a for a in sharer_ids if a not in baselines.perpcs_gates]
     if missing:
         raise InputError(f"Per-Pcs: sharer(s) {missing} have no gates (rerun tools/reproduce.py)")
-    examples = engine.examples(user.history, unit_seed)
+    examples = seeded_subset(engine.examples(user.history, unit_seed), p.perpcs_user_items,
+                             derive_seed(unit_seed, "assembly"))
     sharers, gates = [baselines.perpcs_sharers[a] for a in sharer_ids], [baselines.perpcs_gates[a] for a in sharer_ids]
     adapter, pieces = perpcs.assemble_for_user(
         engine.model, sharers, gates, examples, p.perpcs_top_k, p.perpcs_tau, p.perpcs_assembly_batch,
@@ -517,7 +518,7 @@ def prepare_perpcs(engine: Engine, user: User, baselines: Baselines | None, unit
     engine.model.eval()
     named = {m: [{"sharers": [sharer_ids[i] for i in b["sharers"]], "weights": b["weights"]} for b in batches]
              for m, batches in pieces.items()}
-    return {"assemble": time.perf_counter() - tic}, {"sharers": sharer_ids, "pieces": named}
+    return {"assemble": time.perf_counter() - tic}, {"sharers": sharer_ids, "items": len(examples), "pieces": named}
 
 
 def prepare_proper(engine: Engine, user: User, baselines: Baselines | None, unit_seed: int) -> tuple[dict, dict]:
@@ -553,7 +554,8 @@ def prepare_proper(engine: Engine, user: User, baselines: Baselines | None, unit
     router_log = train(engine.model, router_examples, engine.train_config(p.proper_router, unit_seed, probe=True), pad)
     engine.model.eval()
     return ({"adapt": user_log.seconds + router_log.seconds},
-            {"train": summarize(user_log), "train_router": summarize(router_log)})
+            {"train": {"examples": len(user_examples), **summarize(user_log)},
+             "train_router": {"examples": len(router_examples), **summarize(router_log)}})
 
 
 PROCEDURES = {"perpcs": prepare_perpcs, "proper": prepare_proper}

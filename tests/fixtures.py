@@ -142,7 +142,8 @@ def make_profile(path: Path, llm: Path, encoder: Path, **overrides) -> Path:
                "perpcs_sharer": {"batch_size": 4, "lr": 1e-2}, "perpcs_gate": {"batch_size": 4, "lr": 1e-1},
                "proper_population": {"batch_size": 4, "lr": 1e-2}, "proper_group_items": 2,
                "proper_group": {"batch_size": 4, "lr": 1e-2}, "proper_user": {"batch_size": 5, "lr": 3e-2},
-               "proper_router": {"batch_size": 4, "lr": 1e-1}, "proper_router_items": 4}
+               "proper_router": {"batch_size": 4, "lr": 1e-1}, "proper_router_items": 4,
+               "perpcs_user_items": 5, "proper_user_items": 3}
     profile.update(overrides)
     path.write_text(json.dumps(profile))
     return path

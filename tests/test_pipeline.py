@@ -72,6 +72,9 @@ def test_perpcs_and_proper_artifacts_and_results(tiny_run):
         assert gates and all(g.abs().sum() > 0 for g in gates.values())  # moved from their zero start
     assert (run_dir / "proper" / "population_lora" / "adapter_model.safetensors").exists()
     assert len(json.loads((run_dir / "proper" / "group" / "users.json").read_text())) == 4  # every target user
+    p = json.loads((run_dir / "config.json").read_text())["profile"]
+    caps = p["perpcs_user_items"], p["proper_user_items"], p["proper_router_items"]
+    assert all(caps) and len(set(caps)) == 3  # told apart below
     for uid in result["users"]:
         pc = json.loads((run_dir / "users" / uid / "perpcs.json").read_text())
         assert pc["sharers"] == sorted(anchors) and pc["seconds"]["assemble"] > 0
@@ -80,6 +83,7 @@ def test_perpcs_and_proper_artifacts_and_results(tiny_run):
                 assert set(b["sharers"]) <= set(anchors) and sum(b["weights"]) == pytest.approx(1)
         pr = json.loads((run_dir / "users" / uid / "proper.json").read_text())
         assert pr["train"]["steps"] >= 1 and pr["train_router"]["steps"] >= 1
+        assert (pc["items"], pr["train"]["examples"], pr["train_router"]["examples"]) == caps  # each its own cap
     assert {"perpcs", "proper"} <= set(result["mta_vs"])
     md = (run_dir / RESULTS_MD).read_text()
     table1 = md.split("## Table 1")[1].split("## Table 2")[0]
