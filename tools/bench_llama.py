@@ -153,10 +153,14 @@ def bench_quant(args) -> None:
     from mta.lora import LLAMA_TARGETS, LoRAConfig, inject_lora
     from mta.train import TrainConfig, train
 
+    dtype = getattr(torch, args.quant_dtype)  # of our models' activations and float weights
     fp32, tok = load_llm(args.model)
     models, rss = {"fp32": fp32}, {"fp32": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if dtype != torch.float32:
+        models[args.quant_dtype] = load_llm(args.model, dtype=dtype)[0]
+        rss[args.quant_dtype] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     for q in args.quants.split(","):
-        models[q] = load_llm(args.model, quant=q)[0]
+        models[q] = load_llm(args.model, dtype=dtype, quant=q)[0]
         rss[q] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     ref = reference_model(fp32)
     n = args.new_tokens
@@ -167,8 +171,9 @@ def bench_quant(args) -> None:
         else:
             model.generate(ids, attention_mask=mask, max_new_tokens=n)
 
-    print(f"\nmodel {args.model}: quantised bases, {args.threads} threads, best of {args.repeats} interleaved runs")
-    print(f"{'decode tok/s':16s} {'transformers':>13s}" + "".join(f"{'ours ' + k:>11s}" for k in models)
+    print(f"\nmodel {args.model}: quantised bases in {args.quant_dtype} (transformers in fp32), "
+          f"{args.threads} threads, best of {args.repeats} interleaved runs")
+    print(f"{'decode tok/s':16s} {'transformers':>13s}" + "".join(f"{'ours ' + k:>15s}" for k in models)
           + f"  ours {'/'.join(models)} / transformers")
     for size in (1, 8):
         ids, mask = tok.pad([tok.chat_prompt(p) for p in PROMPTS[:size]], side="left")
@@ -180,11 +185,11 @@ def bench_quant(args) -> None:
             for i, m in enumerate(sides):
                 best[i] = min(best[i], timed(functools.partial(decode, m, ids, mask)))
         rates = [size * n / t for t in best]
-        print(f"{'batch ' + str(size):16s} {rates[0]:13.1f}" + "".join(f"{r:11.1f}" for r in rates[1:])
+        print(f"{'batch ' + str(size):16s} {rates[0]:13.1f}" + "".join(f"{r:15.1f}" for r in rates[1:])
               + "  " + " / ".join(f"{r / rates[0]:.2f}x" for r in rates[1:]), flush=True)
     print(f"{'MB per token':16s} {weight_bytes(fp32) / 1e6:13.0f}"
-          + "".join(f"{weight_bytes(m) / 1e6:11.0f}" for m in models.values()) + "  (weights read once per token)")
-    print(f"{'peak RSS, MiB':16s} {'':13s}" + "".join(f"{rss[k]:11.0f}" for k in models) + "  (after each load)")
+          + "".join(f"{weight_bytes(m) / 1e6:15.0f}" for m in models.values()) + "  (weights read once per token)")
+    print(f"{'peak RSS, MiB':16s} {'':13s}" + "".join(f"{rss[k]:15.0f}" for k in models) + "  (after each load)")
     g = torch.Generator().manual_seed(0)
     data = [(torch.randint(3, 1000, (112,), generator=g).tolist(), torch.randint(3, 1000, (16,), generator=g).tolist())
             for _ in range(8)]
@@ -194,7 +199,7 @@ def bench_quant(args) -> None:
         inject_lora(m, LoRAConfig(r=8, alpha=16.0, target_modules=LLAMA_TARGETS))
         rates[k] = max(train(m, data, TrainConfig(lr=1e-4, batch_size=4, progress=False)).tokens_per_second
                        for _ in range(2))
-    print(f"{'LoRA train tok/s':16s} {'':13s}" + "".join(f"{rates[k]:11.1f}" for k in models)
+    print(f"{'LoRA train tok/s':16s} {'':13s}" + "".join(f"{rates[k]:15.1f}" for k in models)
           + "  (rank 8 on every linear, batch 4 x 128 tokens, best of 2 epochs of 2 steps)")
 
 
@@ -206,6 +211,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated torch dtypes")
     parser.add_argument("--quants", default="q4,q8", help="quantised bases to compare ('' for none)")
+    parser.add_argument("--quant-dtype", default="float32",
+                        help="our models' dtype beside the quantised bases (bfloat16: torch's int4/int8 CPU kernels)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for dtype in filter(None, args.dtypes.split(",")):
