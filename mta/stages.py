@@ -36,7 +36,7 @@ from mta.lamp import TaskSpec, User, instruction_only, query_prompt, training_pa
 from mta.lora import inject_lora, unload_lora
 from mta.methods import Method
 from mta.multi_lora import generate_many, get_row_adapter, stack_many, unload_row_lora
-from mta.precision import autocast, resolve_bf16
+from mta.precision import autocast
 from mta.profiles import LoRASpec, Profile
 from mta.tokenizer import Tokenizer
 from mta.train import TrainConfig, TrainLog, train
@@ -174,7 +174,8 @@ def summarize(log: TrainLog) -> dict:
 
 @dataclass
 class Engine:
-    """The base model, its tokenizer and a pristine copy of W0: everything that trains and generates."""
+    """The base model, its tokenizer and a pristine copy of W0: everything that trains and generates.
+    `profile.bf16` is the bool its Run resolved."""
 
     profile: Profile
     task: TaskSpec
@@ -182,7 +183,6 @@ class Engine:
     tok: Tokenizer
 
     def __post_init__(self):
-        self.profile = self.profile.replace(bf16=resolve_bf16(self.profile.bf16, self.profile.device))
         self.base = BaseWeights(self.model, targets=self.profile.bank.targets, device="cpu")
         self.folded = False  # whether W differs from W0
         self.lora_config = None  # of the LoRA `personalize` last trained
