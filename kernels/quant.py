@@ -38,7 +38,8 @@ Which path runs (measured on 1 core of an AVX-512 EPYC, torch 2.13, W 576 x 1536
 66 us, bf16 81 us): the CPU kernels are vectorised for bf16 only (Q4_1 60 us, int8 57 us). Their fp32
 and fp16 versions are scalar (Q4_1 1.5 ms, int8 0.74 ms) and slower than the chunked fallback (Q4_1 1.2 ms,
 int8 0.30 ms, Q8_0 0.32 ms), so on CPU the kernels serve bf16 activations and fp32 takes the fallback.
-For speed, load the model in bf16 (`load_llm(..., dtype=torch.bfloat16, quant="q4")`).
+For speed, load the model in bf16 (`load_llm(..., dtype=torch.bfloat16, quant="q4")`) or run it under bf16
+autocast, which the layer follows as F.linear does (the profile's `bf16`, `mta.precision`).
 
 Backward: W is frozen; the gradient with respect to x is grad @ W through the same chunked dequantisation
 (torch's kernels have no derivative), so LoRA trains on a quantised base.
@@ -249,6 +250,8 @@ class QuantLinear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.is_autocast_enabled(x.device.type):  # as F.linear does under autocast: compute in its dtype
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         y = _QuantMatmul.apply(x, self) if torch.is_grad_enabled() and x.requires_grad else self._matmul(x)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
@@ -280,6 +283,13 @@ def _safe(d: Tensor) -> Tensor:
     return torch.where(d == 0, torch.ones_like(d), d)
 
 
+def linear_dtype_device(layer: nn.Module) -> tuple[torch.dtype, torch.device]:
+    """The compute dtype and the device of a frozen base layer, an nn.Linear or a QuantLinear."""
+    if isinstance(layer, QuantLinear):
+        return layer.dtype, layer.device
+    return layer.weight.dtype, layer.weight.device
+
+
 def quantize_model_linears(model: nn.Module, kind: str, skip: tuple[str, ...] = ("lm_head",)) -> list[str]:
     """Replace every nn.Linear (but `skip`) by QuantLinear.from_float(weight, kind); returns the paths."""
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] not in skip]
@@ -292,4 +302,4 @@ def quantize_model_linears(model: nn.Module, kind: str, skip: tuple[str, ...] = 
     return names
 
 
-__all__ = ["GGUF_KINDS", "GROUP", "KINDS", "QuantLinear", "kernel_for", "quantize_model_linears"]
+__all__ = ["GGUF_KINDS", "GROUP", "KINDS", "QuantLinear", "kernel_for", "linear_dtype_device", "quantize_model_linears"]

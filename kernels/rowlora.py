@@ -39,6 +39,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from kernels.quant import QuantLinear, linear_dtype_device
+
 
 def row_lora(x: Tensor, index: Tensor | None, A: Tensor, B: Tensor, scaling: float = 1.0,
              y: Tensor | None = None) -> Tensor:
@@ -61,7 +63,8 @@ def row_lora(x: Tensor, index: Tensor | None, A: Tensor, B: Tensor, scaling: flo
 
 
 class RowLoRALinear(nn.Module):
-    """A frozen nn.Linear plus, per batch row, a fused LoRA (frozen, unmerged) and a stacked trainable LoRA.
+    """A frozen nn.Linear (or a quantised kernels.quant.QuantLinear) plus, per batch row, a fused LoRA (frozen,
+    unmerged) and a stacked trainable LoRA.
 
     `n_adapters` slots; `r` (0: no stacked term) and `alpha` are the stacked LoRA's. Fused factors are set
     with `set_fused` (rank rf, may be 0). The row -> slot index of the current batch is set with
@@ -69,14 +72,15 @@ class RowLoRALinear(nn.Module):
     get fp32 adapters, as LoRALinear does.
     """
 
-    def __init__(self, base: nn.Linear, n_adapters: int, r: int = 0, alpha: float = 1.0, dropout: float = 0.0,
-                 use_rslora: bool = False):
+    def __init__(self, base: nn.Linear | QuantLinear, n_adapters: int, r: int = 0, alpha: float = 1.0,
+                 dropout: float = 0.0, use_rslora: bool = False):
         super().__init__()
         if n_adapters < 1 or r < 0:
             raise ValueError(f"RowLoRALinear: need n_adapters >= 1 and r >= 0, got {n_adapters}, {r}")
         self.base = base.requires_grad_(False)
-        dtype = torch.float32 if base.weight.dtype in (torch.float16, torch.bfloat16) else base.weight.dtype
-        kw = dict(device=base.weight.device, dtype=dtype)
+        base_dtype, device = linear_dtype_device(base)
+        dtype = torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
+        kw = dict(device=device, dtype=dtype)
         U, n_in, n_out = n_adapters, base.in_features, base.out_features
         self.n_adapters, self.r = U, r
         self.scaling = alpha / (math.sqrt(r) if use_rslora else r) if r else 0.0

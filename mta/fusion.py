@@ -43,8 +43,6 @@ def _plan(model: nn.Module, adapters: Sequence[Adapter], weights: Sequence[float
             if m not in linears:
                 raise ValueError(f"{a.source}: module {m!r} is not a linear layer of this model; wrong base model?")
         check_modules(a, {m: linears[m] for m in a.A})
-    for m in first.A:
-        refuse_quantized_fold(m, linears[m])
     return {m: linears[m] for m in first.A}
 
 
@@ -67,6 +65,8 @@ def fold_adapters(model: nn.Module, adapters: Sequence[Adapter], weights: Sequen
     successive users never accumulate drift; without it the fold is in place on the current weights.
     """
     plan = _plan(model, adapters, weights)
+    for m, lin in plan.items():
+        refuse_quantized_fold(m, lin)
     if base is not None:
         for m in plan:
             if m not in base.weights:

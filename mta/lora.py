@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from kernels.merge import fold_
-from kernels.quant import QuantLinear
+from kernels.quant import QuantLinear, linear_dtype_device
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -52,8 +52,7 @@ class LoRALinear(nn.Module):
                  use_rslora: bool = False):
         super().__init__()
         self.base = base.requires_grad_(False)
-        base_dtype, device = (base.dtype, base.device) if isinstance(base, QuantLinear) else \
-            (base.weight.dtype, base.weight.device)
+        base_dtype, device = linear_dtype_device(base)
         # Half-precision bases get fp32 adapters, as PEFT's autocast_adapter_dtype does.
         dtype = torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
         kw = dict(bias=False, device=device, dtype=dtype)

@@ -31,6 +31,7 @@ from mta.stages import (
     Engine,
     derive_seed,
     match_anchors,
+    refuse_on_quantised_base,
     run_group,
     run_unit,
     select_anchors,
@@ -62,6 +63,7 @@ class Run:
         self.profile = self.profile.for_task(self.task_spec.name)  # the settings of this task (Table 4)
         # bf16 = None: on where the device has it natively; config.json records the choice made here
         self.profile = self.profile.replace(bf16=resolve_bf16(self.profile.bf16, self.profile.device))
+        refuse_on_quantised_base(self.profile, [get(m) for m in self.methods])
 
     @property
     def task_spec(self) -> TaskSpec:

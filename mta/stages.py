@@ -451,6 +451,22 @@ class Baselines:
     proper_users: list[str] = field(default_factory=list)  # the rows of its user-embedding tables
 
 
+def refuse_on_quantised_base(profile: Profile, methods: Sequence[Method]) -> None:
+    """Nothing is folded into a quantised base (`mta.lora.refuse_quantized_fold`): name, before any work, a
+    chosen method that would need a fold."""
+    if profile.base_quant == "none":
+        return
+    for m in methods:
+        if m.procedure != "fuse_then_train":
+            raise ValueError(f"method {m.name}: its {m.procedure!r} procedure folds a population LoRA into W0, "
+                             f"which a quantised base (base_quant={profile.base_quant!r}) cannot take; leave it "
+                             f"out (--methods) or set base_quant='none'")
+        if m.anchors != "none" and profile.engine == "sequential":
+            raise ValueError(f"method {m.name}: the sequential engine folds the fused LoRA into W, which a "
+                             f"quantised base (base_quant={profile.base_quant!r}) cannot take; engine='batched' "
+                             f"applies it unmerged")
+
+
 def fold_population(engine: Engine, adapter: Adapter) -> None:
     """W = W0 + ΔW of a population LoRA (Per-Pcs's task LoRA, PROPER's population LoRA)."""
     fold_adapters(engine.model, [adapter], [1.0], engine.profile.merge_space, engine.base)

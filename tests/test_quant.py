@@ -6,22 +6,28 @@ fp32: see kernels.quant) and differ only in summation order, so in fp32 |y - y_r
 (K <= 1536 terms, 2^-24 each, with margin). With bf16 activations the kernels also round x, the scales and
 zeros and y to bf16 (8 significant bits), so the bound is 2^-6 · (|x| @ |W|ᵀ).
 """
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
 
 from kernels import quant
 from kernels.quant import QuantLinear, kernel_for
-from mta import checkpoint
+from kernels.rowlora import RowLoRALinear
+from mta import checkpoint, pipeline
 from mta.adapter import Adapter
 from mta.checkpoint import load_llm, load_model, read_gguf
+from mta.cli import main
 from mta.fusion import BaseWeights, fold_adapters
 from mta.gguf import GGML_TYPES, GGUFFile, dequantize
 from mta.lora import LoRAConfig, LoRALinear, inject_lora, merge_lora
 from mta.profiles import BASE_QUANTS, PROFILES
-from tests.fixtures import SMOLLM_FILE, make_llm, smollm_dir
+from tests.fixtures import SMOLLM_FILE, make_llm, make_profile, smollm_dir
 
 FP32_BOUND, BF16_BOUND = 1e-5, 2.0**-6
 
@@ -237,3 +243,86 @@ def test_fallback_chunks_cover_every_row(monkeypatch):
     assert_within(layer(x), x, layer.dequantize(), FP32_BOUND)
     assert torch.equal(torch.cat([w for _, w in layer._chunks(torch.float32)]), layer.dequantize())
     assert_within(F.linear(x, layer.dequantize()), x, layer.dequantize(), FP32_BOUND)
+
+
+def test_row_lora_on_a_quantised_base_equals_the_dequantised_base():
+    """Per-row adapters (the batched engine's layer) over a QuantLinear: the same outputs and gradients as
+    over an nn.Linear holding the dequantised weight, with a fused and a stacked term in every row."""
+    torch.manual_seed(0)
+    q = QuantLinear.from_float(torch.randn(64, 96) * 0.05, "q4_1")
+    dense = nn.Linear(96, 64, bias=False)
+    dense.weight.data.copy_(q.dequantize())
+    fused_A, fused_B = torch.randn(3, 2, 96) * 0.1, torch.randn(3, 64, 2) * 0.1
+    stacked_B = torch.randn(3, 64, 4) * 0.1
+    outs, grads = [], []
+    for base in (q, dense):
+        torch.manual_seed(1)
+        layer = RowLoRALinear(base, 3, r=4, alpha=8)
+        layer.lora_B.data.copy_(stacked_B)
+        layer.set_fused(fused_A, fused_B)
+        layer.set_rows(torch.tensor([2, 0, 2, 1]))
+        x = torch.randn(4, 5, 96, generator=torch.Generator().manual_seed(2), requires_grad=True)
+        y = layer(x)
+        y.square().sum().backward()
+        outs.append(y)
+        grads.append((x.grad, layer.lora_A.grad, layer.lora_B.grad))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    for gq, gd in zip(*grads, strict=True):
+        torch.testing.assert_close(gq, gd, rtol=1e-4, atol=1e-5)
+
+
+def test_quantised_layer_follows_bf16_autocast():
+    """Under bf16 autocast a QuantLinear computes in bf16, as F.linear does (so the CPU kernels serve an
+    fp32 model run with the profile's bf16), within the bf16 bound of the dequantised matmul."""
+    torch.manual_seed(0)
+    q = QuantLinear.from_float(torch.randn(64, 96) * 0.05, "q4_1")
+    x = torch.randn(6, 96)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, ref = q(x), F.linear(x, q.dequantize())
+    assert y.dtype == ref.dtype == torch.bfloat16
+    assert_within(y, x, q.dequantize(), BF16_BOUND)
+    assert q(x).dtype == torch.float32
+
+
+def test_tiny_run_on_a_quantised_base_equals_the_run_on_its_dequantised_weights(tiny_run_inputs, tmp_path):
+    """Every method a quantised base can take, end to end on the batched engine (the bank, OPPU and the stacked
+    LoRAs train on it; Merged-only and MTA apply the fused LoRA unmerged): the same outputs as a run on a dense
+    checkpoint of the q4 model's dequantised weights, and the same bank losses."""
+    lamp, llm, bert = tiny_run_inputs
+    q4, _ = load_model(llm, quant="q4")
+    dense, _ = load_model(llm)
+    for name, m in q4.named_modules():
+        if isinstance(m, QuantLinear):
+            dense.get_submodule(name).weight.data.copy_(m.dequantize())
+    deq = tmp_path / "deq"
+    shutil.copytree(llm, deq)
+    save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, str(deq / "model.safetensors"))
+    methods = "base,rag1,oppu,adapt_only,merged_only,mta"
+    results, dirs = [], []
+    for name, model, base_quant in (("q4", llm, "q4"), ("deq", deq, "none")):
+        profile = make_profile(tmp_path / f"{name}.json", model, bert, base_quant=base_quant, name=name)
+        argv = ["--profile", str(profile), "--lamp-dir", str(lamp), "--runs", str(tmp_path / name), "--users", "2",
+                "--methods", methods, "--no-progress"]
+        results.append(main("test", pipeline.reproduce, argv))
+        dirs.append(tmp_path / name / "news_headline" / f"{name}-seed0")
+    assert set(results[0]["methods"]) == set(methods.split(","))
+    for uid, rows in results[1]["per_user"].items():
+        for m, row in rows.items():
+            assert results[0]["per_user"][uid][m]["output"] == row["output"], (uid, m)
+    logs = sorted((dirs[0] / "bank").glob("*/train_log.json"))
+    assert logs
+    for log in logs:
+        a, b = (json.loads((d / "bank" / log.parent.name / "train_log.json").read_text()) for d in dirs)
+        assert a["last_loss"] == pytest.approx(b["last_loss"], rel=1e-4)
+
+
+def test_a_quantised_base_refuses_a_fold_before_any_work(tiny_run_inputs, tmp_path):
+    lamp, llm, bert = tiny_run_inputs
+    profile = make_profile(tmp_path / "q4.json", llm, bert, base_quant="q4")
+    argv = ["--profile", str(profile), "--lamp-dir", str(lamp), "--runs", str(tmp_path / "runs"), "--no-progress"]
+    with pytest.raises(SystemExit, match=r"method perpcs: its 'perpcs' procedure folds a population LoRA into W0, "
+                                         r"which a quantised base \(base_quant='q4'\) cannot take"):
+        main("test", pipeline.reproduce, argv)
+    with pytest.raises(SystemExit, match=r"method merged_only: the sequential engine folds the fused LoRA into W"):
+        main("test", pipeline.reproduce, argv + ["--methods", "rag1,merged_only", "--set", "engine=sequential"])
+    assert not (tmp_path / "runs").exists()
