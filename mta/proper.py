@@ -8,16 +8,19 @@ Every FFN linear (gate/up/down) becomes a MixtureLinear with E experts E_i(x) = 
     router stage  r = softmax(W_l u), only W_l trains                 y = W x + c · Σ_i r_i E_i(x) + u
 
 with c = 0.2 (1/E for the release's 5 experts) and e_u the user's row of a learned embedding table. The
-router stage's form is also the one inference uses. `constraint_loss` is the release's
+router stage's form is also the one inference uses; `serve_users` holds many users' trained u and W_l as
+slots, so one batched decode serves them all (row n uses slot `slots[n]`). `constraint_loss` is the release's
 Σ_{i≠j} |M_i M_j| averaged over modules (M the mean routing weights), made differentiable.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
+from kernels.rowlora import row_lora
 from mta.lora import find_targets
 
 STAGES = ("group", "user", "router")
@@ -60,6 +63,9 @@ class MixtureLinear(nn.Module):
         self.user_scaling = 0.0
         self.stage = "group"
         self.users: Tensor | None = None  # (B,) the batch's rows of the embedding table
+        # many users' trained parts (`serve_users`): A (U, r_u, in), B (U, out, r_u), W_l (U, E, out)
+        self.served: tuple[Tensor, Tensor, Tensor] | None = None
+        self.slots: Tensor | None = None  # (B,) the batch rows' slots of `served`
         self.mean_routing: Tensor | None = None  # (E,) the last forward's mean routing weights
 
     def add_user_lora(self, r: int, alpha: float) -> None:
@@ -75,8 +81,22 @@ class MixtureLinear(nn.Module):
         h = torch.einsum("...i,eri->...er", self.dropout(x), self.experts_A)  # (..., E, r)
         return torch.einsum("...er,eor->...o", h * r[..., None], self.experts_B) * self.scaling
 
+    def user_lora(self, x: Tensor) -> Tensor:
+        """u = s_u · B_u A_u x (..., out), with each row's own user when serving many."""
+        if self.served is not None:
+            A, B, _ = self.served
+            xs = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, T, in)
+            return row_lora(xs, self.slots, A, B, self.user_scaling).view(*x.shape[:-1], B.shape[1])
+        if self.user_A is None:
+            raise ValueError(f"MixtureLinear: the {self.stage} stage needs a user LoRA (add_user_lora)")
+        return (x @ self.user_A.T) @ self.user_B.T * self.user_scaling
+
     def routing(self, x: Tensor, u: Tensor | None) -> Tensor:
         """Routing weights (..., E) of this stage."""
+        if self.stage == "router" and self.served is not None:
+            W_l = self.served[2].index_select(0, self.slots)  # (B, E, out)
+            us = u.reshape(u.shape[0], -1, u.shape[-1])  # (B, T, out)
+            return torch.softmax(torch.bmm(us, W_l.transpose(1, 2)), dim=-1).view(*u.shape[:-1], -1)
         if self.stage == "router":
             return torch.softmax(self.router_l(u), dim=-1)
         if self.users is None:
@@ -89,11 +109,7 @@ class MixtureLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)  # (..., out)
         x = x.to(self.experts_A.dtype)
-        u = None
-        if self.stage != "group":
-            if self.user_A is None:
-                raise ValueError(f"MixtureLinear: the {self.stage} stage needs a user LoRA (add_user_lora)")
-            u = (x @ self.user_A.T) @ self.user_B.T * self.user_scaling  # (..., out)
+        u = None if self.stage == "group" else self.user_lora(x)  # (..., out)
         r = self.routing(x, u)  # (..., E)
         self.mean_routing = r.reshape(-1, r.shape[-1]).mean(0)  # (E,): every position of the batch
         out = self.mix * self.experts(x, r) + (0 if u is None else u)
@@ -140,6 +156,28 @@ def set_users(model: nn.Module, users: Tensor) -> None:
     """The embedding rows (B,) of the next batch's users."""
     for m in mixtures(model).values():
         m.users = users
+
+
+def user_part(model: nn.Module) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
+    """What the user and router stages trained, per module: (A_u (r_u, in), B_u (out, r_u), W_l (E, out)), detached."""
+    return {n: (m.user_A.detach().clone(), m.user_B.detach().clone(), m.router_l.weight.detach().clone())
+            for n, m in mixtures(model).items()}
+
+
+@torch.no_grad()
+def serve_users(model: nn.Module, parts: Sequence[dict[str, tuple[Tensor, Tensor, Tensor]]]) -> None:
+    """Slot i of every mixture gets user i's trained part (`user_part`); the model routes as the router stage
+    does, each batch row by its own slot (`set_slots`)."""
+    for name, m in mixtures(model).items():
+        A, B, W_l = (torch.stack([part[name][j] for part in parts]) for j in range(3))
+        m.served = (A, B, W_l)  # (U, r_u, in), (U, out, r_u), (U, E, out); s_u stays add_user_lora's
+    set_stage(model, "router")
+
+
+def set_slots(model: nn.Module, slots: Tensor | None) -> None:
+    """The served slot (B,) of each row of the next batches."""
+    for m in mixtures(model).values():
+        m.slots = slots
 
 
 def constraint_loss(model: nn.Module) -> Tensor:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -344,7 +344,7 @@ def prepare_weights(engine: Engine, user: User, method: Method, match: dict | No
                     unit_seed: int, baselines: Baselines | None = None) -> tuple[dict, dict]:
     """Set the model up as the method's row says. Returns (seconds per phase, details for the result)."""
     if method.procedure != "fuse_then_train":
-        return PROCEDURES[method.procedure](engine, user, baselines, unit_seed)
+        return prepare_procedure(engine, user, method, baselines, unit_seed)
     setup = method_setup(engine, user, method, match, bank, unit_seed)
     log, phases = engine.personalize(setup.adapters, setup.weights, setup.recipe, setup.examples, unit_seed)
     extra = {**setup.extra, **({"train": summarize(log)} if log is not None else {})}
@@ -390,7 +390,8 @@ def run_group(engine: Engine, users: Sequence[User], unit: Sequence[Method], mat
     Methods on W0 decode every user's prompts in batches of similar length. A fuse-then-train method gives
     each user a slot of per-row adapters (its fused LoRA unmerged, its fresh LoRA on top), trains all the
     slots in one pass and decodes them in one batch; each result's seconds are the group's divided by its
-    size. Per-Pcs and PROPER run user by user. A user with bad input gets its error rows; the rest go on."""
+    size. Per-Pcs and PROPER make each user's part in turn and decode all of them in one batch
+    (`run_procedure_group`). A user with bad input gets its error rows; the rest go on."""
     task, style, size = engine.task, engine.profile.prompt_style, engine.profile.group_size
     method = unit[0]
     if method.on_base_weights:
@@ -407,7 +408,7 @@ def run_group(engine: Engine, users: Sequence[User], unit: Sequence[Method], mat
                                         {"generate": generate}, {"group": len(users)})
                 for n, u in enumerate(users)}
     if method.procedure != "fuse_then_train":
-        return {u.user_id: run_unit(engine, u, unit, matches.get(u.user_id), bank, seed, baselines) for u in users}
+        return run_procedure_group(engine, users, unit, seed, baselines)
     out, setups = {}, {}
     for u in users:
         try:
@@ -512,46 +513,63 @@ def train_proper_group(engine: Engine, population: Adapter, users: Sequence[User
     return state, log
 
 
-def prepare_perpcs(engine: Engine, user: User, baselines: Baselines | None, unit_seed: int) -> tuple[dict, dict]:
-    """Per-Pcs for one target user: W0 + task LoRA, then the LoRA assembled from the sharers' pieces by their
-    gates on the user's history (`mta.perpcs.assemble_for_user`), training-free."""
+def begin_perpcs(engine: Engine, baselines: Baselines | None) -> None:
+    """Per-Pcs's weights before any user: W0 + task LoRA."""
     if baselines is None or baselines.perpcs_task is None or not baselines.perpcs_sharers:
-        raise InputError(f"user {user.user_id}: Per-Pcs has no task LoRA or sharers (rerun tools/reproduce.py)")
-    p = engine.profile
-    tic = time.perf_counter()
-    fold_population(engine, baselines.perpcs_task)
-    sharer_ids = sorted(baselines.perpcs_sharers)
-    missing = [a for a in sharer_ids if a not in baselines.perpcs_gates]
+        raise InputError("Per-Pcs has no task LoRA or sharers (rerun tools/reproduce.py)")
+    missing = [a for a in sorted(baselines.perpcs_sharers) if a not in baselines.perpcs_gates]
     if missing:
         raise InputError(f"Per-Pcs: sharer(s) {missing} have no gates (rerun tools/reproduce.py)")
+    fold_population(engine, baselines.perpcs_task)
+
+
+def perpcs_part(engine: Engine, user: User, baselines: Baselines, unit_seed: int) -> tuple[Adapter, dict, dict]:
+    """Per-Pcs for one target user, on W0 + task LoRA: the LoRA assembled from the sharers' pieces by their
+    gates on the user's history (`mta.perpcs.assemble_for_user`), training-free. (adapter, seconds, details)"""
+    p = engine.profile
+    tic = time.perf_counter()
+    sharer_ids = sorted(baselines.perpcs_sharers)
     examples = seeded_subset(engine.examples(user.history, unit_seed), p.perpcs_user_items,
                              derive_seed(unit_seed, "assembly"))
     sharers, gates = [baselines.perpcs_sharers[a] for a in sharer_ids], [baselines.perpcs_gates[a] for a in sharer_ids]
     adapter, pieces = perpcs.assemble_for_user(
         engine.model, sharers, gates, examples, p.perpcs_top_k, p.perpcs_tau, p.perpcs_assembly_batch,
         engine.tok.pad_token_id or 0, unit_seed)
-    inject_lora(engine.model, adapter.config)
-    set_adapter(engine.model, adapter)
-    engine.model.eval()
     named = {m: [{"sharers": [sharer_ids[i] for i in b["sharers"]], "weights": b["weights"]} for b in batches]
              for m, batches in pieces.items()}
-    return {"assemble": time.perf_counter() - tic}, {"sharers": sharer_ids, "items": len(examples), "pieces": named}
+    return adapter, {"assemble": time.perf_counter() - tic}, {"sharers": sharer_ids, "items": len(examples),
+                                                              "pieces": named}
 
 
-def prepare_proper(engine: Engine, user: User, baselines: Baselines | None, unit_seed: int) -> tuple[dict, dict]:
-    """PROPER for one target user: W0 + population LoRA, the group stage's mixture (frozen), a user LoRA
-    trained on the user's history, then the LoRA-aware router W_l alone; generation routes by W_l."""
+def install_perpcs(engine: Engine, adapter: Adapter) -> None:
+    inject_lora(engine.model, adapter.config)
+    set_adapter(engine.model, adapter)
+
+
+def serve_perpcs(engine: Engine, adapters: Sequence[Adapter]) -> None:
+    """Slot i holds user i's assembled LoRA, unmerged (a one-adapter merge with weight 1 is that adapter)."""
+    stack_many(engine.model, [[a] for a in adapters], [[1.0]] * len(adapters), None, "param")
+
+
+def begin_proper(engine: Engine, baselines: Baselines | None) -> None:
+    """PROPER's weights before any user: W0 + population LoRA and the group stage's mixture (frozen)."""
     if baselines is None or baselines.proper_population is None or baselines.proper_group is None:
-        raise InputError(f"user {user.user_id}: PROPER has no population LoRA or group stage "
-                         f"(rerun tools/reproduce.py)")
-    if user.user_id not in baselines.proper_users:
-        raise InputError(f"user {user.user_id}: not among the {len(baselines.proper_users)} users of PROPER's group "
-                         f"stage (delete proper/group and rerun)")
+        raise InputError("PROPER has no population LoRA or group stage (rerun tools/reproduce.py)")
     p = engine.profile
     fold_population(engine, baselines.proper_population)
     proper.inject_mixture(engine.model, tuple(p.proper_group.targets), p.proper_experts, p.proper_group.rank,
                           p.proper_group.alpha, len(baselines.proper_users))
-    proper.load_mixture_state(engine.model, baselines.proper_group, "proper/group")
+
+
+def proper_part(engine: Engine, user: User, baselines: Baselines, unit_seed: int) -> tuple[dict, dict, dict]:
+    """PROPER for one target user, on the mixture as the group stage left it (W_l included): a user LoRA trained
+    on the user's history, then the LoRA-aware router W_l alone; generation routes by W_l. The model is left as
+    the router stage set it. (the trained part `mta.proper.user_part`, seconds, details)"""
+    if user.user_id not in baselines.proper_users:
+        raise InputError(f"user {user.user_id}: not among the {len(baselines.proper_users)} users of PROPER's group "
+                         f"stage (delete proper/group and rerun)")
+    p = engine.profile
+    proper.load_mixture_state(engine.model, baselines.proper_group, "proper/group")  # W_l back to its start
     torch.manual_seed(unit_seed)  # the user LoRA's initialisation
     for m in proper.mixtures(engine.model).values():
         m.add_user_lora(p.proper_user.rank, p.proper_user.alpha)
@@ -570,9 +588,78 @@ def prepare_proper(engine: Engine, user: User, baselines: Baselines | None, unit
     proper.set_stage(engine.model, "router")
     router_log = train(engine.model, router_examples, engine.train_config(p.proper_router, unit_seed, probe=True), pad)
     engine.model.eval()
-    return ({"adapt": user_log.seconds + router_log.seconds},
+    return (proper.user_part(engine.model), {"adapt": user_log.seconds + router_log.seconds},
             {"train": {"examples": len(user_examples), **summarize(user_log)},
              "train_router": {"examples": len(router_examples), **summarize(router_log)}})
 
 
-PROCEDURES = {"perpcs": prepare_perpcs, "proper": prepare_proper}
+def serve_proper(engine: Engine, parts: Sequence[dict]) -> None:
+    proper.serve_users(engine.model, parts)
+    proper.set_slots(engine.model, torch.arange(len(parts), device=engine.model.device))
+
+
+@dataclass(frozen=True)
+class Procedure:
+    """A Table-1 baseline's own set-up of a user's weights (`Method.procedure`). `begin` sets up what every user
+    shares (W0 + its population LoRA, ...); `part` makes one user's own part on it; `install` puts that part in
+    the model for a one-user decode (the sequential engine), `serve` puts many users' parts in slots of one
+    batched decode (the batched engine)."""
+
+    begin: Callable[[Engine, Baselines | None], None]
+    part: Callable[[Engine, User, Baselines, int], tuple[object, dict, dict]]
+    install: Callable[[Engine, object], None]
+    serve: Callable[[Engine, Sequence], None]
+
+
+PROCEDURES = {
+    "perpcs": Procedure(begin_perpcs, perpcs_part, install_perpcs, serve_perpcs),
+    "proper": Procedure(begin_proper, proper_part, lambda engine, part: None, serve_proper),  # part stays in place
+}
+
+
+def prepare_procedure(engine: Engine, user: User, method: Method, baselines: Baselines | None,
+                      unit_seed: int) -> tuple[dict, dict]:
+    """One user's weights by the method's procedure, for a one-user decode. (seconds per phase, details)"""
+    procedure = PROCEDURES[method.procedure]
+    tic = time.perf_counter()
+    procedure.begin(engine, baselines)
+    setup = time.perf_counter() - tic
+    part, seconds, extra = procedure.part(engine, user, baselines, unit_seed)
+    procedure.install(engine, part)
+    return {"setup": setup, **seconds}, extra
+
+
+def run_procedure_group(engine: Engine, users: Sequence[User], unit: Sequence[Method], seed: int,
+                        baselines: Baselines | None) -> dict[str, dict[str, dict]]:
+    """Per-Pcs or PROPER for many users (the batched engine): `begin` once, each user's part as `run_unit` makes
+    it, then all the parts in slots of one batched decode. user id -> method name -> result."""
+    method, task, style = unit[0], engine.task, engine.profile.prompt_style
+    procedure = PROCEDURES[method.procedure]
+    out, parts, done = {}, [], []
+    engine.reset()
+    try:
+        tic = time.perf_counter()
+        procedure.begin(engine, baselines)
+        setup = time.perf_counter() - tic
+        for u in users:
+            try:
+                part, seconds, extra = procedure.part(engine, u, baselines, derive_seed(seed, u.user_id, method.name))
+            except InputError as e:
+                out[u.user_id] = error_results(u, unit, e)
+                continue
+            parts.append(part)
+            done.append((u, seconds, extra))
+        if not done:
+            return out
+        procedure.serve(engine, parts)
+        tic = time.perf_counter()
+        outputs = engine.generate([method_prompt(task, u, method, style) for u, _, _ in done], slots=range(len(done)))
+        generate = time.perf_counter() - tic
+    except InputError as e:
+        return {u.user_id: error_results(u, unit, e) for u in users}
+    finally:
+        engine.reset()
+    for (u, seconds, extra), output in zip(done, outputs, strict=True):
+        shared = {"setup": setup / len(done), "generate": generate / len(done)}
+        out[u.user_id] = unit_results(task, u, unit, [output], {**seconds, **shared}, {**extra, "group": len(done)})
+    return out

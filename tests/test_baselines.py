@@ -195,6 +195,35 @@ def test_mixture_output_equals_the_formula_for_hand_set_routers():
                 assert torch.allclose(y[b, t], want, atol=1e-5), (stage, b, t)
 
 
+def test_serving_many_users_gives_each_row_its_own_users_router_stage():
+    """`serve_users` + `set_slots`: each batch row routes by its own user's W_l over its own user LoRA, as the
+    router stage does with that user's part in place."""
+    model, modules = mixture_model()
+    parts, ids = [], make_batch(examples(3), None, 0)[0]  # (3, T)
+    for u in range(3):
+        torch.manual_seed(10 + u)
+        for m in modules.values():
+            m.add_user_lora(4, 8.0)
+            with torch.no_grad():
+                m.user_B.normal_(0, 0.3)
+                m.router_l.weight.normal_(0, 1.0)
+        parts.append(proper.user_part(model))
+    proper.set_stage(model, "router")
+    with torch.no_grad():
+        alone = []  # alone[u]: every row under user u's part, in place
+        for part in parts:
+            for name, m in modules.items():
+                m.user_A.copy_(part[name][0]), m.user_B.copy_(part[name][1]), m.router_l.weight.copy_(part[name][2])
+            alone.append(model(ids))
+        proper.serve_users(model, parts)
+        slots = torch.tensor([2, 0, 2])
+        proper.set_slots(model, slots)
+        together = model(ids)
+    for row, u in enumerate(slots.tolist()):
+        torch.testing.assert_close(together[row], alone[u][row], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(alone[0], alone[2], atol=1e-3)  # the users differ
+
+
 def test_constraint_loss_is_the_formula_and_has_a_gradient():
     model, modules = mixture_model()
     proper.set_stage(model, "group")
