@@ -49,7 +49,7 @@ def override(profile: Profile, assignment: str) -> Profile:
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        value = text
+        value = {"true": True, "false": False, "null": None}.get(text, text)  # JSON's spellings too
     if isinstance(value, list):
         value = tuple(value)
     try:

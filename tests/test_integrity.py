@@ -72,6 +72,17 @@ def test_every_choice_field_is_checked_when_the_profile_is_built(tiny_run, assig
         main("test", lambda run: pytest.fail("the stage ran"), argv + ["--set", assignment])
 
 
+def test_set_takes_python_and_json_spellings_of_booleans_and_none():
+    from mta.cli import override
+    from mta.profiles import PROFILES
+
+    cpu = PROFILES["cpu"]
+    for text, value in (("True", True), ("true", True), ("false", False), ("None", None), ("null", None)):
+        assert override(cpu, f"bf16={text}").bf16 is value, text
+    assert override(cpu, "chat_template=false").chat_template is False
+    assert override(cpu, "base_quant=none").base_quant == "none"  # a string field keeps its word
+
+
 def test_set_values_never_leave_the_runs_folder(tiny_run, tmp_path):
     from mta import cli
 
