@@ -544,6 +544,7 @@ def perpcs_part(engine: Engine, user: User, baselines: Baselines, unit_seed: int
 def install_perpcs(engine: Engine, adapter: Adapter) -> None:
     inject_lora(engine.model, adapter.config)
     set_adapter(engine.model, adapter)
+    engine.model.eval()  # the new LoRA layers' dropout off
 
 
 def serve_perpcs(engine: Engine, adapters: Sequence[Adapter]) -> None:
@@ -652,6 +653,7 @@ def run_procedure_group(engine: Engine, users: Sequence[User], unit: Sequence[Me
         if not done:
             return out
         procedure.serve(engine, parts)
+        engine.model.eval()
         tic = time.perf_counter()
         outputs = engine.generate([method_prompt(task, u, method, style) for u, _, _ in done], slots=range(len(done)))
         generate = time.perf_counter() - tic
