@@ -23,6 +23,7 @@ from mta.adapter import Adapter, check_modules
 from mta.fusion import _plan, merged_factors
 from mta.lora import LoRAConfig, LoRALinear, find_targets, is_target
 from mta.precision import autocast
+from mta.proper import MixtureLinear
 
 
 def row_layers(model: nn.Module) -> dict[str, RowLoRALinear]:
@@ -73,10 +74,12 @@ def unload_row_lora(model: nn.Module) -> nn.Module:
 
 
 def set_rows(model: nn.Module, slots: Tensor | Sequence[int] | None) -> None:
-    """The adapter slot of every row of the next batches, in every RowLoRALinear of the model."""
+    """The adapter slot of every row of the next batches, in every per-row layer of the model (RowLoRALinear,
+    and PROPER's served MixtureLinear)."""
     index = None if slots is None else torch.as_tensor(slots, dtype=torch.long)
-    for layer in row_layers(model).values():
-        layer.set_rows(index)
+    for m in model.modules():
+        if isinstance(m, (RowLoRALinear, MixtureLinear)):
+            m.set_rows(index)
 
 
 @contextlib.contextmanager

@@ -9,8 +9,9 @@ Every FFN linear (gate/up/down) becomes a MixtureLinear with E experts E_i(x) = 
 
 with c = 0.2 (1/E for the release's 5 experts) and e_u the user's row of a learned embedding table. The
 router stage's form is also the one inference uses; `serve_users` holds many users' trained u and W_l as
-slots, so one batched decode serves them all (row n uses slot `slots[n]`). `constraint_loss` is the release's
-Σ_{i≠j} |M_i M_j| averaged over modules (M the mean routing weights), made differentiable.
+slots, so one batched decode serves them all (row n uses the slot `mta.multi_lora.set_rows` gives it).
+`constraint_loss` is the release's Σ_{i≠j} |M_i M_j| averaged over modules (M the mean routing weights),
+made differentiable.
 """
 from __future__ import annotations
 
@@ -91,14 +92,18 @@ class MixtureLinear(nn.Module):
             raise ValueError(f"MixtureLinear: the {self.stage} stage needs a user LoRA (add_user_lora)")
         return (x @ self.user_A.T) @ self.user_B.T * self.user_scaling
 
+    def set_rows(self, index: Tensor | None) -> None:
+        """The served slot (B,) of each row of the next batches (`mta.multi_lora.set_rows` sets it)."""
+        self.slots = None if index is None else index.to(device=self.experts_A.device, dtype=torch.long)
+
     def routing(self, x: Tensor, u: Tensor | None) -> Tensor:
         """Routing weights (..., E) of this stage."""
-        if self.stage == "router" and self.served is not None:
+        if self.stage == "router":
+            if self.served is None:
+                return torch.softmax(self.router_l(u), dim=-1)
             W_l = self.served[2].index_select(0, self.slots)  # (B, E, out)
             us = u.reshape(u.shape[0], -1, u.shape[-1])  # (B, T, out)
             return torch.softmax(torch.bmm(us, W_l.transpose(1, 2)), dim=-1).view(*u.shape[:-1], -1)
-        if self.stage == "router":
-            return torch.softmax(self.router_l(u), dim=-1)
         if self.users is None:
             raise ValueError("MixtureLinear: set the batch's users (set_users) before a group- or user-stage forward")
         e = self.user_embedding(self.users)  # (B, in)
@@ -167,17 +172,11 @@ def user_part(model: nn.Module) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
 @torch.no_grad()
 def serve_users(model: nn.Module, parts: Sequence[dict[str, tuple[Tensor, Tensor, Tensor]]]) -> None:
     """Slot i of every mixture gets user i's trained part (`user_part`); the model routes as the router stage
-    does, each batch row by its own slot (`set_slots`)."""
+    does, each batch row by its own slot (`mta.multi_lora.set_rows`)."""
     for name, m in mixtures(model).items():
         A, B, W_l = (torch.stack([part[name][j] for part in parts]) for j in range(3))
         m.served = (A, B, W_l)  # (U, r_u, in), (U, out, r_u), (U, E, out); s_u stays add_user_lora's
     set_stage(model, "router")
-
-
-def set_slots(model: nn.Module, slots: Tensor | None) -> None:
-    """The served slot (B,) of each row of the next batches."""
-    for m in mixtures(model).values():
-        m.slots = slots
 
 
 def constraint_loss(model: nn.Module) -> Tensor:

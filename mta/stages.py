@@ -594,11 +594,6 @@ def proper_part(engine: Engine, user: User, baselines: Baselines, unit_seed: int
              "train_router": {"examples": len(router_examples), **summarize(router_log)}})
 
 
-def serve_proper(engine: Engine, parts: Sequence[dict]) -> None:
-    proper.serve_users(engine.model, parts)
-    proper.set_slots(engine.model, torch.arange(len(parts), device=engine.model.device))
-
-
 @dataclass(frozen=True)
 class Procedure:
     """A Table-1 baseline's own set-up of a user's weights (`Method.procedure`). `begin` sets up what every user
@@ -614,7 +609,8 @@ class Procedure:
 
 PROCEDURES = {
     "perpcs": Procedure(begin_perpcs, perpcs_part, install_perpcs, serve_perpcs),
-    "proper": Procedure(begin_proper, proper_part, lambda engine, part: None, serve_proper),  # part stays in place
+    "proper": Procedure(begin_proper, proper_part, lambda engine, part: None,
+                        lambda engine, parts: proper.serve_users(engine.model, parts)),  # part stays in place
 }
 
 

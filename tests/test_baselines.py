@@ -10,6 +10,7 @@ from mta import perpcs, proper
 from mta.adapter import Adapter, get_adapter
 from mta.llama import LlamaConfig, LlamaForCausalLM
 from mta.lora import LoRAConfig, inject_lora, lora_layers, unload_lora
+from mta.multi_lora import set_rows
 from mta.train import TrainConfig, make_batch, train
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -196,7 +197,7 @@ def test_mixture_output_equals_the_formula_for_hand_set_routers():
 
 
 def test_serving_many_users_gives_each_row_its_own_users_router_stage():
-    """`serve_users` + `set_slots`: each batch row routes by its own user's W_l over its own user LoRA, as the
+    """`serve_users` + `multi_lora.set_rows`: each batch row routes by its own user's W_l over its own user LoRA, as the
     router stage does with that user's part in place."""
     model, modules = mixture_model()
     parts, ids = [], make_batch(examples(3), None, 0)[0]  # (3, T)
@@ -217,7 +218,7 @@ def test_serving_many_users_gives_each_row_its_own_users_router_stage():
             alone.append(model(ids))
         proper.serve_users(model, parts)
         slots = torch.tensor([2, 0, 2])
-        proper.set_slots(model, slots)
+        set_rows(model, slots)
         together = model(ids)
     for row, u in enumerate(slots.tolist()):
         torch.testing.assert_close(together[row], alone[u][row], rtol=1e-5, atol=1e-5)
