@@ -54,6 +54,8 @@ bench: install
 	$(PY) tools/bench_multi.py
 	$(PY) tools/bench_multi.py --llm smollm2-135m --users 16 --seq 64
 	$(if $(RUN_DIR),$(PY) tools/bench_multi.py --stage3 $(RUN_DIR) --users 16,@echo "bench: stage 3 skipped (RUN_DIR=runs/news_headline/cpu-seed0, a finished run, times it)")
+	$(PY) tools/bench_ray.py
+	$(if $(RUN_DIR),$(PY) tools/bench_ray.py --stage3 $(RUN_DIR) --users 20)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -261,9 +261,11 @@ STAGE3_WAYS = (("one at a time, fp32", "sequential", False), ("batched, fp32", "
                ("batched, bf16", "batched", True))
 
 
-def stage3_way(run_dir: Path, users: int, engine: str, bf16: bool) -> tuple[float, float, dict]:
-    """Stage 3 of `run_dir`'s run for its first `users` test users under (engine, bf16), in a scratch
-    directory that shares the run's artifacts: (seconds, peak RSS in MiB, (user, method) -> output)."""
+def stage3_way(run_dir: Path, users: int, engine: str, bf16: bool, executor=None) -> tuple[float, float, dict]:
+    """Stage 3 of `run_dir`'s run for its first `users` test users under (engine, bf16) and `executor` (the
+    local one by default), in a scratch directory that shares the run's artifacts: (seconds, the driver's
+    peak RSS in MiB, (user, method) -> output)."""
+    from mta.executor import Executor
     from mta.methods import DEFAULT
     from mta.pipeline import Run, collect, stage3_run, stored_profile
     from mta.rundir import RunDir, read_json
@@ -272,8 +274,10 @@ def stage3_way(run_dir: Path, users: int, engine: str, bf16: bool) -> tuple[floa
     profile = stored_profile(run_dir / "config.json").replace(engine=engine, bf16=bf16)
     with tempfile.TemporaryDirectory() as tmp:
         run = Run(task=config["task"], profile=profile, lamp_dir=Path(config["lamp_dir"]), seed=config["seed"],
-                  n_users=users, methods=DEFAULT, progress=False, run_dir=RunDir(Path(tmp), shared=run_dir))
-        run.engine  # noqa: B018 (the model loads outside the timed part)
+                  n_users=users, methods=DEFAULT, progress=False, run_dir=RunDir(Path(tmp), shared=run_dir),
+                  executor=executor or Executor())
+        if run.executor.kind == "local":
+            run.engine  # noqa: B018 (the model loads outside the timed part; Ray workers load theirs inside it)
         t = time.perf_counter()
         stage3_run(run)
         seconds = time.perf_counter() - t

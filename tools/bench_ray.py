@@ -6,15 +6,24 @@
 
 run: python tools/bench_ray.py [--jobs 200] [--unit-s 0.2]
 The real unit it compares with: a stage-3 MTA unit, about 8 s per user on 2 CPU cores (README, "Status").
+
+With --stage3 RUN_DIR (a finished `make reproduce` directory), stage 3 of the pipeline itself instead: every
+method for the first --users test users on that run's artifacts, serially with 2 torch threads against 2 Ray
+workers with 1 thread each, each in a fresh process; the Ray time includes starting the local cluster and
+each worker loading the model and the bank (the serial run loads its model outside the timed part).
 """
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_multi import stage3_way
+
 from mta.executor import Executor, Job, run_jobs
 from mta.pipeline import Run
 from mta.profiles import CPU
@@ -38,11 +47,33 @@ def timed_fanout(jobs: int, workers: int, work, unit_s: float) -> float:
     return time.perf_counter() - t
 
 
+def stage3_serial_against_ray(run_dir: Path, users: int) -> None:
+    if not (run_dir / "config.json").exists():
+        raise SystemExit(f"bench_ray --stage3: {run_dir} has no config.json (give a finished run directory)")
+    ways = {"serial, 2 threads": None, "Ray, 2 workers x 1 thread": Executor("ray", workers=2, threads=1)}
+    results = {}
+    for name, executor in ways.items():
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            seconds, _, outputs = pool.submit(stage3_way, run_dir, users, "batched", None, executor).result()
+        results[name] = seconds, outputs
+        print(f"  {name}: {seconds:.0f} s", flush=True)
+    ref_s, ref = results["serial, 2 threads"]
+    print(f"stage 3, {users} users, every method, on {run_dir}")
+    print(f"{'':28}{'seconds':>9}{'users/min':>11}{'against serial':>16}   (user, method) outputs identical")
+    for name, (sec, out) in results.items():
+        same = sum(out.get(k) == v for k, v in ref.items())
+        print(f"{name:28}{sec:9.0f}{60 * users / sec:11.2f}{ref_s / sec:15.2f}x   {same}/{len(ref)}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--jobs", type=int, default=200)
     ap.add_argument("--unit-s", type=float, default=0.2)
+    ap.add_argument("--stage3", type=Path, default=None, help="a finished run directory: stage 3 timed (see above)")
+    ap.add_argument("--users", type=int, default=20)
     args = ap.parse_args()
+    if args.stage3:
+        return stage3_serial_against_ray(args.stage3, args.users)
     import ray  # one cluster for every figure, so run_jobs neither starts nor stops one
 
     ray.init(num_cpus=8, include_dashboard=False, logging_level="warning", log_to_driver=False)

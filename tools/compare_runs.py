@@ -1,0 +1,41 @@
+"""Cross-check two runs of one task (for example the batched engine against the sequential one, or a
+quantised base against fp32): per method, each run's primary score with its 95 % interval, whether each
+lies inside the other's interval, and how many (user, method) outputs are identical on the shared users.
+
+run: python tools/compare_runs.py A/results-50-users.json B/results-50-users.json"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mta.methods import label
+from mta.report import cross_check
+from mta.rundir import read_json
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("a", type=Path)
+    ap.add_argument("b", type=Path)
+    args = ap.parse_args()
+    rows = cross_check(read_json(args.a), read_json(args.b))
+    if not rows:
+        raise SystemExit(f"compare_runs: {args.a} and {args.b} share no method")
+    first = next(iter(rows.values()))
+    print(f"A = {args.a}\nB = {args.b}\n{first['metric']}, {first['users']} shared users\n")
+    print("| method | A [95 % CI] | B [95 % CI] | A in B's CI | B in A's CI | identical outputs |")
+    print("|---|---|---|---|---|---|")
+    for m, r in rows.items():
+        print(f"| {label(m)} | {r['a']:.3f} [{r['a_ci95'][0]:.3f}, {r['a_ci95'][1]:.3f}] | "
+              f"{r['b']:.3f} [{r['b_ci95'][0]:.3f}, {r['b_ci95'][1]:.3f}] | {'yes' if r['a_inside_b'] else 'NO'} | "
+              f"{'yes' if r['b_inside_a'] else 'NO'} | {r['identical']} of {r['users']} |")
+    same = sum(r["identical"] for r in rows.values())
+    inside = all(r["a_inside_b"] and r["b_inside_a"] for r in rows.values())
+    print(f"\n{same} of {sum(r['users'] for r in rows.values())} (user, method) outputs identical; "
+          f"every score inside the other's interval: {'yes' if inside else 'no'}")
+
+
+if __name__ == "__main__":
+    main()
