@@ -84,21 +84,23 @@ def compare_with_mta(scores: dict[str, TaskScores], rows: dict[str, dict[str, di
             for m, s in scores.items() if m != "mta"}
 
 
-def cross_check(a: dict, b: dict) -> dict[str, dict]:
-    """Two runs' results.json on the same task, method by method: each one's primary score and interval,
-    whether each score lies inside the other's interval, and on how many shared users the outputs are equal."""
+def cross_check(a: dict, b: dict) -> dict:
+    """Two runs' results.json on the same task: the primary metric, the shared users, and method by method
+    each run's score and interval, whether each score lies inside the other's interval, and on how many
+    shared users the outputs are equal."""
     if a["task"] != b["task"]:
         raise ValueError(f"cross_check: the runs are on different tasks ({a['task']} and {b['task']})")
     metric, _ = primary_metric(get_task(a["task"]))
-    users = [u for u in a["users"] if u in set(b["users"])]
-    out = {}
+    in_b = set(b["users"])
+    users = [u for u in a["users"] if u in in_b]
+    methods = {}
     for m in [m for m in a["methods"] if m in b["methods"]]:
         (sa, (alo, ahi)), (sb, (blo, bhi)) = ((r["methods"][m]["metrics"][metric], r["methods"][m]["ci95"][metric])
                                               for r in (a, b))
-        out[m] = {"metric": metric, "a": sa, "a_ci95": [alo, ahi], "b": sb, "b_ci95": [blo, bhi],
-                  "a_inside_b": blo <= sa <= bhi, "b_inside_a": alo <= sb <= ahi, "users": len(users),
-                  "identical": sum(a["per_user"][u][m]["output"] == b["per_user"][u][m]["output"] for u in users)}
-    return out
+        methods[m] = {"a": sa, "a_ci95": [alo, ahi], "b": sb, "b_ci95": [blo, bhi],
+                      "a_inside_b": blo <= sa <= bhi, "b_inside_a": alo <= sb <= ahi,
+                      "identical": sum(a["per_user"][u][m]["output"] == b["per_user"][u][m]["output"] for u in users)}
+    return {"metric": metric, "users": len(users), "methods": methods}
 
 
 def paper_results() -> dict:

@@ -261,7 +261,7 @@ STAGE3_WAYS = (("one at a time, fp32", "sequential", False), ("batched, fp32", "
                ("batched, bf16", "batched", True))
 
 
-def stage3_way(run_dir: Path, users: int, engine: str, bf16: bool, executor=None) -> tuple[float, float, dict]:
+def stage3_way(run_dir: Path, users: int, engine: str, bf16: bool | None, executor=None) -> tuple[float, float, dict]:
     """Stage 3 of `run_dir`'s run for its first `users` test users under (engine, bf16) and `executor` (the
     local one by default), in a scratch directory that shares the run's artifacts: (seconds, the driver's
     peak RSS in MiB, (user, method) -> output)."""
@@ -286,14 +286,20 @@ def stage3_way(run_dir: Path, users: int, engine: str, bf16: bool, executor=None
     return seconds, peak_rss_mib(), outputs
 
 
-def stage3_against_sequential(run_dir: Path, users: int) -> None:
+def stage3_in_fresh_process(run_dir: Path, users: int, engine: str, bf16: bool | None,
+                            executor=None) -> tuple[float, float, dict]:
+    """`stage3_way` in a new process, so that no way inherits another's allocator, caches or threads."""
     if not (run_dir / "config.json").exists():
-        raise SystemExit(f"bench_multi --stage3: {run_dir} has no config.json (give a finished run directory)")
+        raise SystemExit(f"--stage3: {run_dir} has no config.json (give a finished run directory)")
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(stage3_way, run_dir, users, engine, bf16, executor).result()
+
+
+def stage3_against_sequential(run_dir: Path, users: int) -> None:
     ways = [w for w in STAGE3_WAYS if not w[2] or bf16_supported("cpu")]
     results = {}
     for name, engine, bf16 in ways:
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            results[name] = pool.submit(stage3_way, run_dir, users, engine, bf16).result()
+        results[name] = stage3_in_fresh_process(run_dir, users, engine, bf16)
         print(f"  {name}: {results[name][0]:.0f} s", flush=True)
     ref_s, _, ref = results[STAGE3_WAYS[0][0]]
     methods = sorted({m for _, m in ref})

@@ -15,14 +15,12 @@ each worker loading the model and the bank (the serial run loads its model outsi
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_multi import stage3_way
+from bench_multi import stage3_in_fresh_process
 
 from mta.executor import Executor, Job, run_jobs
 from mta.pipeline import Run
@@ -48,13 +46,10 @@ def timed_fanout(jobs: int, workers: int, work, unit_s: float) -> float:
 
 
 def stage3_serial_against_ray(run_dir: Path, users: int) -> None:
-    if not (run_dir / "config.json").exists():
-        raise SystemExit(f"bench_ray --stage3: {run_dir} has no config.json (give a finished run directory)")
     ways = {"serial, 2 threads": None, "Ray, 2 workers x 1 thread": Executor("ray", workers=2, threads=1)}
     results = {}
     for name, executor in ways.items():
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            seconds, _, outputs = pool.submit(stage3_way, run_dir, users, "batched", None, executor).result()
+        seconds, _, outputs = stage3_in_fresh_process(run_dir, users, "batched", None, executor)
         results[name] = seconds, outputs
         print(f"  {name}: {seconds:.0f} s", flush=True)
     ref_s, ref = results["serial, 2 threads"]

@@ -20,22 +20,21 @@ def main() -> None:
     ap.add_argument("a", type=Path)
     ap.add_argument("b", type=Path)
     args = ap.parse_args()
-    rows = cross_check(read_json(args.a), read_json(args.b))
+    check = cross_check(read_json(args.a), read_json(args.b))
+    rows, n = check["methods"], check["users"]
     if not rows:
         raise SystemExit(f"compare_runs: {args.a} and {args.b} share no method")
-    first = next(iter(rows.values()))
-    print(f"A = {args.a}\nB = {args.b}\n{first['metric']}, {first['users']} shared users\n")
+    print(f"A = {args.a}\nB = {args.b}\n{check['metric']}, {n} shared users\n")
     print("| method | A [95 % CI] | B [95 % CI] | A in B's CI | B in A's CI | identical outputs |")
     print("|---|---|---|---|---|---|")
     for m, r in rows.items():
         print(f"| {label(m)} | {r['a']:.3f} [{r['a_ci95'][0]:.3f}, {r['a_ci95'][1]:.3f}] | "
               f"{r['b']:.3f} [{r['b_ci95'][0]:.3f}, {r['b_ci95'][1]:.3f}] | {'yes' if r['a_inside_b'] else 'NO'} | "
-              f"{'yes' if r['b_inside_a'] else 'NO'} | {r['identical']} of {r['users']} |")
+              f"{'yes' if r['b_inside_a'] else 'NO'} | {r['identical']} of {n} |")
     same = sum(r["identical"] for r in rows.values())
     inside = all(r["a_inside_b"] and r["b_inside_a"] for r in rows.values())
-    print(f"\n{same} of {sum(r['users'] for r in rows.values())} (user, method) outputs identical; "
+    print(f"\n{same} of {n * len(rows)} (user, method) outputs identical; "
           f"every score inside the other's interval: {'yes' if inside else 'no'}")
-
 
 if __name__ == "__main__":
     main()
