@@ -47,17 +47,18 @@ def row_lora(x: Tensor, index: Tensor | None, A: Tensor, B: Tensor, scaling: flo
     """y[n] + scaling · B[index[n]] @ A[index[n]] @ x[n] for every row n, as two batched GEMMs.
 
     x (N, T, in), index (N,) long (None: row n is slot n, N = U), A (U, r, in), B (U, out, r),
-    y (N, T, out) or None -> (N, T, out) in A's dtype. With y of A's dtype the addition happens inside the
-    second GEMM (baddbmm).
+    y (N, T, out) or None -> (N, T, out) in A's dtype (under autocast, its dtype). With y of A's dtype, or under
+    autocast, the addition happens inside the second GEMM (baddbmm).
     """
     a = A if index is None else A.index_select(0, index)  # (N, r, in)
     b = B if index is None else B.index_select(0, index)  # (N, out, r)
-    h = torch.bmm(x.to(a.dtype), a.transpose(1, 2))  # (N, T, r)
+    autocasting = torch.is_autocast_enabled(x.device.type)  # then bmm casts every operand itself
+    h = torch.bmm(x if autocasting else x.to(a.dtype), a.transpose(1, 2))  # (N, T, r)
     if scaling != 1.0:
         h = h * scaling  # scale the narrow side, as LoRALinear does
     if y is None:
         return torch.bmm(h, b.transpose(1, 2))  # (N, T, out)
-    if y.dtype == b.dtype:
+    if y.dtype == b.dtype or autocasting:
         return torch.baddbmm(y, h, b.transpose(1, 2))  # (N, T, out)
     return y + torch.bmm(h, b.transpose(1, 2))
 
@@ -124,10 +125,14 @@ class RowLoRALinear(nn.Module):
         """Both terms as one pair of banks: A (U, rf + r, in) with the stacked scaling folded in, B (U, out, rf + r).
 
         Without autograd (generation) the pair is kept until a factor changes: in place (their version
-        counters; a change through `.data` is not seen) or replaced (`set_fused`, `.to()`)."""
+        counters; a change through `.data` is not seen) or replaced (`set_fused`, `.to()`); under autocast it
+        is kept in autocast's dtype, the cast each GEMM would otherwise make again at every step."""
         key = None
         if not torch.is_grad_enabled():
-            key = (self.fused_A, self.fused_A._version, self.lora_A._version, self.lora_B._version, self.scaling)
+            device = self.fused_A.device.type
+            cast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+            key = (self.fused_A, self.fused_A._version, self.lora_A._version, self.lora_B._version, self.scaling,
+                   cast)
             cached = getattr(self, "_factors", None)
             if cached is not None and cached[0][0] is key[0] and cached[0][1:] == key[1:]:
                 return cached[1]
@@ -136,6 +141,8 @@ class RowLoRALinear(nn.Module):
             A = torch.cat([A, self.lora_A * self.scaling], 1) if A.shape[1] else self.lora_A * self.scaling
             B = torch.cat([B, self.lora_B], 2) if B.shape[2] else self.lora_B
         if key is not None:
+            if cast is not None:
+                A, B = A.to(cast), B.to(cast)
             self._factors = (key, (A, B))
         return A, B
 

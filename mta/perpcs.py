@@ -89,7 +89,8 @@ class PieceAssembly(nn.Module):
         self.factors: list[tuple[Tensor, Tensor]] = []  # per batch: the assembled (A, B)
 
     def forward(self, x: Tensor) -> Tensor:
-        idx, w, A, B = assemble(gate_scores(x, self.positions, self.gates), self.A, self.B, self.k, self.tau)
+        with torch.autocast(x.device.type, enabled=False):  # the pieces are chosen and averaged in fp32 always
+            idx, w, A, B = assemble(gate_scores(x, self.positions, self.gates), self.A, self.B, self.k, self.tau)
         self.chosen.append((idx.tolist(), w.tolist()))
         self.factors.append((A, B))
         y = self.base(x)

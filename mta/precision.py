@@ -3,10 +3,17 @@
 Autocast keeps the parameters, the optimizer state and the loss in fp32 and runs the matrix products in
 bf16 with fp32 accumulation. A profile's `bf16 = None` means "where the device has it", resolved once per
 run by `resolve_bf16` and recorded in the run's config.json; the library functions take a plain bool.
+
+Autocast caches the bf16 copy of a trainable weight for the length of its context, but casts a frozen one
+again at every call: with a frozen base that is a copy of every weight per forward, and per decode step the
+largest cost there is. `bf16_weights` makes those copies once for a whole training run or decode.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
+from torch import nn
 
 
 def bf16_supported(device: torch.device | str) -> bool:
@@ -34,3 +41,26 @@ def autocast(device: torch.device | str, bf16: bool):
     if bf16 and not bf16_supported(device):
         raise ValueError(f"bf16 autocast is not supported on {device} (needs CUDA bf16, AVX512-BF16 or AMX)")
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+@contextlib.contextmanager
+def bf16_weights(model: nn.Module, enabled: bool = True):
+    """For the duration, every frozen fp32 nn.Linear weight of `model` is replaced by its bf16 copy, made once.
+
+    Under bf16 autocast a linear layer casts its fp32 weight to bf16 on every call; this gives it the same
+    bf16 values from the start, so outputs are bit-identical, without the per-call copy. Only for code that
+    runs under `autocast(device, True)` and does not change the weights; the fp32 weights (the same
+    Parameter objects, so tied weights stay tied) are put back on exit. A no-op when not `enabled`.
+    """
+    saved = []
+    if enabled:
+        for m in model.modules():
+            w = m.weight if type(m) is nn.Linear else None
+            if w is not None and w.dtype == torch.float32 and not w.requires_grad:
+                saved.append((m, w))
+                m.weight = nn.Parameter(w.detach().to(torch.bfloat16), requires_grad=False)
+    try:
+        yield
+    finally:
+        for m, w in saved:
+            m.weight = w

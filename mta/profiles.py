@@ -156,7 +156,7 @@ class Profile:
     # in one pass through per-row adapters; "sequential" one at a time, the reference (README, "Many users").
     engine: str = "batched"
     group_size: int = 8  # adapter factors and activations grow with it, never a copy of W
-    rows_per_pass: int | None = 8  # training rows per forward of a batched step (the activation memory); None: all
+    rows_per_pass: int | None = 8  # rows per forward of a batched training step, or of a prefill on W0; None: all
     # bf16 autocast for every training and decoding step (`mta.precision`); None: where the device computes
     # bf16 natively (CUDA, AVX512-BF16 or AMX), fp32 elsewhere. A run records the resolved choice. The `cpu`
     # profile keeps None because bf16 passed the cross-check (README, "Many users in one batch").

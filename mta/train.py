@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from mta.precision import autocast
+from mta.precision import autocast, bf16_weights
 
 Example = tuple[Sequence[int], Sequence[int]]  # (prompt_ids, response_ids)
 
@@ -193,11 +193,12 @@ def train(model: nn.Module, examples: Sequence[Example], config: TrainConfig, pa
         tic = time.perf_counter()
         first = next(batches)
         batches = itertools.chain([first], batches)
-        before = probe_loss(model, first, config.max_len, pad_id or 0, device, before_forward)
+        before = probe_loss(model, first, config.max_len, pad_id or 0, device, before_forward, config.bf16)
         log.probe_seconds = time.perf_counter() - tic
     model.train()
     start = time.perf_counter()
-    with tqdm(total=total, desc="train", disable=not config.progress, leave=False) as bar:
+    with tqdm(total=total, desc="train", disable=not config.progress, leave=False) as bar, \
+            bf16_weights(model, config.bf16):
         for step in range(total):
             lr = config.lr * lr_factor(step, total, warmup, config.schedule)
             for g in opt.param_groups:
@@ -234,7 +235,8 @@ def train(model: nn.Module, examples: Sequence[Example], config: TrainConfig, pa
     log.seconds = time.perf_counter() - start
     if config.probe:
         tic = time.perf_counter()
-        log.probe = (before, probe_loss(model, first, config.max_len, pad_id or 0, device, before_forward))
+        log.probe = (before, probe_loss(model, first, config.max_len, pad_id or 0, device, before_forward,
+                                        config.bf16))
         log.probe_seconds += time.perf_counter() - tic
     model.train(was_training)
     return log
@@ -242,14 +244,18 @@ def train(model: nn.Module, examples: Sequence[Example], config: TrainConfig, pa
 
 @torch.no_grad()
 def probe_loss(model: nn.Module, step: Sequence[Sequence[Example]], max_len: int | None, pad_id: int,
-               device: torch.device, before_forward: Callable[[Sequence[Example]], None] | None) -> float:
-    """Mean response-token loss of one optimizer step's micro-batches in eval mode (no dropout, no aux loss)."""
+               device: torch.device, before_forward: Callable[[Sequence[Example]], None] | None,
+               bf16: bool = False) -> float:
+    """Mean response-token loss of one optimizer step's micro-batches in eval mode (no dropout, no aux loss),
+    in the precision the step trains in."""
     model.eval()
     total, n_targets = 0.0, 0
-    for batch in step:
-        ids, mask, _ = make_batch(batch, max_len, pad_id)
-        if before_forward is not None:
-            before_forward(batch)
-        total += response_loss_sum(model, ids.to(device), mask.to(device)).item()
-        n_targets += int(mask.sum())
+    with bf16_weights(model, bf16):
+        for batch in step:
+            ids, mask, _ = make_batch(batch, max_len, pad_id)
+            if before_forward is not None:
+                before_forward(batch)
+            with autocast(device, bf16):
+                total += response_loss_sum(model, ids.to(device), mask.to(device)).item()
+            n_targets += int(mask.sum())
     return total / n_targets

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mta.multi_lora import rows, stacked_layers
-from mta.precision import autocast
+from mta.precision import autocast, bf16_weights
 from mta.train import (
     Example,
     TrainConfig,
@@ -120,7 +120,8 @@ def train_many(model: nn.Module, examples: Sequence[Sequence[Example]], configs:
     model.train()
     start = time.perf_counter()
     n_steps = max(total for total, _ in plans)
-    with tqdm(total=n_steps, desc=f"train x{U}", disable=not configs[0].progress, leave=False) as bar:
+    with tqdm(total=n_steps, desc=f"train x{U}", disable=not configs[0].progress, leave=False) as bar, \
+            bf16_weights(model, configs[0].bf16):
         for step in range(n_steps):
             active = [step < total for total, _ in plans]
             lrs = [c.lr * lr_factor(step, total, warmup, c.schedule) if on else 0.0

@@ -107,6 +107,20 @@ def test_assembly_on_a_model_with_k1_reproduces_the_chosen_sharer_and_records_th
         assert torch.allclose(adapter2.A[m], (per_batch[0] + per_batch[1]) / 2, atol=1e-6)
 
 
+
+def test_assembly_under_bf16_autocast_chooses_and_averages_in_fp32():
+    """The forward may run under bf16 autocast; the chosen pieces are still averaged in fp32 (a bf16 einsum would
+    round the factors to 8 bits)."""
+    model = tiny_llama()
+    sharers, gates = random_sharers(model, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        adapter, pieces = perpcs.assemble_for_user(model, sharers, gates, examples(5), k=2, tau=1.0, batch_size=16)
+    for m, batches in pieces.items():
+        b = batches[0]
+        want = sum(w * sharers[j].A[m] for j, w in zip(b["sharers"], b["weights"], strict=True))
+        assert adapter.A[m].dtype == torch.float32
+        torch.testing.assert_close(adapter.A[m], want, rtol=1e-6, atol=1e-6)
+
 def test_deeper_layers_see_the_pieces_already_chosen():
     """A layer-1 module's input, hence its choice, depends on what layer 0 assembled."""
     model = tiny_llama()

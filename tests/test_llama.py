@@ -132,6 +132,32 @@ def test_batched_left_padded_generation_matches_transformers():
     assert alone.tolist() == got[1:2].tolist()
 
 
+
+def test_prefill_in_row_chunks_without_shared_padding_equals_one_forward():
+    """Prompts prefilled a few rows at a time, each chunk cut to its own longest prompt: the same logits and
+    cache (within fp32 rounding) as one forward over the padded batch, so the same greedy tokens."""
+    _, ours = make_pair("llama3-gqa", seed=2)
+    ids = torch.randint(3, TINY["vocab_size"], (5, 11))
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate((0, 6, 7, 2, 9)):
+        mask[row, :pad] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    caches, logits = {}, {}
+    with torch.no_grad():
+        for rows in (None, 2, 1):
+            caches[rows] = KVCache(ours.config, 5, 11, torch.float32, "cpu")
+            logits[rows] = ours.prefill(ids, mask, caches[rows], positions, rows)
+    for rows in (2, 1):
+        torch.testing.assert_close(logits[rows], logits[None], rtol=1e-5, atol=1e-5)
+        assert caches[rows].length == 11
+        for layer in range(TINY["num_hidden_layers"]):
+            kept = mask.bool()[:, None, :, None]  # padded positions are never read
+            torch.testing.assert_close(caches[rows].k[layer] * kept, caches[None].k[layer] * kept, rtol=1e-5, atol=1e-5)
+    want = ours.generate(ids, attention_mask=mask, max_new_tokens=8)
+    assert greedy_gap(ours, ids, mask, want) > MIN_GAP
+    assert ours.generate(ids, attention_mask=mask, max_new_tokens=8, prefill_rows=2).tolist() == want.tolist()
+
 @pytest.mark.slow
 def test_compiled_decode_gives_the_same_tokens():
     _, ours = make_pair("llama3-gqa", seed=2)
@@ -226,3 +252,19 @@ def test_training_forward_backward_with_right_padding():
     with torch.no_grad():
         ref = hf(ids, attention_mask=mask).logits
     assert (logits.detach()[mask.bool()] - ref[mask.bool()]).abs().max().item() <= 1e-4
+
+
+def test_attention_under_cpu_bf16_autocast_runs_in_fp32():
+    """Under CPU bf16 autocast, attention itself runs in fp32 (faster there, and exact): the same as SDPA on
+    the fp32 inputs, not as autocast's bf16 SDPA."""
+    from mta.llama import attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 7, 16, generator=g) for h in (4, 2, 2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = attention(q, k, v, None, True, n_rep=2)
+        bf16 = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert got.dtype == torch.float32 and bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(bf16.float(), want, rtol=1e-6, atol=1e-6)

@@ -283,3 +283,24 @@ def test_inference_cache_follows_factor_changes():
     torch.testing.assert_close(after[1:2], ref(ids[1:2]).detach(), **TOL)
     ref = reference_user(model, [], [], stacked[1], "param")
     torch.testing.assert_close(unfused[1:2], ref(ids[1:2]).detach(), **TOL)
+
+
+def test_row_layer_under_autocast_is_autocasts_computation_and_caches_in_its_dtype():
+    """Under bf16 autocast a row needs no fp32 round trip: the output is bf16 and within bf16 rounding of fp32;
+    without autograd the factor banks are kept in bf16 and rebuilt in fp32 once autocast is off."""
+    model = tiny()
+    fused, weights, stacked = users(model)
+    many = copy.deepcopy(model)
+    stack_many(many, fused, weights, STACK, "param", seeds=[0, 1, 2])
+    for u in range(3):
+        set_slot(many, u, stacked[u])
+    layer = many.get_submodule("model.layers.0.self_attn.q_proj")
+    x = torch.randn(3, 5, layer.in_features, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), rows(many, [0, 1, 2]):
+        want = layer(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = layer(x)
+            assert layer.factors()[0].dtype == torch.bfloat16
+        assert layer.factors()[0].dtype == torch.float32
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
