@@ -22,7 +22,7 @@ from kernels.rowlora import RowLoRALinear
 from mta.adapter import Adapter, check_modules
 from mta.fusion import _plan, merged_factors
 from mta.lora import LoRAConfig, LoRALinear, find_targets, is_target
-from mta.precision import autocast, bf16_weights
+from mta.precision import autocast
 from mta.proper import MixtureLinear
 
 
@@ -189,5 +189,5 @@ def generate_many(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | 
     slots = torch.as_tensor(slots, dtype=torch.long)
     if slots.shape != (input_ids.shape[0],):
         raise ValueError(f"generate_many: {slots.numel()} slots for {input_ids.shape[0]} prompts")
-    with rows(model, slots), autocast(input_ids.device, bf16), bf16_weights(model, bf16):
+    with rows(model, slots), autocast(input_ids.device, bf16, model):
         return model.generate(input_ids, attention_mask, **kwargs)

@@ -35,12 +35,17 @@ def resolve_bf16(bf16: bool | None, device: torch.device | str) -> bool:
     return bf16_supported(device) if bf16 is None else bf16
 
 
-def autocast(device: torch.device | str, bf16: bool):
-    """bf16 autocast on `device` when `bf16` (an error where the hardware lacks it); a no-op otherwise."""
+@contextlib.contextmanager
+def autocast(device: torch.device | str, bf16: bool, model: nn.Module | None = None):
+    """bf16 autocast on `device` when `bf16` (an error where the hardware lacks it); a no-op otherwise. With
+    `model`, its frozen weights are also bf16 copies for the context (`bf16_weights`): for a context that runs
+    many forwards, such as a decode."""
     device = torch.device(device)
     if bf16 and not bf16_supported(device):
         raise ValueError(f"bf16 autocast is not supported on {device} (needs CUDA bf16, AVX512-BF16 or AMX)")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16), \
+            (bf16_weights(model, bf16) if model is not None else contextlib.nullcontext()):
+        yield
 
 
 @contextlib.contextmanager

@@ -36,7 +36,7 @@ from mta.lamp import TaskSpec, User, instruction_only, query_prompt, training_pa
 from mta.lora import inject_lora, unload_lora
 from mta.methods import Method
 from mta.multi_lora import generate_many, get_row_adapter, stack_many, unload_row_lora
-from mta.precision import autocast, bf16_weights
+from mta.precision import autocast
 from mta.profiles import LoRASpec, Profile
 from mta.tokenizer import Tokenizer
 from mta.train import TrainConfig, TrainLog, train
@@ -281,7 +281,7 @@ class Engine:
         kw = dict(max_new_tokens=self.profile.max_new_tokens, stop_token_ids=self.tok.eos_token_ids,
                   pad_token_id=self.tok.pad_token_id)
         if slots is None:  # on shared weights the prompts (sorted by length) prefill a pass of rows at a time
-            with autocast(self.profile.device, self.profile.bf16), bf16_weights(self.model, self.profile.bf16):
+            with autocast(self.profile.device, self.profile.bf16, self.model):
                 new = self.model.generate(ids, mask, prefill_rows=self.profile.rows_per_pass, **kw)
         else:
             new = generate_many(self.model, ids, mask, slots, self.profile.bf16, **kw)
@@ -532,7 +532,7 @@ def perpcs_part(engine: Engine, user: User, baselines: Baselines, unit_seed: int
     examples = seeded_subset(engine.examples(user.history, unit_seed), p.perpcs_user_items,
                              derive_seed(unit_seed, "assembly"))
     sharers, gates = [baselines.perpcs_sharers[a] for a in sharer_ids], [baselines.perpcs_gates[a] for a in sharer_ids]
-    with autocast(p.device, p.bf16), bf16_weights(engine.model, p.bf16):  # its forward in the run's precision
+    with autocast(p.device, p.bf16, engine.model):  # its forward in the run's precision
         adapter, pieces = perpcs.assemble_for_user(
             engine.model, sharers, gates, examples, p.perpcs_top_k, p.perpcs_tau, p.perpcs_assembly_batch,
             engine.tok.pad_token_id or 0, unit_seed)

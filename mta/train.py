@@ -250,12 +250,11 @@ def probe_loss(model: nn.Module, step: Sequence[Sequence[Example]], max_len: int
     in the precision the step trains in."""
     model.eval()
     total, n_targets = 0.0, 0
-    with bf16_weights(model, bf16):
+    with autocast(device, bf16, model):
         for batch in step:
             ids, mask, _ = make_batch(batch, max_len, pad_id)
             if before_forward is not None:
                 before_forward(batch)
-            with autocast(device, bf16):
-                total += response_loss_sum(model, ids.to(device), mask.to(device)).item()
+            total += response_loss_sum(model, ids.to(device), mask.to(device)).item()
             n_targets += int(mask.sum())
     return total / n_targets
