@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mta.precision import gemm_input
 from mta.rundir import read_json
 
 
@@ -119,7 +120,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # x / sqrt(mean(x^2) + eps), in fp32
-        return self.weight * h.to(x.dtype)
+        return gemm_input(self.weight * h.to(x.dtype))  # read by projections only: under autocast, cast once
 
 
 class KVCache:
@@ -180,7 +181,7 @@ class LlamaAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, n_kv, S, hd)
-        y = attention(q, k, v, mask, is_causal, self.n_rep)  # (B, n_heads, T, hd)
+        y = gemm_input(attention(q, k, v, mask, is_causal, self.n_rep))  # (B, n_heads, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 

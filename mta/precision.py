@@ -35,6 +35,15 @@ def resolve_bf16(bf16: bool | None, device: torch.device | str) -> bool:
     return bf16_supported(device) if bf16 is None else bf16
 
 
+def gemm_input(x: torch.Tensor) -> torch.Tensor:
+    """x in autocast's compute dtype while autocast is on (else x itself): for an activation that only matrix
+    products read, the cast each of them would make of it, made once. Forward values are unchanged; in the
+    backward the readers' input gradients are summed in that dtype before the one cast back."""
+    if torch.is_autocast_enabled(x.device.type):
+        return x.to(torch.get_autocast_dtype(x.device.type))
+    return x
+
+
 @contextlib.contextmanager
 def autocast(device: torch.device | str, bf16: bool, model: nn.Module | None = None):
     """bf16 autocast on `device` when `bf16` (an error where the hardware lacks it); a no-op otherwise. With

@@ -9,7 +9,8 @@ Every FFN linear (gate/up/down) becomes a MixtureLinear with E experts E_i(x) = 
 
 with c = 0.2 (1/E for the release's 5 experts) and e_u the user's row of a learned embedding table. The
 router stage's form is also the one inference uses; `serve_users` holds many users' trained u and W_l as
-slots, so one batched decode serves them all (row n uses the slot `mta.multi_lora.set_rows` gives it).
+slots, so one batched decode serves them all (row n uses the slot `mta.multi_lora.set_rows` gives it);
+`add_user_slots` makes such slots fresh, so many users' user and router stages train in one pass.
 `constraint_loss` is the release's Σ_{i≠j} |M_i M_j| averaged over modules (M the mean routing weights),
 made differentiable.
 """
@@ -21,7 +22,6 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from kernels.rowlora import row_lora
 from mta.lora import find_targets
 
 STAGES = ("group", "user", "router")
@@ -64,7 +64,8 @@ class MixtureLinear(nn.Module):
         self.user_scaling = 0.0
         self.stage = "group"
         self.users: Tensor | None = None  # (B,) the batch's rows of the embedding table
-        # many users' trained parts (`serve_users`): A (U, r_u, in), B (U, out, r_u), W_l (U, E, out)
+        # many users' parts (`add_user_slots` to train, `serve_users` to serve): A (U, r_u, in), B (U, out, r_u),
+        # W_l (U, E, out)
         self.served: tuple[Tensor, Tensor, Tensor] | None = None
         self.slots: Tensor | None = None  # (B,) the batch rows' slots of `served`
         self.mean_routing: Tensor | None = None  # (E,) the last forward's mean routing weights
@@ -77,54 +78,58 @@ class MixtureLinear(nn.Module):
         self.user_B = nn.Parameter(torch.zeros(self.base.out_features, r, **kw))
         self.user_scaling = alpha / r
 
-    def experts(self, x: Tensor, r: Tensor) -> Tensor:
-        """Σ_i r_i E_i(x): x (..., in), r (..., E) -> (..., out)."""
-        h = torch.einsum("...i,eri->...er", self.dropout(x), self.experts_A)  # (..., E, r)
-        return torch.einsum("...er,eor->...o", h * r[..., None], self.experts_B) * self.scaling
-
-    def user_lora(self, x: Tensor) -> Tensor:
-        """u = s_u · B_u A_u x (..., out), with each row's own user when serving many."""
-        if self.served is not None:
-            A, B, _ = self.served
-            xs = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, T, in)
-            return row_lora(xs, self.slots, A, B, self.user_scaling).view(*x.shape[:-1], B.shape[1])
-        if self.user_A is None:
-            raise ValueError(f"MixtureLinear: the {self.stage} stage needs a user LoRA (add_user_lora)")
-        return (x @ self.user_A.T) @ self.user_B.T * self.user_scaling
-
     def set_rows(self, index: Tensor | None) -> None:
         """The served slot (B,) of each row of the next batches (`mta.multi_lora.set_rows` sets it)."""
         self.slots = None if index is None else index.to(device=self.experts_A.device, dtype=torch.long)
 
-    def routing(self, x: Tensor, u: Tensor | None) -> Tensor:
-        """Routing weights (..., E) of this stage."""
-        if self.stage == "router":
-            if self.served is None:
-                return torch.softmax(self.router_l(u), dim=-1)
-            W_l = self.served[2].index_select(0, self.slots)  # (B, E, out)
-            us = u.reshape(u.shape[0], -1, u.shape[-1])  # (B, T, out)
-            return torch.softmax(torch.bmm(us, W_l.transpose(1, 2)), dim=-1).view(*u.shape[:-1], -1)
+    def user_factors(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The user LoRA's A_u (r_u, in), B_u (out, r_u) and W_l (E, out); serving many users, each row's own,
+        with a leading (B,)."""
+        if self.served is not None:
+            return tuple(t.index_select(0, self.slots) for t in self.served)
+        if self.user_A is None:
+            raise ValueError(f"MixtureLinear: the {self.stage} stage needs a user LoRA (add_user_lora)")
+        return self.user_A, self.user_B, self.router_l.weight
+
+    def input_routing(self, x: Tensor) -> Tensor:
+        """The group and user stages' routing weights softmax(softmax(W_x x) + softmax(W_e e_u)) (B, T, E)."""
         if self.users is None:
             raise ValueError("MixtureLinear: set the batch's users (set_users) before a group- or user-stage forward")
-        e = self.user_embedding(self.users)  # (B, in)
-        by_user = torch.softmax(self.router_e(e), dim=-1)  # (B, E)
-        by_user = by_user.view(by_user.shape[0], *([1] * (x.dim() - 2)), by_user.shape[-1])  # (B, 1.., E)
-        return torch.softmax(torch.softmax(self.router_x(x), dim=-1) + by_user, dim=-1)
+        by_user = torch.softmax(self.router_e(self.user_embedding(self.users)), dim=-1)  # (B, E)
+        return torch.softmax(torch.softmax(self.router_x(x), dim=-1) + by_user[:, None], dim=-1)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.base(x)  # (..., out)
-        x = x.to(self.experts_A.dtype)
-        u = None if self.stage == "group" else self.user_lora(x)  # (..., out)
-        r = self.routing(x, u)  # (..., E)
-        self.mean_routing = r.reshape(-1, r.shape[-1]).mean(0)  # (E,): every position of the batch
-        out = self.mix * self.experts(x, r) + (0 if u is None else u)
-        return (y + out).to(y.dtype)
+        """x (B, T, in). The experts and the user LoRA share one GEMM on their narrow sides,
+        [c s r_1 h_1, .., c s r_E h_E, s_u h_u] @ [B_1, .., B_E, B_u]^T with h_i = A_i x, h_u = A_u x, and the
+        router stage's logits W_l u are (W_l B_u) s_u h_u: the same function, without a (B, T, out) tensor per term."""
+        y = self.base(x)  # (B, T, out)
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.experts_A.dtype)  # fp32 adapters on a half-precision base; autocast casts per GEMM
+        E, r, d_in = self.experts_A.shape
+        h = self.dropout(x) @ self.experts_A.reshape(E * r, d_in).T  # (B, T, E*r): every A_i x
+        B_cat = self.experts_B.permute(1, 0, 2).reshape(-1, E * r)  # (out, E*r): [B_1 .. B_E]
+        if self.stage != "group":
+            A_u, B_u, W_l = self.user_factors()
+            h_u = x @ A_u.transpose(-1, -2) * self.user_scaling  # (B, T, r_u)
+            B_cat = torch.cat([B_cat.expand(*B_u.shape[:-1], -1), B_u], dim=-1)  # ((B,) out, E*r + r_u)
+        if self.stage == "router":
+            routing = torch.softmax(h_u @ (W_l @ B_u).transpose(-1, -2), dim=-1)  # (B, T, E): softmax(W_l u)
+        else:
+            routing = self.input_routing(x)
+        self.mean_routing = routing.reshape(-1, E).mean(0)  # (E,): every position of the batch
+        g = (h.unflatten(-1, (E, r)) * (routing * (self.mix * self.scaling))[..., None]).flatten(-2)  # (B, T, E*r)
+        if self.stage != "group":
+            g = torch.cat([g, h_u], dim=-1)  # (B, T, E*r + r_u)
+        return (y + g @ B_cat.transpose(-1, -2)).to(y.dtype)
 
     def stage_parameters(self, stage: str) -> list[nn.Parameter]:
-        """What each stage trains: the experts, W_x, W_e and the embeddings; the user LoRA; W_l."""
+        """What each stage trains: the experts, W_x, W_e and the embeddings; the user LoRA; W_l (while many users
+        are served, their banks)."""
         if stage == "group":
             return [self.experts_A, self.experts_B, *self.router_x.parameters(), *self.router_e.parameters(),
                     *self.user_embedding.parameters()]
+        if self.served is not None:
+            return list(self.served[:2]) if stage == "user" else [self.served[2]]
         if stage == "user":
             return [self.user_A, self.user_B]
         return list(self.router_l.parameters())
@@ -163,10 +168,33 @@ def set_users(model: nn.Module, users: Tensor) -> None:
         m.users = users
 
 
-def user_part(model: nn.Module) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
-    """What the user and router stages trained, per module: (A_u (r_u, in), B_u (out, r_u), W_l (E, out)), detached."""
-    return {n: (m.user_A.detach().clone(), m.user_B.detach().clone(), m.router_l.weight.detach().clone())
-            for n, m in mixtures(model).items()}
+def user_part(model: nn.Module, slot: int | None = None) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
+    """What the user and router stages trained, per module: (A_u (r_u, in), B_u (out, r_u), W_l (E, out)), detached;
+    with `slot`, that slot's of the served banks (`add_user_slots`)."""
+    if slot is None:
+        return {n: (m.user_A.detach().clone(), m.user_B.detach().clone(), m.router_l.weight.detach().clone())
+                for n, m in mixtures(model).items()}
+    return {n: tuple(t[slot].detach().clone() for t in m.served) for n, m in mixtures(model).items()}
+
+
+@torch.no_grad()
+def add_user_slots(model: nn.Module, r: int, alpha: float, seeds: Sequence[int]) -> None:
+    """Slot u of every mixture: a fresh user LoRA drawn as `add_user_lora` draws it after torch.manual_seed(seeds[u])
+    (the same draws, in the same module order), and W_l as it is now. These banks are served per row
+    (`mta.multi_lora.set_rows`), so the user and router stages of many users train them in one pass
+    (`mta.train_many.train_many` over `stage_parameters`)."""
+    modules, drawn = mixtures(model), {}
+    for seed in seeds:
+        torch.manual_seed(seed)
+        for n, m in modules.items():
+            m.add_user_lora(r, alpha)
+            drawn.setdefault(n, []).append(m.user_A.detach())
+    for n, m in modules.items():
+        A = torch.stack(drawn[n])  # (U, r_u, in)
+        B = torch.zeros(len(seeds), *m.user_B.shape, dtype=A.dtype, device=A.device)  # (U, out, r_u)
+        W_l = m.router_l.weight.detach().expand(len(seeds), -1, -1).clone()  # (U, E, out)
+        m.served = tuple(nn.Parameter(t, requires_grad=False) for t in (A, B, W_l))
+        m.user_A = m.user_B = None
 
 
 @torch.no_grad()

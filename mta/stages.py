@@ -563,36 +563,90 @@ def begin_proper(engine: Engine, baselines: Baselines | None) -> None:
                           p.proper_group.alpha, len(baselines.proper_users))
 
 
+def proper_row(baselines: Baselines, user: User) -> int:
+    """The user's row of PROPER's user-embedding tables."""
+    if user.user_id not in baselines.proper_users:
+        raise InputError(f"user {user.user_id}: not among the {len(baselines.proper_users)} users of PROPER's group "
+                         f"stage (delete proper/group and rerun)")
+    return baselines.proper_users.index(user.user_id)
+
+
+def proper_examples(engine: Engine, user: User, unit_seed: int) -> tuple[list, list]:
+    """The user's training examples of PROPER's user stage and of its router stage."""
+    p, examples = engine.profile, engine.examples(user.history, unit_seed)
+    return (seeded_subset(examples, p.proper_user_items, derive_seed(unit_seed, "user")),
+            seeded_subset(examples, p.proper_router_items, derive_seed(unit_seed, "router")))
+
+
+def proper_details(user_examples: Sequence, router_examples: Sequence, user_log: TrainLog, router_log: TrainLog
+                   ) -> dict:
+    return {"train": {"examples": len(user_examples), **summarize(user_log)},
+            "train_router": {"examples": len(router_examples), **summarize(router_log)}}
+
+
 def proper_part(engine: Engine, user: User, baselines: Baselines, unit_seed: int) -> tuple[dict, dict, dict]:
     """PROPER for one target user, on the mixture as the group stage left it (W_l included): a user LoRA trained
     on the user's history, then the LoRA-aware router W_l alone; generation routes by W_l. The model is left as
     the router stage set it. (the trained part `mta.proper.user_part`, seconds, details)"""
-    if user.user_id not in baselines.proper_users:
-        raise InputError(f"user {user.user_id}: not among the {len(baselines.proper_users)} users of PROPER's group "
-                         f"stage (delete proper/group and rerun)")
+    row = torch.tensor([proper_row(baselines, user)], device=engine.model.device)
     p = engine.profile
     proper.load_mixture_state(engine.model, baselines.proper_group, "proper/group")  # W_l back to its start
     torch.manual_seed(unit_seed)  # the user LoRA's initialisation
     for m in proper.mixtures(engine.model).values():
         m.add_user_lora(p.proper_user.rank, p.proper_user.alpha)
-    row = torch.tensor([baselines.proper_users.index(user.user_id)], device=engine.model.device)
-    examples = engine.examples(user.history, unit_seed)
+    user_examples, router_examples = proper_examples(engine, user, unit_seed)
     pad = engine.tok.pad_token_id
 
     def same_user(batch):
         proper.set_users(engine.model, row.expand(len(batch)))
 
     proper.set_stage(engine.model, "user")
-    user_examples = seeded_subset(examples, p.proper_user_items, derive_seed(unit_seed, "user"))
     user_log = train(engine.model, user_examples, engine.train_config(p.proper_user, unit_seed, probe=True), pad,
                      before_forward=same_user)
-    router_examples = seeded_subset(examples, p.proper_router_items, derive_seed(unit_seed, "router"))
     proper.set_stage(engine.model, "router")
     router_log = train(engine.model, router_examples, engine.train_config(p.proper_router, unit_seed, probe=True), pad)
     engine.model.eval()
     return (proper.user_part(engine.model), {"adapt": user_log.seconds + router_log.seconds},
-            {"train": {"examples": len(user_examples), **summarize(user_log)},
-             "train_router": {"examples": len(router_examples), **summarize(router_log)}})
+            proper_details(user_examples, router_examples, user_log, router_log))
+
+
+def proper_parts(engine: Engine, users: Sequence[User], baselines: Baselines, unit_seeds: Sequence[int]
+                 ) -> list[tuple[dict, dict, dict] | InputError]:
+    """`proper_part` for many users in one pass each of the user and the router stage (the batched engine): slot u
+    of every mixture holds user u's LoRA, initialised as `proper_part` would under `unit_seeds[u]`, and W_l as the
+    group stage left it (`mta.proper.add_user_slots`); `mta.train_many.train_many` trains every slot as `train`
+    would alone. One entry per user: its part, seconds and details, or the InputError that stopped it."""
+    out: list = [None] * len(users)
+    slots = []  # one per user with a part to make: (its index in users, its embedding row, user / router examples)
+    for i, u in enumerate(users):
+        try:
+            slots.append((i, proper_row(baselines, u), *proper_examples(engine, u, unit_seeds[i])))
+        except InputError as e:
+            out[i] = e
+    if not slots:
+        return out
+    p, model, pad = engine.profile, engine.model, engine.tok.pad_token_id
+    seeds = [unit_seeds[i] for i, _, _, _ in slots]
+    proper.load_mixture_state(model, baselines.proper_group, "proper/group")
+    proper.add_user_slots(model, p.proper_user.rank, p.proper_user.alpha, seeds)
+    rows = torch.tensor([row for _, row, _, _ in slots], device=model.device)  # slot -> embedding row
+
+    def slot_users(index):
+        proper.set_users(model, rows[index.to(rows.device)])
+
+    logs = {}
+    for stage, spec, examples in (("user", p.proper_user, [ex for _, _, ex, _ in slots]),
+                                  ("router", p.proper_router, [ex for _, _, _, ex in slots])):
+        proper.set_stage(model, stage)
+        params = [t for m in proper.mixtures(model).values() for t in m.stage_parameters(stage)]
+        logs[stage] = train_many(model, examples, [engine.train_config(spec, s, probe=True) for s in seeds], pad,
+                                 p.rows_per_pass, params, slot_users)
+    model.eval()
+    adapt = (logs["user"][0].seconds + logs["router"][0].seconds) / len(slots)
+    for slot, (i, _, user_examples, router_examples) in enumerate(slots):
+        out[i] = (proper.user_part(model, slot), {"adapt": adapt},
+                  proper_details(user_examples, router_examples, logs["user"][slot], logs["router"][slot]))
+    return out
 
 
 @dataclass(frozen=True)
@@ -606,12 +660,14 @@ class Procedure:
     part: Callable[[Engine, User, Baselines, int], tuple[object, dict, dict]]
     install: Callable[[Engine, object], None]
     serve: Callable[[Engine, Sequence], None]
+    # many users' parts at once, each as `part` makes it, or the InputError that stopped it; None: `part` in turn
+    parts: Callable[[Engine, Sequence[User], Baselines, Sequence[int]], list] | None = None
 
 
 PROCEDURES = {
     "perpcs": Procedure(begin_perpcs, perpcs_part, install_perpcs, serve_perpcs),
-    "proper": Procedure(begin_proper, proper_part, lambda engine, part: None,
-                        lambda engine, parts: proper.serve_users(engine.model, parts)),  # part stays in place
+    "proper": Procedure(begin_proper, proper_part, lambda engine, part: None,  # part stays in place
+                        lambda engine, parts: proper.serve_users(engine.model, parts), proper_parts),
 }
 
 
@@ -627,6 +683,14 @@ def prepare_procedure(engine: Engine, user: User, method: Method, baselines: Bas
     return {"setup": setup, **seconds}, extra
 
 
+def part_or_error(procedure: Procedure, engine: Engine, user: User, baselines: Baselines, unit_seed: int
+                  ) -> tuple[object, dict, dict] | InputError:
+    try:
+        return procedure.part(engine, user, baselines, unit_seed)
+    except InputError as e:
+        return e
+
+
 def run_procedure_group(engine: Engine, users: Sequence[User], unit: Sequence[Method], seed: int,
                         baselines: Baselines | None) -> dict[str, dict[str, dict]]:
     """Per-Pcs or PROPER for many users (the batched engine): `begin` once, each user's part as `run_unit` makes
@@ -639,12 +703,14 @@ def run_procedure_group(engine: Engine, users: Sequence[User], unit: Sequence[Me
         tic = time.perf_counter()
         procedure.begin(engine, baselines)
         setup = time.perf_counter() - tic
-        for u in users:
-            try:
-                part, seconds, extra = procedure.part(engine, u, baselines, derive_seed(seed, u.user_id, method.name))
-            except InputError as e:
-                out[u.user_id] = error_results(u, unit, e)
+        seeds = [derive_seed(seed, u.user_id, method.name) for u in users]
+        made = procedure.parts(engine, users, baselines, seeds) if procedure.parts else \
+            [part_or_error(procedure, engine, u, baselines, s) for u, s in zip(users, seeds, strict=True)]
+        for u, m in zip(users, made, strict=True):
+            if isinstance(m, InputError):
+                out[u.user_id] = error_results(u, unit, m)
                 continue
+            part, seconds, extra = m
             parts.append(part)
             done.append((u, seconds, extra))
         if not done:

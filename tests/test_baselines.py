@@ -1,5 +1,6 @@
 """Per-Pcs and PROPER against their formulas (mta.perpcs, mta.proper), on tiny random models."""
 
+import copy
 import math
 
 import pytest
@@ -12,6 +13,7 @@ from mta.llama import LlamaConfig, LlamaForCausalLM
 from mta.lora import LoRAConfig, inject_lora, lora_layers, unload_lora
 from mta.multi_lora import set_rows
 from mta.train import TrainConfig, make_batch, train
+from mta.train_many import train_many
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 FFN = ("gate_proj", "up_proj", "down_proj")
@@ -271,6 +273,61 @@ def test_each_proper_stage_trains_only_its_own_parameters():
               aux_loss=(lambda: proper.constraint_loss(model)) if stage == "group" else None)
         changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
         assert changed == {f"{n}.{k}" for n in modules for k in own[stage]}, stage
+
+
+def test_many_users_user_and_router_stages_train_together_as_each_alone():
+    """`add_user_slots` + `train_many` over the served banks (the batched engine's PROPER) against each user's user
+    and router stages trained alone with `train` (the sequential engine's): the same initialisation, losses and
+    probes at every step, the same trained parts; users with different numbers of examples and steps."""
+    model, _ = mixture_model()
+    with torch.no_grad():
+        for m in proper.mixtures(model).values():
+            m.router_l.weight.normal_(0, 1.0)
+            m.user_embedding.weight.normal_(0, 1.0)
+    rows, seeds = [2, 0, 1], [5, 6, 7]
+    data = [examples(5, 1), examples(2, 2), examples(3, 3)]  # 3, 1 and 2 user-stage steps
+    configs = {"user": [TrainConfig(lr=2e-2, batch_size=2, seed=s, probe=True, progress=False) for s in seeds],
+               "router": [TrainConfig(lr=5e-2, batch_size=1, seed=s, probe=True, progress=False, weight_decay=0.1)
+                          for s in seeds]}
+    stage_data = {"user": data, "router": [d[:2] for d in data]}
+    alone, start = [], []
+    for u in range(3):
+        m = copy.deepcopy(model)
+        torch.manual_seed(seeds[u])
+        for mix in proper.mixtures(m).values():
+            mix.add_user_lora(4, 8.0)
+        start.append(proper.user_part(m))
+
+        def same_user(batch, m=m, u=u):
+            proper.set_users(m, torch.tensor([rows[u]] * len(batch)))
+
+        logs = {}
+        for stage in ("user", "router"):
+            proper.set_stage(m, stage)
+            logs[stage] = train(m, stage_data[stage][u], configs[stage][u], before_forward=same_user)
+        alone.append((logs, proper.user_part(m)))
+    many = copy.deepcopy(model)
+    proper.add_user_slots(many, 4, 8.0, seeds)
+    for u in range(3):
+        for name, tensors in proper.user_part(many, u).items():
+            assert all(torch.equal(a, b) for a, b in zip(tensors, start[u][name], strict=True)), (u, name)
+    logs = {}
+    for stage in ("user", "router"):
+        proper.set_stage(many, stage)
+        params = [t for m in proper.mixtures(many).values() for t in m.stage_parameters(stage)]
+        logs[stage] = train_many(many, stage_data[stage], configs[stage], params=params, rows_per_pass=2,
+                                 before_pass=lambda slots: proper.set_users(many, torch.tensor(rows)[slots]))
+    for u, (ref, part) in enumerate(alone):
+        for stage in ("user", "router"):
+            got, want = logs[stage][u], ref[stage]
+            assert got.lrs == want.lrs and got.target_tokens == want.target_tokens, (u, stage)
+            assert got.losses == pytest.approx(want.losses, rel=1e-5), (u, stage)
+            assert got.probe == pytest.approx(want.probe, rel=1e-5), (u, stage)
+            assert got.grad_norms == pytest.approx(want.grad_norms, rel=1e-4), (u, stage)
+        for name, tensors in proper.user_part(many, u).items():
+            for got, want in zip(tensors, part[name], strict=True):
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert [len(logs["user"][u].losses) for u in range(3)] == [3, 1, 2]
 
 
 def test_mixture_state_round_trips_and_refuses_another_model():

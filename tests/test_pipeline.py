@@ -266,7 +266,8 @@ def test_several_seeds_give_a_summary_across_them(tiny_run):
 
 def test_both_engines_give_the_same_outputs(tiny_run, tmp_path):
     """The batched engine (the default: groups of anchors and users through per-row adapters) against the
-    one-at-a-time reference, from cold: the same bank losses and the same output for every (user, method)."""
+    one-at-a-time reference, from cold: the same bank and PROPER losses and the same output for every (user,
+    method)."""
     run_dir, argv, result = tiny_run
     runs = argv.index("--runs") + 1
     seq_argv = [*argv[:runs], str(tmp_path / "runs"), *argv[runs + 1:], "--set", "engine=sequential"]
@@ -282,6 +283,16 @@ def test_both_engines_give_the_same_outputs(tiny_run, tmp_path):
         assert batched["group"] > 1 and "group" not in alone
         assert batched["first_loss"] == pytest.approx(alone["first_loss"], rel=1e-5)
         assert batched["last_loss"] == pytest.approx(alone["last_loss"], rel=1e-4)
+    compared = 0
+    for uid in result["per_user"]:  # PROPER's user and router stages, many users in one pass against each alone
+        batched, alone = (json.loads((d / "users" / uid / "proper.json").read_text()) for d in (run_dir, seq_dir))
+        if batched.get("group", 1) == 1:  # recomputed alone by an earlier test
+            continue
+        compared += 1
+        for stage in ("train", "train_router"):
+            for key in ("first_loss", "last_loss", "probe_before", "probe_after"):
+                assert batched[stage][key] == pytest.approx(alone[stage][key], rel=1e-4), (uid, stage, key)
+    assert compared
 
 
 def test_bf16_where_native_is_resolved_and_recorded(tiny_run, tmp_path):

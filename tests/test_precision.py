@@ -1,8 +1,11 @@
-"""bf16 autocast helpers (mta.precision): the frozen weights' bf16 copies change nothing but the copies."""
+"""bf16 autocast helpers (mta.precision): the frozen weights' bf16 copies and the activations' single casts change
+nothing but the copies."""
 import torch
 from torch import nn
 
+from mta import llama
 from mta.llama import LlamaConfig, LlamaForCausalLM
+from mta.lora import LoRAConfig, inject_lora, lora_layers
 from mta.precision import bf16_weights
 
 
@@ -49,3 +52,31 @@ def test_bf16_weights_are_put_back_after_an_error():
     except RuntimeError:
         pass
     assert model.model.layers[0].self_attn.o_proj.weight is w
+
+
+def test_activations_only_projections_read_are_cast_once_to_the_same_values(monkeypatch):
+    """`gemm_input`: under autocast the norms' and attention's outputs are cast to bf16 where they are made, not by
+    each projection that reads them (a LoRA's too). The logits are bit-for-bit those of casting per reader; the
+    LoRA gradients differ only by the bf16 sum of the readers' input gradients; off autocast nothing changes."""
+    model = tiny(tied=False)
+    inject_lora(model, LoRAConfig(r=2, alpha=4.0, target_modules="all"))
+    torch.manual_seed(2)
+    for layer in lora_layers(model).values():
+        nn.init.normal_(layer.lora_B.weight, std=0.1)
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(1))
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(ids)
+        logits.float().square().mean().backward()
+        return logits, [p.grad for p in model.parameters() if p.requires_grad]
+
+    with torch.no_grad():
+        assert llama.RMSNorm(32, 1e-5)(torch.randn(3, 32)).dtype == torch.float32  # the identity off autocast
+    once, once_grads = run()
+    monkeypatch.setattr(llama, "gemm_input", lambda x: x)  # every reader casts for itself
+    per_reader, per_reader_grads = run()
+    assert torch.equal(once, per_reader)
+    for a, b in zip(once_grads, per_reader_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0.02, atol=1e-4)

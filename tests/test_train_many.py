@@ -31,7 +31,7 @@ def examples(n, seed):
 def setup():
     """Three users with different data sizes and recipes: steps 10, 3 and 2 (the short ones drop out)."""
     data = [examples(10, 1), examples(5, 2), examples(3, 3)]
-    base = dict(progress=False, warmup_ratio=0.2)
+    base = dict(progress=False, warmup_ratio=0.2, probe=True)
     configs = [TrainConfig(lr=1e-2, epochs=2, batch_size=2, seed=11, **base),
                TrainConfig(lr=5e-3, epochs=2, batch_size=2, grad_accum=2, schedule="linear", max_grad_norm=0.05,
                            group_by_length=True, max_len=12, seed=12, **base),
@@ -80,6 +80,7 @@ def test_many_adapters_in_one_pass_train_as_each_alone(rows_per_pass, trained_al
         assert logs[u].lrs == log.lrs  # the same schedule, exactly
         assert logs[u].tokens == log.tokens and logs[u].target_tokens == log.target_tokens  # the same examples
         assert logs[u].losses == pytest.approx(log.losses, rel=1e-5), u
+        assert logs[u].probe == pytest.approx(log.probe, rel=1e-5), u  # the first step's batch before and after
         assert logs[u].grad_norms == pytest.approx(log.grad_norms, rel=1e-4), u
         assert_factors_close(get_row_adapter(many, u, STACK), adapter)
     assert logs[1].grad_norms[0] > configs[1].max_grad_norm  # clipping acted on the clipped adapter
