@@ -183,15 +183,16 @@ def train_many(model: nn.Module, examples: Sequence[Sequence[Example]], configs:
     batches = [b if f is None else itertools.chain([f], b) for b, f in zip(batches, first, strict=True)]
     max_norm = torch.tensor([c.max_grad_norm or float("inf") for c in configs])
     logs, was_training = [TrainLog() for _ in range(U)], model.training
-    with tqdm(total=max(total for total, _ in plans), desc=f"train x{U}", disable=not configs[0].progress,
-              leave=False) as bar, bf16_weights(model, bf16):
+    n_steps = max(total for total, _ in plans)
+    with tqdm(total=n_steps, desc=f"train x{U}", disable=not configs[0].progress, leave=False) as bar, \
+            bf16_weights(model, bf16):
         tic = time.perf_counter()
         probing = any(f is not None for f in first)
         before = probe_many(model, first, configs, pad_id, rows_per_pass, device, before_pass) if probing else None
         probe_seconds = time.perf_counter() - tic
         model.train()
         start = time.perf_counter()
-        for step in range(bar.total):
+        for step in range(n_steps):
             active = [step < total for total, _ in plans]
             lrs = [c.lr * lr_factor(step, total, warmup, c.schedule) if on else 0.0
                    for c, (total, warmup), on in zip(configs, plans, active, strict=True)]

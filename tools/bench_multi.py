@@ -23,7 +23,7 @@ With --stage3 RUN_DIR (a finished `make reproduce` directory), stage 3 of the pi
 the first --users test users on that run's bank and stage-1/2 artifacts, three ways, each in a fresh process
 (so each peak RSS is its own): one at a time in fp32 (`engine=sequential`, the reference), batched in fp32, and
 batched in bf16 where the CPU has it natively; users per minute, the speed-up of each lever, and the share of
-(user, method) outputs identical to the reference.
+(user, method) outputs identical to the reference. Group size and rows per pass are today's profile's.
 """
 from __future__ import annotations
 
@@ -264,14 +264,18 @@ STAGE3_WAYS = (("one at a time, fp32", "sequential", False), ("batched, fp32", "
 def stage3_way(run_dir: Path, users: int, engine: str, bf16: bool | None, executor=None) -> tuple[float, float, dict]:
     """Stage 3 of `run_dir`'s run for its first `users` test users under (engine, bf16) and `executor` (the
     local one by default), in a scratch directory that shares the run's artifacts: (seconds, the driver's
-    peak RSS in MiB, (user, method) -> output)."""
+    peak RSS in MiB, (user, method) -> output). The run's recipes are its own; its group size and rows per
+    pass are today's profile's of that name, so a run made under an older default is timed as today's."""
     from mta.executor import Executor
     from mta.methods import DEFAULT
     from mta.pipeline import Run, collect, stage3_run, stored_profile
+    from mta.profiles import PROFILES
     from mta.rundir import RunDir, read_json
 
     config = read_json(run_dir / "config.json")
-    profile = stored_profile(run_dir / "config.json").replace(engine=engine, bf16=bf16)
+    profile = stored_profile(run_dir / "config.json")
+    today = PROFILES.get(profile.name, profile)
+    profile = profile.replace(engine=engine, bf16=bf16, group_size=today.group_size, rows_per_pass=today.rows_per_pass)
     with tempfile.TemporaryDirectory() as tmp:
         run = Run(task=config["task"], profile=profile, lamp_dir=Path(config["lamp_dir"]), seed=config["seed"],
                   n_users=users, methods=DEFAULT, progress=False, run_dir=RunDir(Path(tmp), shared=run_dir),
