@@ -13,7 +13,7 @@ factor banks and rows never interact, so the gradient of slot u is exactly the g
 what train() computes for adapter u alone; only the rounding of GEMMs of other shapes differs.
 
 AdamW runs over whole banks (U, r, in) as elementwise tensor ops with per-slot step counts, learning
-rates, weight decay (on banks of matrices only, as train() decays matrices only) and clipping factors;
+rates, weight decay (banks of matrices only: train() decays matrices, not vectors) and clipping factors;
 a slot not active at a step keeps its parameters and moments untouched, as a separate optimizer would.
 The formulas are torch.optim.AdamW's (decoupled decay, bias correction), which `tests/test_train_many.py`
 checks against train().
@@ -76,8 +76,6 @@ class BankAdamW:
                                  torch.tensor(bc2_sqrt, **opts))
             shape = (-1,) + (1,) * (p.ndim - 1)
             on, scale, dec, size, bc2 = (t.view(shape) for t in per_slot[key])
-            if p.ndim < 3:  # a bank of vectors: no decay, as train() decays matrices only
-                dec = torch.ones_like(dec)
             g = p.grad * scale
             m_new = m.lerp(g, 1 - b1)
             v_new = v * b2 + (1 - b2) * g * g
@@ -165,6 +163,8 @@ def train_many(model: nn.Module, examples: Sequence[Sequence[Example]], configs:
         params = [p for layer in layers.values() for p in (layer.lora_A, layer.lora_B)]
     params = list(params)
     U = params[0].shape[0]
+    if any(p.ndim < 3 for p in params):
+        raise ValueError("train_many: every bank must hold one matrix per slot (U, rows, cols)")
     if any(p.shape[0] != U for p in params):
         raise ValueError(f"train_many: banks of different numbers of slots {sorted({p.shape[0] for p in params})}")
     configs = [configs] * U if isinstance(configs, TrainConfig) else list(configs)

@@ -4,6 +4,7 @@ import dataclasses
 
 import pytest
 import torch
+from torch import nn
 
 from mta.adapter import get_adapter, load_adapter, save_adapter
 from mta.fusion import stack_lora
@@ -124,6 +125,8 @@ def test_bad_input():
         train_many(model, [examples(2, 0)], TrainConfig(progress=False))
     with pytest.raises(ValueError, match="no examples for adapter 1"):
         train_many(model, [examples(2, 0), []], TrainConfig(progress=False))
+    with pytest.raises(ValueError, match="one matrix per slot"):
+        train_many(model, [examples(2, 0)] * 2, TrainConfig(progress=False), params=[nn.Parameter(torch.zeros(2, 4))])
     model.model.layers[0].self_attn.q_proj.lora_B.data[1].fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="adapter 1 at its step 1/1"):
         train_many(model, [examples(2, 0), examples(2, 1)], TrainConfig(progress=False))
