@@ -4,7 +4,7 @@ setup(
     name="mta",
     version="0.1.0",
     description="MTA: Merge-then-Adapt personalized LLMs (Li et al., ACL 2026), in plain PyTorch",
-    packages=find_packages(include=["mta", "mta.*", "kernels", "kernels.*"]),
+    packages=find_packages(include=["mta", "mta.*"]),
     python_requires=">=3.10",
     install_requires=[
         # A bare `torch` can pull a multi-GB CUDA build; `make install` installs a CPU

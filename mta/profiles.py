@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels.merge import MODES as MERGE_MODES
-from mta.lamp import PROMPT_STYLES, TASKS
-from mta.lora import LoRAConfig
-from mta.rundir import read_json
-from mta.train import TrainConfig
+from mta.data.lamp import PROMPT_STYLES, TASKS
+from mta.files import read_json
+from mta.ops.merge import MODES as MERGE_MODES
+from mta.peft.lora import LoRAConfig
+from mta.training.train import TrainConfig
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")  # Per-Pcs's LoRA and both population LoRAs
 FFN = ("gate_proj", "up_proj", "down_proj")  # PROPER's experts and user LoRA

@@ -21,8 +21,8 @@ def tiny_run_inputs(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_run(tiny_run_inputs, tmp_path_factory):
     """A finished `reproduce` on the tiny inputs: (run directory, its argv, results)."""
-    from mta import pipeline
-    from mta.cli import main
+    from mta.run import pipeline
+    from mta.run.cli import main
     from tests.fixtures import make_profile
 
     lamp, llm, bert = tiny_run_inputs

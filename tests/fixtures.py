@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from mta.encoders.bert import BertConfig, BertModel
-from mta.llama import LlamaConfig, LlamaForCausalLM
+from mta.models.encoders.bert import BertConfig, BertModel
+from mta.models.llama import LlamaConfig, LlamaForCausalLM
 
 SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -7,13 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mta import perpcs, proper
-from mta.adapter import Adapter, get_adapter
-from mta.llama import LlamaConfig, LlamaForCausalLM
-from mta.lora import LoRAConfig, inject_lora, lora_layers, unload_lora
-from mta.multi_lora import set_rows
-from mta.train import TrainConfig, make_batch, train
-from mta.train_many import train_many
+from mta.baselines import perpcs, proper
+from mta.models.llama import LlamaConfig, LlamaForCausalLM
+from mta.peft.adapter import Adapter, get_adapter
+from mta.peft.lora import LoRAConfig, inject_lora, lora_layers, unload_lora
+from mta.peft.multi_lora import set_rows
+from mta.training.train import TrainConfig, make_batch, train
+from mta.training.train_many import train_many
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 FFN = ("gate_proj", "up_proj", "down_proj")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from rank_bm25 import BM25Okapi
 
-from mta.bm25 import BM25, top_k
+from mta.data.bm25 import BM25, top_k
 
 HISTORY = [
     "Stocks rally as markets rebound after losses",

@@ -8,11 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mta import checkpoint
-from mta.checkpoint import CheckpointError, load_llm, load_model, resolve
-from mta.gguf import GGML_TYPES, GGUFError, dequantize
-from mta.llama import LlamaConfig, LlamaForCausalLM
-from mta.state_dict import StateDictError
+from mta.models import checkpoint
+from mta.models.checkpoint import CheckpointError, load_llm, load_model, resolve
+from mta.models.gguf import GGML_TYPES, GGUFError, dequantize
+from mta.models.llama import LlamaConfig, LlamaForCausalLM
+from mta.models.state_dict import StateDictError
 from tests.fixtures import SMOLLM_FILE, smollm_dir
 from tests.test_llama import greedy_gap
 

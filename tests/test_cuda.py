@@ -6,9 +6,9 @@ import dataclasses
 import pytest
 import torch
 
-from kernels.merge import fold_
-from mta.multi_lora import generate_many, rows, set_slot, stack_many
-from mta.train_many import train_many
+from mta.ops.merge import fold_
+from mta.peft.multi_lora import generate_many, rows, set_slot, stack_many
+from mta.training.train_many import train_many
 from tests.test_kernels import fold_bound, within
 from tests.test_rowlora import STACK, TOL, VOCAB, tiny, users
 from tests.test_train_many import SEEDS, setup

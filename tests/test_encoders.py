@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-import mta.encoders as encoders
-from mta.encoders import (
+import mta.models.encoders as encoders
+from mta.models.encoders import (
     Encoder,
     EncoderSpec,
     checked_weights,
@@ -17,9 +17,9 @@ from mta.encoders import (
     user_item_embedding,
     user_item_embeddings,
 )
-from mta.encoders.bert import BertConfig, BertModel
-from mta.encoders.deberta import DebertaV2Config, DebertaV2Model, DebertaV2Tokenizer, log_bucket_position
-from mta.state_dict import StateDictError
+from mta.models.encoders.bert import BertConfig, BertModel
+from mta.models.encoders.deberta import DebertaV2Config, DebertaV2Model, DebertaV2Tokenizer, log_bucket_position
+from mta.models.state_dict import StateDictError
 
 transformers = pytest.importorskip("transformers")
 spm = pytest.importorskip("sentencepiece")

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from mta import pipeline
-from mta.cli import main
 from mta.errors import InputError
+from mta.run import pipeline
+from mta.run.cli import main
 from tests.conftest import N_USERS, RESULTS_JSON
 from tests.fixtures import make_profile
 
@@ -73,8 +73,8 @@ def test_every_choice_field_is_checked_when_the_profile_is_built(tiny_run, assig
 
 
 def test_set_takes_python_and_json_spellings_of_booleans_and_none():
-    from mta.cli import override
     from mta.profiles import PROFILES
+    from mta.run.cli import override
 
     cpu = PROFILES["cpu"]
     for text, value in (("True", True), ("true", True), ("false", False), ("None", None), ("null", None)):
@@ -84,7 +84,7 @@ def test_set_takes_python_and_json_spellings_of_booleans_and_none():
 
 
 def test_set_values_never_leave_the_runs_folder(tiny_run, tmp_path):
-    from mta import cli
+    from mta.run import cli
 
     _, argv, _ = tiny_run
     runs = tmp_path / "runs"
@@ -150,7 +150,7 @@ def test_duplicate_and_overlapping_ids_fail_before_any_work(tiny_run, tiny_run_i
 
 
 def test_a_programming_error_in_stage3_raises_with_its_traceback(tiny_run, tmp_path, monkeypatch):
-    from mta import stages
+    from mta.stages import core as stages
 
     _, argv, _ = tiny_run
     monkeypatch.setattr(stages, "fused_anchors", lambda *a, **k: {}["no such key"])
@@ -159,7 +159,7 @@ def test_a_programming_error_in_stage3_raises_with_its_traceback(tiny_run, tmp_p
 
 
 def test_an_input_error_in_stage3_is_that_units_failure(tiny_run, tmp_path, monkeypatch):
-    from mta import stages
+    from mta.stages import core as stages
 
     def bad_input(*a, **k):
         raise InputError("anchor file says no")
@@ -221,7 +221,7 @@ def test_a_run_killed_at_every_stage_resumes_to_the_same_results(tiny_run, tiny_
 def test_a_second_command_on_a_busy_run_directory_fails_before_touching_it(tiny_run, tmp_path):
     """Two drivers on one run directory: the second stops at once, naming the holder, and leaves the
     first's temporaries alone (which its start-up would otherwise delete as stale)."""
-    from mta.rundir import RunDir
+    from mta.run.rundir import RunDir
 
     _, argv, _ = tiny_run
     argv = with_runs(argv, tmp_path / "runs")

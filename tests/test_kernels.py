@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from kernels.merge import MODES, bf16_factors, check_weights, combine_factors, fold_, uses_workspace
+from mta.ops.merge import MODES, bf16_factors, check_weights, combine_factors, fold_, uses_workspace
 
 FP32_UNIT = 2.0 ** -24  # unit roundoff of fp32 accumulation
 BF16_SPLIT = 2.0 ** -14  # |B'A' - BA| <= (3 + small) 2^-16 |B||A| for `bf16_factors` (hi/lo splits, B_lo A_lo dropped)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from mta.kmeans import _update_centers, kmeans, kmeans_plusplus
+from mta.stages.kmeans import _update_centers, kmeans, kmeans_plusplus
 
 sklearn_cluster = pytest.importorskip("sklearn.cluster")
 sklearn_datasets = pytest.importorskip("sklearn.datasets")

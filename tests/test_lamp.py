@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from mta import lamp
-from mta.lamp import LampDataError, Query
+from mta.data import lamp
+from mta.data.lamp import LampDataError, Query
 
 TAGS = ("[sci-fi, based on a book, comedy, action, twist ending, dystopia, dark comedy, classic, psychology, "
         "fantasy, romance, thought-provoking, social commentary, violence, true story]")

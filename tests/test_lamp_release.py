@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from mta import lamp, lamp_release
-from mta.lamp import CANDIDATES_FILE, MOVIE_TAGS, TEST_FILE, LampDataError
+from mta.data import lamp, lamp_release
+from mta.data.lamp import CANDIDATES_FILE, MOVIE_TAGS, TEST_FILE, LampDataError
 
 TASKS = list(
     lamp.TASKS

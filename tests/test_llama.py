@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mta.llama import KVCache, LlamaConfig, LlamaForCausalLM, sample_next_token
+from mta.models.llama import KVCache, LlamaConfig, LlamaForCausalLM, sample_next_token
 
 transformers = pytest.importorskip("transformers")
 
@@ -257,7 +257,7 @@ def test_training_forward_backward_with_right_padding():
 def test_attention_under_cpu_bf16_autocast_runs_in_fp32():
     """Under CPU bf16 autocast, attention itself runs in fp32 (faster there, and exact): the same as SDPA on
     the fp32 inputs, not as autocast's bf16 SDPA."""
-    from mta.llama import attention
+    from mta.models.llama import attention
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, h, 7, 16, generator=g) for h in (4, 2, 2))

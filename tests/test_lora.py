@@ -5,9 +5,9 @@ import os
 import pytest
 import torch
 
-from mta.adapter import Adapter, get_adapter, load_adapter, save_adapter, set_adapter
-from mta.fusion import BaseWeights, fold_adapters, merged_factors, stack_lora
-from mta.lora import (
+from mta.peft.adapter import Adapter, get_adapter, load_adapter, save_adapter, set_adapter
+from mta.peft.fusion import BaseWeights, fold_adapters, merged_factors, stack_lora
+from mta.peft.lora import (
     LLAMA_TARGETS,
     LoRAConfig,
     LoRALinear,
@@ -278,7 +278,7 @@ def test_bad_inputs(tmp_path):
 
 
 def test_injection_into_mta_llama():
-    llama = pytest.importorskip("mta.llama")
+    llama = pytest.importorskip("mta.models.llama")
     hf = tiny_llama()
     cfg = llama.LlamaConfig.from_hf_config(hf.config.to_dict())
     ours = llama.LlamaForCausalLM(cfg).eval()

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from mta.metrics import (
+from mta.eval.metrics import (
     betainc,
     bootstrap_ci,
     classification_scores,

@@ -4,8 +4,8 @@ import string
 
 import pytest
 
-from mta import paper_prompts
-from mta.lamp import get_task
+from mta.data import paper_prompts
+from mta.data.lamp import get_task
 
 
 def render(task, items, fields):
@@ -114,7 +114,7 @@ def test_every_task_has_a_template():
 def test_the_pipeline_renders_appendix_e_with_prompt_style_paper(task):
     """What stage 3 sends with `prompt_style=paper`: Appendix E over the retrieved item, string for string,
     and the instruction alone for the prompt without history."""
-    from mta.lamp import Query, instruction_only, query_prompt
+    from mta.data.lamp import Query, instruction_only, query_prompt
 
     history, fields = CASES[task]
     query = Query("q", get_task(task).question.format(**fields), "gold")

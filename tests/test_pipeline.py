@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from mta import pipeline
-from mta.cli import main
 from mta.methods import ALL, DEFAULT
 from mta.precision import bf16_supported
-from mta.stages import fusion_weights
+from mta.run import pipeline
+from mta.run.cli import main
+from mta.stages.core import fusion_weights
 from tests.conftest import N_USERS, RESULTS_JSON, RESULTS_MD
 
 
@@ -180,7 +180,7 @@ def test_fusion_weights():
 
 def test_fused_anchors_top_controls_and_fixed_alpha():
     from mta.profiles import CPU
-    from mta.stages import fused_anchors
+    from mta.stages.core import fused_anchors
 
     match = {"similarities": {"a": 0.9, "b": 0.6, "c": 0.3, "d": 0.1}, "seconds": 0.0}
     assert fused_anchors(match, CPU) == (["a", "b"], pytest.approx([0.6, 0.4]))
@@ -194,7 +194,8 @@ def test_fused_anchors_top_controls_and_fixed_alpha():
 
 
 def test_bank_data_selects_how_bank_examples_are_built(tiny_run, monkeypatch):
-    from mta import cli, stages
+    from mta.run import cli
+    from mta.stages import core as stages
 
     _, argv, _ = tiny_run
     seen, real = [], stages.training_pairs
@@ -208,7 +209,7 @@ def test_bank_data_selects_how_bank_examples_are_built(tiny_run, monkeypatch):
 
 
 def test_methods_all_runs_the_controls_beside_every_method(tiny_run):
-    from mta import cli
+    from mta.run import cli
 
     _, argv, _ = tiny_run
     assert cli.run_from_args(cli.parser("test").parse_args(argv + ["--methods", "all"])).methods == ALL
@@ -218,7 +219,7 @@ def test_methods_all_runs_the_controls_beside_every_method(tiny_run):
 def test_mta_is_eq7_on_the_top_k_anchors_of_the_most_active_users(tiny_run, tiny_run_inputs):
     """Fails if an anchor is not its cluster's most active eligible user (Eq. 3), if MTA fuses other than
     the top-K anchors with Eq. 6's weights, or if it skips the stacked LoRA or trains it with OPPU's recipe."""
-    from mta.lamp import load_candidates
+    from mta.data.lamp import load_candidates
     from mta.profiles import resolve_profile
 
     run_dir, argv, result = tiny_run
@@ -246,7 +247,7 @@ def test_mta_is_eq7_on_the_top_k_anchors_of_the_most_active_users(tiny_run, tiny
 
 
 def test_several_seeds_give_a_summary_across_them(tiny_run):
-    from mta.pipeline import reproduce_seeds
+    from mta.run.pipeline import reproduce_seeds
 
     run_dir, argv, result = tiny_run
     summary = main("test", pipeline.reproduce, argv + ["--seed", "0 1", "--methods", "rag1,merged_only,mta"],

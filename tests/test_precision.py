@@ -3,9 +3,9 @@ nothing but the copies."""
 import torch
 from torch import nn
 
-from mta import llama
-from mta.llama import LlamaConfig, LlamaForCausalLM
-from mta.lora import LoRAConfig, inject_lora, lora_layers
+from mta.models import llama
+from mta.models.llama import LlamaConfig, LlamaForCausalLM
+from mta.peft.lora import LoRAConfig, inject_lora, lora_layers
 from mta.precision import bf16_weights
 
 

@@ -16,17 +16,18 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from kernels import quant
-from kernels.quant import QuantLinear, kernel_for
-from kernels.rowlora import RowLoRALinear
-from mta import checkpoint, pipeline
-from mta.adapter import Adapter
-from mta.checkpoint import load_llm, load_model, read_gguf
-from mta.cli import main
-from mta.fusion import BaseWeights, fold_adapters
-from mta.gguf import GGML_TYPES, GGUFFile, dequantize
-from mta.lora import LoRAConfig, LoRALinear, inject_lora, merge_lora
+from mta.models import checkpoint
+from mta.models.checkpoint import load_llm, load_model, read_gguf
+from mta.models.gguf import GGML_TYPES, GGUFFile, dequantize
+from mta.ops import quant
+from mta.ops.quant import QuantLinear, kernel_for
+from mta.ops.rowlora import RowLoRALinear
+from mta.peft.adapter import Adapter
+from mta.peft.fusion import BaseWeights, fold_adapters
+from mta.peft.lora import LoRAConfig, LoRALinear, inject_lora, merge_lora
 from mta.profiles import BASE_QUANTS, PROFILES
+from mta.run import pipeline
+from mta.run.cli import main
 from tests.fixtures import SMOLLM_FILE, make_llm, make_profile, smollm_dir
 
 FP32_BOUND, BF16_BOUND = 1e-5, 2.0**-6
@@ -170,7 +171,7 @@ def test_folding_into_a_quantised_base_is_refused_naming_the_module(tmp_path):
     layers = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
     adapter = Adapter(config, {n: m.lora_A.weight.detach() for n, m in layers.items()},
                       {n: m.lora_B.weight.detach() for n, m in layers.items()})
-    from mta.lora import unload_lora
+    from mta.peft.lora import unload_lora
     unload_lora(model)
     base = BaseWeights(model, targets="all")
     assert base.weights == {}  # quantised layers get no pristine copy: they are never folded into

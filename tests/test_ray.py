@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from mta import pipeline
-from mta.cli import main
-from mta.executor import CRASH_ENV
+from mta.run import pipeline
+from mta.run.cli import main
+from mta.run.executor import CRASH_ENV
 from tests.conftest import N_USERS, RESULTS_JSON
 from tests.test_integrity import ROOT, comparable, reproduce_cmd, run_dir_of, with_runs
 

@@ -1,5 +1,5 @@
 """The cross-check of two runs (tools/compare_runs.py) on hand-made results."""
-from mta.report import build_results, cross_check
+from mta.eval.report import build_results, cross_check
 
 
 def _results(outputs: dict[str, list[str]]) -> dict:

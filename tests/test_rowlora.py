@@ -5,12 +5,12 @@ import copy
 import pytest
 import torch
 
-from kernels.rowlora import RowLoRALinear, row_lora
-from mta.adapter import Adapter, get_adapter, set_adapter
-from mta.fusion import stack_lora
-from mta.llama import LlamaConfig, LlamaForCausalLM
-from mta.lora import LLAMA_TARGETS, LoRAConfig, find_targets, inject_lora, lora_layers
-from mta.multi_lora import (
+from mta.models.llama import LlamaConfig, LlamaForCausalLM
+from mta.ops.rowlora import RowLoRALinear, row_lora
+from mta.peft.adapter import Adapter, get_adapter, set_adapter
+from mta.peft.fusion import stack_lora
+from mta.peft.lora import LLAMA_TARGETS, LoRAConfig, find_targets, inject_lora, lora_layers
+from mta.peft.multi_lora import (
     fresh_adapter,
     generate_many,
     get_row_adapter,
@@ -181,7 +181,7 @@ def test_fused_module_not_wrapped_is_an_error():
     fused, weights, _ = users(model)
     many = copy.deepcopy(model)
     inject_row_lora(many, 3, STACK)  # no fused targets
-    from mta.multi_lora import set_fused
+    from mta.peft.multi_lora import set_fused
     with pytest.raises(ValueError, match="is not a RowLoRALinear"):
         set_fused(many, fused, weights, "param")
     with pytest.raises(ValueError, match="3 slots but 2"):
@@ -229,7 +229,7 @@ def test_batched_generation_equals_one_user_at_a_time():
 
 def test_fused_only_rows_equal_folded_merges():
     """Merged-only for many users: no stacked LoRA, each row's fused merge against fold_adapters."""
-    from mta.fusion import fold_adapters
+    from mta.peft.fusion import fold_adapters
 
     model = tiny()
     fused, weights, _ = users(model)
@@ -274,7 +274,7 @@ def test_inference_cache_follows_factor_changes():
         before = many(ids)
         set_slot(many, 1, stacked[1])  # in place: the cached banks must be rebuilt
         after = many(ids)
-        from mta.multi_lora import set_fused
+        from mta.peft.multi_lora import set_fused
         set_fused(many, [[], [], []], [[], [], []], "param")  # replaced buffers
         unfused = many(ids)
     torch.testing.assert_close(after[0], before[0])

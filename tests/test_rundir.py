@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-from mta.rundir import RunDir, id_folder, write_json
+from mta.files import write_json
+from mta.run.rundir import RunDir, id_folder
 
 IDS = [
     # typical, and what escapes or aliases a folder, hides a file or looks like our temp

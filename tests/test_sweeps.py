@@ -6,10 +6,10 @@ import shutil
 
 import pytest
 
-from mta import pipeline
-from mta.cli import main
-from mta.stages import Engine
-from mta.sweeps import llama3_8b_shapes, lora_parameters, run_sweep
+from mta.run import pipeline
+from mta.run.cli import main
+from mta.run.sweeps import llama3_8b_shapes, lora_parameters, run_sweep
+from mta.stages.core import Engine
 from tests.conftest import RESULTS_JSON
 
 POINTS = {"alpha": (None, 0.0, 1.0), "k": (1, 2), "rank": (2, 4), "bank": (2, 3), "adapt": ((3e-2, 1, 2), (1e-3, 1, 4))}
@@ -61,7 +61,7 @@ def fresh_run(tiny_run, tmp_path):
 def test_alpha_reaches_the_merge(fresh_run, monkeypatch):
     """Each fixed-alpha point folds alpha * anchor_1 + (1 - alpha) * anchor_2; alpha = 1 is anchor 1 alone,
     which is the K = 1 point."""
-    from mta import stages
+    from mta.stages import core as stages
 
     run_dir, argv, _ = fresh_run
     seen, fold, many = [], stages.fold_adapters, stages.Engine.personalize_many

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from mta import pipeline
-from mta.cli import main
 from mta.methods import DEFAULT
+from mta.run import pipeline
+from mta.run.cli import main
 from tests.fixtures import make_profile
 from tests.test_lamp_release import build_lamp
 

@@ -7,7 +7,7 @@ import torch
 from tokenizers import AddedToken, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
-from mta.tokenizer import LLAMA3_SPLIT, Tokenizer
+from mta.models.tokenizer import LLAMA3_SPLIT, Tokenizer
 from tests.fixtures import SMOLLM_FILE, smollm_dir
 
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
@@ -126,7 +126,7 @@ def test_from_dir_reads_tokenizer_json_and_config(tmp_path):
 
 def test_smollm2_ids_equal_transformers_tokenizer():
     transformers = pytest.importorskip("transformers")
-    from mta.gguf import GGUFFile
+    from mta.models.gguf import GGUFFile
 
     directory = smollm_dir()
     ours = Tokenizer.from_gguf_metadata(GGUFFile(directory / SMOLLM_FILE).metadata)

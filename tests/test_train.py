@@ -4,8 +4,8 @@ import copy
 import pytest
 import torch
 
-from mta.lora import LoRAConfig, inject_lora, lora_layers
-from mta.train import TrainConfig, lr_factor, make_batch, response_loss_sum, train
+from mta.peft.lora import LoRAConfig, inject_lora, lora_layers
+from mta.training.train import TrainConfig, lr_factor, make_batch, response_loss_sum, train
 
 transformers = pytest.importorskip("transformers")
 
@@ -61,7 +61,7 @@ def test_loss_is_on_response_tokens_only():
 
 
 def test_mta_llama_response_head_matches_full_logits():
-    llama = pytest.importorskip("mta.llama")
+    llama = pytest.importorskip("mta.models.llama")
     hf = tiny_llama().eval()
     ours = llama.LlamaForCausalLM(llama.LlamaConfig.from_hf_config(hf.config.to_dict())).eval()
     ours.load_state_dict(hf.state_dict(), strict=False)
@@ -149,7 +149,7 @@ def test_bad_input():
 
 
 def test_group_by_length_pads_less_and_stays_deterministic(monkeypatch):
-    import mta.train as train_module
+    import mta.training.train as train_module
 
     seen = []
     real = train_module.make_batch

@@ -6,13 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from mta.adapter import get_adapter, load_adapter, save_adapter
-from mta.fusion import stack_lora
-from mta.lora import LoRAConfig
-from mta.multi_lora import get_row_adapter, stack_many
+from mta.peft.adapter import get_adapter, load_adapter, save_adapter
+from mta.peft.fusion import stack_lora
+from mta.peft.lora import LoRAConfig
+from mta.peft.multi_lora import get_row_adapter, stack_many
 from mta.precision import bf16_supported
-from mta.train import TrainConfig, train
-from mta.train_many import train_many
+from mta.training.train import TrainConfig, train
+from mta.training.train_many import train_many
 from tests.test_rowlora import VOCAB, tiny, users
 
 STACK = LoRAConfig(r=2, alpha=4.0, target_modules=("q_proj", "v_proj", "down_proj"))

@@ -24,9 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mta.encoders import checked_weights, load_encoder
-from mta.encoders.deberta import DebertaV2Config, DebertaV2Model
-from mta.kmeans import kmeans
+from mta.models.encoders import checked_weights, load_encoder
+from mta.models.encoders.deberta import DebertaV2Config, DebertaV2Model
+from mta.stages.kmeans import kmeans
 
 
 def oracle(module: str):

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mta.checkpoint import load_llm
+from mta.models.checkpoint import load_llm
 
 PROMPTS = [
     "What is the capital of France?",
@@ -150,8 +150,8 @@ def weight_bytes(model) -> int:
 def bench_quant(args) -> None:
     """The quantised bases (q4, q8) beside our fp32 and transformers fp32: greedy decode at batch 1 and 8,
     one LoRA training step, bytes read per decoded token, peak RSS after each load."""
-    from mta.lora import LLAMA_TARGETS, LoRAConfig, inject_lora
-    from mta.train import TrainConfig, train
+    from mta.peft.lora import LLAMA_TARGETS, LoRAConfig, inject_lora
+    from mta.training.train import TrainConfig, train
 
     dtype = getattr(torch, args.quant_dtype)  # of our models' activations and float weights
     fp32, tok = load_llm(args.model)

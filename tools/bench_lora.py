@@ -25,11 +25,11 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mta.adapter import Adapter
-from mta.fusion import BaseWeights, fold_adapters
-from mta.llama import LlamaConfig, LlamaForCausalLM
-from mta.lora import LoRAConfig, find_targets, inject_lora
-from mta.train import TrainConfig, train
+from mta.models.llama import LlamaConfig, LlamaForCausalLM
+from mta.peft.adapter import Adapter
+from mta.peft.fusion import BaseWeights, fold_adapters
+from mta.peft.lora import LoRAConfig, find_targets, inject_lora
+from mta.training.train import TrainConfig, train
 
 SMOLLM2_135M = dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
                     num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5,
@@ -47,7 +47,7 @@ def reference(name: str):
 def smollm2() -> tuple[LlamaForCausalLM, dict]:
     """SmolLM2-135M from the package GGUF when mta.checkpoint can load it, else random weights of its shape."""
     try:
-        from mta.checkpoint import load_llm
+        from mta.models.checkpoint import load_llm
         model, _ = load_llm("smollm2-135m", dtype=torch.float32)
         print("SmolLM2-135M: real weights via mta.checkpoint.load_llm")
         return model, SMOLLM2_135M

@@ -42,14 +42,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mta.adapter import Adapter, set_adapter
-from mta.fusion import stack_lora
-from mta.llama import LlamaConfig, LlamaForCausalLM
-from mta.lora import LLAMA_TARGETS, LoRAConfig, find_targets, inject_lora
-from mta.multi_lora import generate_many, row_layers, rows, set_slot, stack_many
+from mta.models.llama import LlamaConfig, LlamaForCausalLM
+from mta.peft.adapter import Adapter, set_adapter
+from mta.peft.fusion import stack_lora
+from mta.peft.lora import LLAMA_TARGETS, LoRAConfig, find_targets, inject_lora
+from mta.peft.multi_lora import generate_many, row_layers, rows, set_slot, stack_many
 from mta.precision import bf16_supported
-from mta.train import TrainConfig, train
-from mta.train_many import train_many
+from mta.training.train import TrainConfig, train
+from mta.training.train_many import train_many
 
 
 def random_adapter(model, config, seed, std=0.05):
@@ -170,7 +170,7 @@ def peft_twin(model, many, users: int):
 
 
 def decode_against_peft(args) -> None:
-    from mta.checkpoint import load_llm
+    from mta.models.checkpoint import load_llm
 
     U, new = args.users, 32
     model, _ = load_llm(args.llm)
@@ -266,11 +266,12 @@ def stage3_way(run_dir: Path, users: int, engine: str, bf16: bool | None, execut
     local one by default), in a scratch directory that shares the run's artifacts: (seconds, the driver's
     peak RSS in MiB, (user, method) -> output). The run's recipes are its own; its group size and rows per
     pass are today's profile's of that name, so a run made under an older default is timed as today's."""
-    from mta.executor import Executor
+    from mta.files import read_json
     from mta.methods import DEFAULT
-    from mta.pipeline import Run, collect, stage3_run, stored_profile
     from mta.profiles import PROFILES
-    from mta.rundir import RunDir, read_json
+    from mta.run.executor import Executor
+    from mta.run.pipeline import Run, collect, stage3_run, stored_profile
+    from mta.run.rundir import RunDir
 
     config = read_json(run_dir / "config.json")
     profile = stored_profile(run_dir / "config.json")

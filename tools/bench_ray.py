@@ -22,9 +22,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_multi import stage3_in_fresh_process
 
-from mta.executor import Executor, Job, run_jobs
-from mta.pipeline import Run
 from mta.profiles import CPU
+from mta.run.executor import Executor, Job, run_jobs
+from mta.run.pipeline import Run
 
 
 def nothing(run, job, cache) -> None:

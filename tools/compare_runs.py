@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mta.eval.report import cross_check
+from mta.files import read_json
 from mta.methods import label
-from mta.report import cross_check
-from mta.rundir import read_json
 
 
 def main() -> None:

@@ -26,8 +26,8 @@ import argparse
 import os
 from pathlib import Path
 
-from mta.lamp import default_lamp_dir, get_task
-from mta.lamp_release import CITATION_SOURCES, DEFAULT_SPLITS, FetchError, convert, fetch
+from mta.data.lamp import default_lamp_dir, get_task
+from mta.data.lamp_release import CITATION_SOURCES, DEFAULT_SPLITS, FetchError, convert, fetch
 
 CONVERTIBLE = ["movie_tagging", "product_rating", "news_headline", "scholarly_title"]
 NO_CITATION = (

@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mta.llama import LlamaConfig, LlamaForCausalLM
-from mta.lora import LLAMA_TARGETS, LoRAConfig
-from mta.multi_lora import generate_many, get_row_adapter, stack_many, unload_row_lora
-from mta.train import TrainConfig
-from mta.train_many import train_many
+from mta.models.llama import LlamaConfig, LlamaForCausalLM
+from mta.peft.lora import LLAMA_TARGETS, LoRAConfig
+from mta.peft.multi_lora import generate_many, get_row_adapter, stack_many, unload_row_lora
+from mta.training.train import TrainConfig
+from mta.training.train_many import train_many
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {

@@ -4,8 +4,8 @@
 
 Every finished unit is kept in runs/<task>/<profile>-seed<k>/, so a rerun resumes. With several seeds,
 each runs in its own directory and runs/<task>/<profile>-seeds<a>-<b>-.../summary.md gathers them."""
-from mta.cli import main
-from mta.pipeline import reproduce, reproduce_seeds
+from mta.run.cli import main
+from mta.run.pipeline import reproduce, reproduce_seeds
 
 if __name__ == "__main__":
     main(__doc__, reproduce, across_seeds=reproduce_seeds)

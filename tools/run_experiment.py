@@ -2,8 +2,8 @@
 stacked rank-4 LoRA (Eq. 7) and generate; the same for every baseline; then results.json/.md.
 
 Each (user, method) result is written to <run>/users/<user>/<method>.json and skipped on rerun."""
-from mta.cli import main
-from mta.pipeline import run_and_report
+from mta.run.cli import main
+from mta.run.pipeline import run_and_report
 
 if __name__ == "__main__":
     main(__doc__, run_and_report)

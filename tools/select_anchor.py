@@ -2,8 +2,8 @@
 clusters and take the most active eligible user of each cluster as its anchor (Eq. 3).
 
 Writes <run>/stage1/user_vectors.npy and anchors.json."""
-from mta.cli import main
-from mta.pipeline import stage1_select
+from mta.run.cli import main
+from mta.run.pipeline import stage1_select
 
 if __name__ == "__main__":
     main(__doc__, stage1_select)

@@ -4,8 +4,8 @@
 
 Writes <run>/sweeps/<what>.json and .png (Figs. 3, 4, 5, 6 and 2; `adapt` chooses the CPU profile's
 adaptation recipe on dev users, its points written lr:epochs:batch)."""
-from mta.cli import main
-from mta.sweeps import SWEEPS, run_sweep
+from mta.run.cli import main
+from mta.run.sweeps import SWEEPS, run_sweep
 
 
 def add_args(ap):

@@ -1,0 +1,152 @@
+"""Per-Pcs (Tan, Liu and Jiang 2024): sharer LoRAs cut into pieces, gates that score them, and the
+training-free assembly of a target user's LoRA, as the released code runs them (README, "Per-Pcs and PROPER").
+
+A piece is one sharer's (A, B) of one (layer, module). Each sharer LoRA gets one gate vector g per module,
+trained with the LoRA frozen while the LoRA's input is rescaled per token by sigmoid(x · g). For a target
+user, every module scores each sharer's gate on the user's own history (no gradients):
+
+    score_j = mean over the batch of [ mean over response positions t of LN(x_t) · LN(g_j) / √d ]
+    w = softmax(score_topk / τ),  A = Σ_j w_j A_j,  B = Σ_j w_j B_j        (top k sharers)
+
+module by module inside one forward, so deeper layers see the pieces already chosen, and the final
+factors are the uniform average over batches. LN is layer norm without affine parameters.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mta.peft.adapter import Adapter
+from mta.peft.lora import LoRALinear, lora_layers
+from mta.training.train import Example, make_batch
+
+
+class GatedLoRALinear(nn.Module):
+    """A frozen base and a frozen sharer LoRA whose input is rescaled per token: y = W x + s·B A (x sigmoid(x·g))."""
+
+    is_wrapper = True
+
+    def __init__(self, lora: LoRALinear):
+        super().__init__()
+        self.base, self.lora_A, self.lora_B, self.scaling = lora.base, lora.lora_A, lora.lora_B, lora.scaling
+        self.lora_A.requires_grad_(False)
+        self.lora_B.requires_grad_(False)
+        self.gate = nn.Parameter(torch.zeros(lora.base.in_features, dtype=lora.lora_A.weight.dtype,
+                                             device=lora.lora_A.weight.device))  # (in,), zero: sigmoid = 1/2 everywhere
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base(x)  # (..., out)
+        x = x.to(self.gate.dtype)
+        rescaled = x * torch.sigmoid(x @ self.gate)[..., None]  # (..., in): one factor per token
+        return (y + self.lora_B(self.lora_A(rescaled)) * self.scaling).to(y.dtype)
+
+
+def inject_gates(model: nn.Module) -> dict[str, GatedLoRALinear]:
+    """Wrap every LoRALinear of `model` in a GatedLoRALinear: only the gates train."""
+    model.requires_grad_(False)
+    gated = {}
+    for name, layer in lora_layers(model).items():
+        parent, _, child = name.rpartition(".")
+        gated[name] = GatedLoRALinear(layer)
+        setattr(model.get_submodule(parent), child, gated[name])
+    return gated
+
+
+def gate_scores(x: Tensor, positions: Tensor, gates: Tensor) -> Tensor:
+    """x (B, T, d) a module's input, positions (B, T) bool (the response tokens), gates (S, d) -> scores (S,)."""
+    d = x.shape[-1]
+    xn = F.layer_norm(x.float(), (d,))  # (B, T, d)
+    gn = F.layer_norm(gates.float(), (d,))  # (S, d)
+    per_token = xn @ gn.T / math.sqrt(d)  # (B, T, S)
+    w = positions.float()[..., None]  # (B, T, 1)
+    per_row = (per_token * w).sum(1) / w.sum(1).clamp(min=1)  # (B, S): mean over each row's response positions
+    return per_row.mean(0)  # (S,)
+
+
+def assemble(scores: Tensor, A: Tensor, B: Tensor, k: int, tau: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """scores (S,), A (S, r, in), B (S, out, r) -> (top-k indices (k,), weights (k,), A (r, in), B (out, r)):
+    w = softmax(s_topk / τ), A = Σ w_j A_j and B = Σ w_j B_j (the factors are averaged separately)."""
+    top = torch.topk(scores, k)
+    w = torch.softmax(top.values / tau, dim=0)  # (k,)
+    return top.indices, w, torch.einsum("k,kri->ri", w, A[top.indices]), torch.einsum("k,kor->or", w, B[top.indices])
+
+
+class PieceAssembly(nn.Module):
+    """One module during assembly: picks its pieces from its own input, then computes W x + s·B A x with them."""
+
+    is_wrapper = True
+
+    def __init__(self, base: nn.Linear, A: Tensor, B: Tensor, gates: Tensor, scaling: float, k: int, tau: float):
+        super().__init__()
+        self.base, self.A, self.B, self.gates = base, A, B, gates  # (S, r, in), (S, out, r), (S, in)
+        self.scaling, self.k, self.tau = scaling, k, tau
+        self.positions: Tensor | None = None  # (B, T) response positions of the current batch
+        self.chosen: list[tuple[list[int], list[float]]] = []  # per batch: sharer indices and weights
+        self.factors: list[tuple[Tensor, Tensor]] = []  # per batch: the assembled (A, B)
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast(x.device.type, enabled=False):  # the pieces are chosen and averaged in fp32 always
+            idx, w, A, B = assemble(gate_scores(x, self.positions, self.gates), self.A, self.B, self.k, self.tau)
+        self.chosen.append((idx.tolist(), w.tolist()))
+        self.factors.append((A, B))
+        y = self.base(x)
+        return (y + (x.to(A.dtype) @ A.T) @ B.T * self.scaling).to(y.dtype)
+
+
+def response_positions(predicts_response: Tensor) -> Tensor:
+    """make_batch's mask of positions *predicting* a response token -> the positions of the response tokens."""
+    out = torch.zeros_like(predicts_response)
+    out[:, 1:] = predicts_response[:, :-1]
+    return out
+
+
+@torch.no_grad()
+def assemble_for_user(model: nn.Module, sharers: Sequence[Adapter], gates: Sequence[dict[str, Tensor]],
+                      examples: Sequence[Example], k: int, tau: float, batch_size: int, pad_id: int = 0,
+                      seed: int = 0) -> tuple[Adapter, dict]:
+    """The target user's LoRA from the sharers' pieces, over its (shuffled) training-format examples in
+    batches of `batch_size`, one epoch. Returns (the assembled adapter, module -> per batch the chosen
+    sharer indices and weights: all that Per-Pcs keeps per user)."""
+    if not sharers or len(sharers) != len(gates):
+        raise ValueError(f"assemble_for_user: {len(sharers)} sharers and {len(gates)} gate sets")
+    if any(isinstance(m, LoRALinear) or getattr(m, "is_wrapper", False) for m in model.modules()):
+        raise ValueError("assemble_for_user: the model already has LoRA layers")
+    config = sharers[0].config
+    k = min(k, len(sharers))
+    modules = {}
+    for name in sharers[0].A:
+        parent, _, child = name.rpartition(".")
+        base = model.get_submodule(name)
+        kw = dict(dtype=torch.float32, device=base.weight.device)
+        modules[name] = PieceAssembly(base, torch.stack([s.A[name].to(**kw) for s in sharers]),
+                                      torch.stack([s.B[name].to(**kw) for s in sharers]),
+                                      torch.stack([g[name].to(**kw) for g in gates]), config.scaling, k, tau)
+        setattr(model.get_submodule(parent), child, modules[name])
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+        for i in range(0, len(order), batch_size):
+            ids, predicts, _ = make_batch([examples[j] for j in order[i: i + batch_size]], None, pad_id)
+            for m in modules.values():
+                m.positions = response_positions(predicts).to(device)
+            (model.hidden_states if hasattr(model, "hidden_states") else model)(ids.to(device))
+    finally:
+        for name, m in modules.items():
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, m.base)
+        model.train(was_training)
+    A = {n: torch.stack([a for a, _ in m.factors]).mean(0) for n, m in modules.items()}  # uniform over batches
+    B = {n: torch.stack([b for _, b in m.factors]).mean(0) for n, m in modules.items()}
+    pieces = {n: [{"sharers": idx, "weights": w} for idx, w in m.chosen] for n, m in modules.items()}
+    return Adapter(config, A, B, source="<Per-Pcs assembly>"), pieces
+
+
+def gate_vectors(model: nn.Module) -> dict[str, Tensor]:
+    """module path -> its trained gate (in,), detached."""
+    return {n: m.gate.detach().clone() for n, m in model.named_modules() if isinstance(m, GatedLoRALinear)}

@@ -1,0 +1,497 @@
+"""LaMP tasks as the MTA paper's code uses them: data layout, prompts, output parsers.
+
+Layout (the processed one the paper's scripts read, see tools/download_lamp.py):
+    <lamp_dir>/<task>/user_anchor_candidate.json   bank candidates: [{user_id, profile}]
+    <lamp_dir>/<task>/test_100/test_100.json       test users: [{user_id, profile, query}]
+
+Every prompt is
+    ### User History:\n{retrieved history item(s)}{gap}### User Instruction:\n{instruction}
+as the authors' scripts build it (zyj1214566/MTA), one script per use:
+- bank training (`training_pairs(..., bank=True)`, prepare_meta_lora.py): BM25 over the other
+  items rendered as history, queried with the task's `bank_query`; gap "\n\n\n" for every task;
+  profile fields cut to their first 368 words, as select_anchor.py stores the anchors.
+- adaptation training (`training_pairs`, data/<task>/create_training_data.py): BM25 over
+  `retrieval_doc` of the other items, queried with the item's input (LaMP-1: the first other
+  item, no retrieval); gap `train_gap`.
+- test queries (`query_prompt`, data/<task>/create_eval_data.py): BM25 over `retrieval_doc` of
+  the whole profile, queried with `query_retrieval`; instruction `query_instruction`; gap `query_gap`.
+Retrieval is a plain callable, `mta.bm25.top_k` by default.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mta.data import paper_prompts
+from mta.data.bm25 import top_k as bm25_top_k
+from mta.errors import InputError
+from mta.files import read_json
+
+# retrieve(query, docs, k) -> indices of the k best docs, best first (default: mta.bm25.top_k).
+Retriever = Callable[[str, Sequence[str], int], list[int]]
+
+MOVIE_TAGS = (
+    "sci-fi", "based on a book", "comedy", "action", "twist ending", "dystopia", "dark comedy",
+    "classic", "psychology", "fantasy", "romance", "thought-provoking", "social commentary",
+    "violence", "true story",
+)
+CITATION_LABELS = ("[1]", "[2]")
+RATING_LABELS = ("1", "2", "3", "4", "5")
+
+HISTORY_HEADER = "### User History:\n"
+INSTRUCTION_HEADER = "### User Instruction:\n"
+# Between history and instruction: prompt_template.json's history item ends in "\n" and
+# prepare_meta_lora.py appends "\n\n"; the per-task scripts write "\n\n\n" or "\n\n" (TaskSpec gaps).
+LONG_GAP = "\n\n\n"
+SHORT_GAP = "\n\n"
+# Between retrieved items when k > 1 (the RAG baseline). Our choice: the authors' code has no
+# k > 1 query prompt but movie_tagging's create_eval_data.py (k_history), which joins with "\n".
+RAG_SEPARATOR = "\n\n"
+BANK_MAX_WORDS = 368  # select_anchor.py: get_first_k_tokens(value, 368) on every anchor item field
+
+CANDIDATES_FILE = "user_anchor_candidate.json"
+TEST_FILE = os.path.join("test_100", "test_100.json")
+
+
+class LampDataError(InputError):
+    """Bad LaMP input; the message names the file, the user and the field."""
+
+
+# ----------------------------------------------------------------------------- parsers
+
+
+def parse_citation(output: str) -> str | None:
+    """'[1]' or '[2]': the first bracketed choice, else a bare leading 1/2."""
+    m = re.search(r"\[\s*([12])\s*\]", output)
+    if m is None:
+        m = re.match(r"\s*([12])(?!\d|\.\d)", output)
+    return f"[{m.group(1)}]" if m else None
+
+
+def parse_movie_tag(output: str) -> str | None:
+    """The tag that occurs first in the output (case-insensitive, whole words);
+    at the same position the longer tag wins ('dark comedy' over 'comedy')."""
+    text = output.lower()
+    best = None  # (start, -len, tag)
+    for tag in MOVIE_TAGS:
+        m = re.search(r"(?<![\w-])" + re.escape(tag) + r"(?![\w-])", text)
+        if m and (best is None or (m.start(), -len(tag)) < best[:2]):
+            best = (m.start(), -len(tag), tag)
+    return best[2] if best else None
+
+
+def parse_rating(output: str) -> str | None:
+    """The first standalone digit 1-5 ('4', 'Score: 4', '4/5'); '4.5' and '10' do not count."""
+    m = re.search(r"(?<![\d.])([1-5])(?![\d]|\.\d)", output)
+    return m.group(1) if m else None
+
+
+def parse_first_line(output: str) -> str:
+    """First non-empty line, stripped ('' if there is none)."""
+    for line in output.splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+def parse_title(output: str) -> str:
+    """First non-empty line up to its first '.', stripped (evaluate_scholarly_title.py)."""
+    return parse_first_line(output).split(".")[0].strip()
+
+
+# ----------------------------------------------------------------------------- task specs
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Everything task-specific, in one place.
+
+    input_field/label_field: the profile item's fields (the label is the training target).
+    question: the official LaMP question wording (what test_100.json `input` holds);
+        `question_marker` is the text right before the item's input in it.
+    instruction: the authors' instruction template for training, filled with the item's fields.
+    history: how one history item is rendered inside "### User History".
+    retrieval_doc: what BM25 indexes for a history item (the per-task scripts).
+    bank_query: the BM25 query of a bank example (prompt_template.json `retrieval_query_wokey`);
+        the bank indexes history items as rendered.
+    query_retrieval / query_instruction: a test query's BM25 query and instruction, filled with the
+        fields of `query_fields` plus `question`; the instruction defaults to `instruction`.
+    train_gap / query_gap: between history and instruction in adaptation / test prompts.
+    """
+
+    name: str
+    lamp_id: str
+    input_field: str
+    label_field: str
+    question: str
+    question_marker: str
+    instruction: str
+    history: str
+    retrieval_doc: str
+    bank_query: str
+    query_retrieval: str
+    train_gap: str
+    query_gap: str
+    parse: Callable[[str], str | None]
+    metric: str  # "classification" | "rating" | "generation"
+    metric_names: tuple[str, ...]
+    test_history_len: int  # Appendix B: test users have exactly this many history items
+    labels: tuple[str, ...] | None = None
+    query_instruction: str | None = None
+
+    @property
+    def profile_fields(self) -> tuple[str, str]:
+        return (self.input_field, self.label_field)
+
+    def render_history(self, item: dict) -> str:
+        return self.history.format(**_as_text(item))
+
+    def render_instruction(self, fields: dict) -> str:
+        return self.instruction.format(**_as_text(fields))
+
+    def render_query_instruction(self, fields: dict) -> str:
+        return (self.query_instruction or self.instruction).format(**_as_text(fields))
+
+    def query_fields(self, question: str) -> dict:
+        """Recover the item's input (and, for LaMP-1, the two options) from a LaMP question."""
+        if self.name == "citation":
+            m = re.search(r'title "(.*)", which reference is related\?.*\[1\]: "(.*)" \[2\]: "(.*)"',
+                          question, re.DOTALL)
+            if m is None:
+                raise LampDataError(f"not a LaMP-1 question (title and [1]/[2] options expected): {question[:80]!r}")
+            return {"title": m.group(1), "option1": m.group(2), "option2": m.group(3)}
+        pos = question.find(self.question_marker)
+        if pos < 0:
+            raise LampDataError(f"not a {self.lamp_id} question (no {self.question_marker!r}): {question[:80]!r}")
+        return {self.input_field: question[pos + len(self.question_marker):].strip()}
+
+
+MOVIE_TAG_LIST = "[" + ", ".join(MOVIE_TAGS) + "]"
+
+TASKS: dict[str, TaskSpec] = {
+    spec.name: spec
+    for spec in (
+        TaskSpec(
+            name="citation", lamp_id="LaMP-1", input_field="title", label_field="citation",
+            question='For an author who has written the paper with the title "{title}", which reference is '
+                     'related? Just answer with [1] or [2] without explanation. [1]: "{option1}" [2]: "{option2}"',
+            question_marker='written the paper with the title "',
+            instruction='For an author who has written the paper with the title "{title}", which reference is '
+                        'related? Just answer with [1] or [2] without explanation.\n'
+                        'Reference: [1] - {option1} [2] - {option2}\nAnswer:',
+            history="Paper Title: {title} Citation: {citation}",
+            retrieval_doc="{title}",
+            bank_query='For an author who has written the paper with the title "{title}", which reference is '
+                       'related? Just answer with [1] or [2] without explanation.',
+            query_retrieval="{title}", train_gap=SHORT_GAP, query_gap=SHORT_GAP,
+            parse=parse_citation, metric="classification", metric_names=("accuracy", "f1"),
+            test_history_len=50, labels=CITATION_LABELS,
+        ),
+        TaskSpec(
+            name="movie_tagging", lamp_id="LaMP-2", input_field="description", label_field="tag",
+            question="Which tag does this movie relate to among the following tags? Just answer with the tag "
+                     "name without further explanation. tags: " + MOVIE_TAG_LIST + " description: {description}",
+            question_marker="] description: ",
+            instruction="Which tag does this movie relate to among the following tags? Just answer with the tag "
+                        "name without further explanation. tags: " + MOVIE_TAG_LIST +
+                        "\nDescription: {description} Tag:",
+            history="Description: {description} Tag: {tag}",
+            retrieval_doc="{description} {tag}",
+            bank_query="Which tag does this movie relate to among the following tags? Just answer with the tag "
+                       "name without further explanation.\n Description: {description}",
+            query_retrieval="{question}", query_instruction="{question} Tag:",
+            train_gap=SHORT_GAP, query_gap=SHORT_GAP,
+            parse=parse_movie_tag, metric="classification", metric_names=("accuracy", "f1"),
+            test_history_len=10, labels=MOVIE_TAGS,
+        ),
+        TaskSpec(
+            name="product_rating", lamp_id="LaMP-3", input_field="text", label_field="score",
+            question="What is the score of the following review on a scale of 1 to 5? just answer with 1, 2, 3, "
+                     "4, or 5 without further explanation. review: {text}",
+            question_marker="without further explanation. review: ",
+            instruction="What is the score of the following review on a scale of 1 to 5? just answer with 1, 2, "
+                        "3, 4, or 5 without further explanation.\nReview: {text} Score:",
+            history="Review: {text} Score: {score}",
+            retrieval_doc="{text}",
+            bank_query="What is the score of the following review on a scale of 1 to 5? review: {text}",
+            query_retrieval="{question}", query_instruction="{question} Score:",
+            train_gap=SHORT_GAP, query_gap=LONG_GAP,
+            parse=parse_rating, metric="rating", metric_names=("mae", "rmse"),
+            test_history_len=100, labels=RATING_LABELS,
+        ),
+        TaskSpec(
+            name="news_headline", lamp_id="LaMP-4", input_field="text", label_field="title",
+            question="Generate a headline for the following article: {text}",
+            question_marker="Generate a headline for the following article: ",
+            instruction="Generate a headline for the following article.\nArticle: {text} Headline:",
+            history="Article: {text} Headline: {title}",
+            retrieval_doc="{title} {text}",
+            bank_query="Generate a headline for the following article: {text}",
+            query_retrieval="{text}", train_gap=LONG_GAP, query_gap=LONG_GAP,
+            parse=parse_first_line, metric="generation",
+            metric_names=("rouge-1", "rouge-L", "rouge-1_stem", "rouge-L_stem"),
+            test_history_len=10,
+        ),
+        TaskSpec(
+            name="scholarly_title", lamp_id="LaMP-5", input_field="abstract", label_field="title",
+            question="Generate a title for the following abstract of a paper: {abstract}",
+            question_marker="Generate a title for the following abstract of a paper: ",
+            instruction="Generate a title for the following abstract of a paper.\nAbstract: {abstract} Title:",
+            history="abstract: {abstract} title: {title}",
+            retrieval_doc="{abstract}",
+            bank_query="Generate a title for the following abstract of a paper: {abstract}",
+            query_retrieval="{abstract}", train_gap=LONG_GAP, query_gap=LONG_GAP,
+            parse=parse_title, metric="generation",
+            metric_names=("rouge-1", "rouge-L", "rouge-1_stem", "rouge-L_stem"),
+            test_history_len=50,
+        ),
+    )
+}
+ALIASES = {"lamp1": "citation", "lamp2": "movie_tagging", "lamp3": "product_rating",
+           "lamp4": "news_headline", "lamp5": "scholarly_title"}
+
+
+def get_task(name: str | TaskSpec) -> TaskSpec:
+    """Task by directory name ('news_headline') or alias ('lamp4', 'LaMP-4')."""
+    if isinstance(name, TaskSpec):
+        return name
+    key = ALIASES.get(name.lower().replace("-", "").replace("_", ""), name)
+    if key not in TASKS:
+        raise LampDataError(f"unknown LaMP task {name!r}; known: {', '.join(TASKS)} (aliases {', '.join(ALIASES)})")
+    return TASKS[key]
+
+
+def _as_text(fields: dict) -> dict:
+    return {k: v if isinstance(v, str) else str(v) for k, v in fields.items()}
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class Query:
+    id: str
+    input: str
+    gold: str
+
+
+@dataclass
+class User:
+    user_id: str
+    history: list[dict]  # LaMP's "profile": the user's past items
+    query: list[Query] = field(default_factory=list)
+
+
+def default_lamp_dir() -> Path:
+    """$LAMP_DIR, else ../shared/lamp next to the repository."""
+    env = os.environ.get("LAMP_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "lamp"
+
+
+def load_candidates(lamp_dir: str | os.PathLike, task: str, errors: dict[str, str] | None = None) -> list[User]:
+    """Bank candidates of `task` (profile only). See `load_test_users` for `errors`."""
+    spec = get_task(task)
+    return _load_users(Path(lamp_dir) / spec.name / CANDIDATES_FILE, spec, with_query=False, errors=errors)
+
+
+def load_test_users(lamp_dir: str | os.PathLike, task: str, errors: dict[str, str] | None = None) -> list[User]:
+    """Test users of `task`, each with a profile and queries with gold labels.
+
+    By default a bad user fails the whole file; with an `errors` dict, bad users are skipped and
+    recorded there as user id -> message, so a run can go on for the others."""
+    spec = get_task(task)
+    return _load_users(Path(lamp_dir) / spec.name / TEST_FILE, spec, with_query=True, errors=errors)
+
+
+def _load_users(path: Path, spec: TaskSpec, with_query: bool, errors: dict[str, str] | None = None) -> list[User]:
+    if not path.is_file():
+        raise LampDataError(f"{path}: file not found (set LAMP_DIR or run tools/download_lamp.py)")
+    rows = read_json(path)
+    if not isinstance(rows, list):
+        raise LampDataError(f"{path}: expected a JSON list of users")
+    seen: dict[str, int] = {}
+    for i, row in enumerate(rows):
+        uid = row.get("user_id") if isinstance(row, dict) else None
+        if uid not in (None, "") and seen.setdefault(str(uid), i) != i:
+            raise LampDataError(f"{path}: user id {str(uid)!r} appears twice (users #{seen[str(uid)]} and #{i})")
+    users = []
+    for i, row in enumerate(rows):
+        try:
+            users.append(validate_user(row, spec, with_query, source=f"{path}: user #{i}"))
+        except LampDataError as e:
+            if errors is None:
+                raise
+            uid = row.get("user_id") if isinstance(row, dict) else None
+            errors[str(uid if uid not in (None, "") else f"#{i}")] = str(e)
+    return users
+
+
+def validate_user(row: dict, spec: TaskSpec, with_query: bool, source: str = "<data>") -> User:
+    """A User from one JSON row, or LampDataError naming `source`, the user id and the field."""
+    if not isinstance(row, dict) or row.get("user_id") in (None, ""):
+        raise LampDataError(f"{source}: missing field 'user_id'")
+    where = f"{source}: user {row['user_id']!s}"
+    profile = row.get("profile")
+    if not isinstance(profile, list) or not profile:
+        raise LampDataError(f"{where}: missing or empty field 'profile'")
+    for j, item in enumerate(profile):
+        for f in spec.profile_fields:
+            if not isinstance(item, dict) or item.get(f) in (None, ""):
+                raise LampDataError(f"{where}: profile[{j}] missing field {f!r} ({spec.lamp_id} items need "
+                                    f"{' and '.join(map(repr, spec.profile_fields))})")
+    queries = []
+    if with_query:
+        raw = row.get("query")
+        if isinstance(raw, dict):
+            raw = [raw]
+        if not isinstance(raw, list) or not raw:
+            raise LampDataError(f"{where}: missing or empty field 'query'")
+        for j, q in enumerate(raw):
+            for f in ("id", "input", "gold"):
+                if not isinstance(q, dict) or q.get(f) in (None, ""):
+                    raise LampDataError(f"{where}: query[{j}] missing field {f!r}")
+            try:
+                spec.query_fields(q["input"])
+            except ValueError as e:
+                raise LampDataError(f"{where}: query[{j}] field 'input': {e}") from e
+            queries.append(Query(id=str(q["id"]), input=q["input"], gold=str(q["gold"])))
+    return User(user_id=str(row["user_id"]), history=profile, query=queries)
+
+
+def select_test_users(users: Sequence[dict], task: str, n_test: int = 100, seed: int = 0
+                      ) -> tuple[list[dict], list[dict]]:
+    """Appendix B split: `n_test` users drawn (seeded) among those with exactly the task's
+    history length become test users; every other user becomes a bank candidate.
+    Returns (candidates, test_users), disjoint, each in input order."""
+    spec = get_task(task)
+    eligible = [i for i, u in enumerate(users) if len(u["profile"]) == spec.test_history_len]
+    if len(eligible) < n_test:
+        raise LampDataError(f"{spec.name}: only {len(eligible)} users have exactly {spec.test_history_len} "
+                            f"history items, {n_test} test users requested")
+    chosen = set(random.Random(seed).sample(eligible, n_test))
+    test = [users[i] for i in sorted(chosen)]
+    candidates = [u for i, u in enumerate(users) if i not in chosen]
+    return candidates, test
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+PROMPT_STYLES = ("authors_code", "paper")
+
+
+def format_prompt(history: Sequence[str], instruction: str, gap: str = LONG_GAP) -> str:
+    """The paper code's prompt: history block, `gap`, instruction block."""
+    return f"{HISTORY_HEADER}{RAG_SEPARATOR.join(history)}{gap}{INSTRUCTION_HEADER}{instruction}"
+
+
+def render_prompt(spec: TaskSpec, history: Sequence[str], fields: dict, instruction: str, gap: str,
+                  style: str) -> str:
+    """One prompt in the authors' code format (`instruction` after `gap`), or as Appendix E prints it."""
+    if style == "paper":
+        return paper_prompts.render(spec.name, history, fields)
+    if style != "authors_code":
+        raise ValueError(f"prompt style must be one of {PROMPT_STYLES}; got {style!r}")
+    return format_prompt(history, instruction, gap)
+
+
+def retrieve_history(spec: TaskSpec, query_text: str, items: Sequence[dict], k: int,
+                     retrieve: Retriever = bm25_top_k) -> list[str]:
+    """Rendered top-k history items for `query_text` among `items`, BM25 over `retrieval_doc`."""
+    docs = [spec.retrieval_doc.format(**_as_text(it)) for it in items]
+    return [spec.render_history(items[i]) for i in retrieve(query_text, docs, min(k, len(items)))]
+
+
+def bank_history(spec: TaskSpec, fields: dict, items: Sequence[dict], k: int,
+                 retrieve: Retriever = bm25_top_k) -> list[str]:
+    """Top-k history items of a bank example: BM25 over the items as rendered, queried
+    with `bank_query` (prepare_meta_lora.py)."""
+    docs = [spec.render_history(it) for it in items]
+    return [docs[i] for i in retrieve(spec.bank_query.format(**_as_text(fields)), docs, min(k, len(items)))]
+
+
+def first_words(item: dict, n: int = BANK_MAX_WORDS) -> dict:
+    """`item` with every text field cut to its first `n` whitespace-separated words."""
+    return {key: " ".join(v.split()[:n]) if isinstance(v, str) else v for key, v in item.items()}
+
+
+def citation_options(item: dict, others: Sequence[dict], retrieve: Retriever, rng: random.Random
+                     ) -> tuple[dict, str] | None:
+    """(option1/option2 fields, target) of a LaMP-1 training example: the item's citation against
+    a hard negative, the citation of the BM25-closest other item by title, in a random order.
+    None when every other item has the same citation."""
+    target = item["citation"]
+    negatives = [p for p in others if p["citation"] != target]
+    if not negatives:
+        return None
+    neg = negatives[retrieve(item["title"], [p["title"] for p in negatives], 1)[0]]["citation"]
+    if rng.random() >= 0.5:
+        return {"option1": neg, "option2": target}, "[2]"
+    return {"option1": target, "option2": neg}, "[1]"
+
+
+def training_pairs(spec: TaskSpec | str, history: Sequence[dict], retrieve: Retriever = bm25_top_k,
+                   k: int = 1, seed: int = 0, bank: bool = False, style: str = "authors_code"
+                   ) -> list[tuple[str, str]]:
+    """(prompt, target) per profile item: the item's instruction, with history taken
+    leave-one-out from the user's other items, and the item's label as target.
+
+    bank=False: the adaptation data of data/<task>/create_training_data.py (LaMP-1 takes the
+    first other item as history, the others BM25 over `retrieval_doc`). bank=True: the
+    meta-LoRA bank data of prepare_meta_lora.py (see `bank_history`), on fields cut as
+    select_anchor.py stores them. LaMP-1 items are (paper title, a cited title) and become
+    a choice between two citations (`citation_options`, seeded); items without a usable
+    negative are skipped, so LaMP-1 may return fewer pairs than items.
+    """
+    spec = get_task(spec)
+    if len(history) < 2:
+        raise LampDataError(f"{spec.name}: leave-one-out training needs at least 2 profile items, got {len(history)}")
+    if bank:
+        history = [first_words(item) for item in history]
+    rng = random.Random(seed)
+    pairs = []
+    for i, item in enumerate(history):
+        others = [p for j, p in enumerate(history) if j != i]
+        fields = {spec.input_field: str(item[spec.input_field])}
+        target = str(item[spec.label_field])
+        if spec.name == "citation":
+            choice = citation_options(item, others, retrieve, rng)
+            if choice is None:
+                continue
+            fields.update(choice[0])
+            target = choice[1]
+        if bank:
+            shown, gap = bank_history(spec, fields, others, k, retrieve), LONG_GAP
+        elif spec.name == "citation":
+            shown, gap = [spec.render_history(p) for p in others[:k]], spec.train_gap
+        else:
+            shown, gap = retrieve_history(spec, fields[spec.input_field], others, k, retrieve), spec.train_gap
+        pairs.append((render_prompt(spec, shown, fields, spec.render_instruction(fields), gap, style), target))
+    return pairs
+
+
+def _query_fields(spec: TaskSpec, query: Query | str) -> dict:
+    """A test query's fields: its LaMP question (right-stripped) and what `query_fields` recovers."""
+    question = query.input if isinstance(query, Query) else query
+    return {"question": question.rstrip(), **spec.query_fields(question)}
+
+
+def query_prompt(spec: TaskSpec | str, history: Sequence[dict], query: Query | str,
+                 retrieve: Retriever = bm25_top_k, k: int = 1, style: str = "authors_code") -> str:
+    """Prompt for a test query (data/<task>/create_eval_data.py): its instruction with the top-k
+    BM25 items of the user's history. k=1 is the format of every trained method; k=1,3,5 are the RAG baseline."""
+    spec = get_task(spec)
+    fields = _query_fields(spec, query)
+    items = retrieve_history(spec, spec.query_retrieval.format(**fields), history, k, retrieve)
+    return render_prompt(spec, items, fields, spec.render_query_instruction(fields), spec.query_gap, style)
+
+
+def instruction_only(spec: TaskSpec | str, query: Query | str, style: str = "authors_code") -> str:
+    """The query's instruction without history (the no-personalization baseline)."""
+    spec = get_task(spec)
+    fields = _query_fields(spec, query)
+    return paper_prompts.instruction(spec.name, fields) if style == "paper" else spec.render_query_instruction(fields)

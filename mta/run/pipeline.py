@@ -1,0 +1,456 @@
+"""The stages run over a run directory: each unit is skipped when its artifact exists, so an
+interrupted run resumes where it stopped, and every unit is a function of (config, inputs)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from mta.data.lamp import LampDataError, TaskSpec, User, get_task, load_candidates, load_test_users
+from mta.eval import multiseed, report
+from mta.files import atomic_path, read_json, write_json, write_npy
+from mta.log import log
+from mta.methods import DEFAULT, get, units
+from mta.models.checkpoint import load_llm
+from mta.models.encoders import load_encoder
+from mta.peft.adapter import Adapter, load_adapter, save_adapter
+from mta.precision import resolve_bf16
+from mta.profiles import Profile, profile_from_dict
+from mta.run.executor import Executor, Job, run_jobs
+from mta.run.rundir import RunDir
+from mta.stages.core import (
+    Baselines,
+    Engine,
+    derive_seed,
+    match_anchors,
+    refuse_on_quantised_base,
+    run_group,
+    run_unit,
+    select_anchors,
+    summarize,
+    train_perpcs_gates,
+    train_proper_group,
+)
+
+
+@dataclass
+class Run:
+    """One reproduction: a task under a profile and a seed, in its own run directory."""
+
+    task: str
+    profile: Profile
+    lamp_dir: Path
+    runs: Path = Path("runs")
+    seed: int = 0
+    n_users: int | None = None  # None: every test user
+    methods: tuple[str, ...] = DEFAULT
+    progress: bool = True
+    run_dir: RunDir | None = None  # default: <runs>/<task>/<profile>-seed<seed>
+    executor: Executor = field(default_factory=Executor)  # where stage 1b's and stage 3's groups run (mta.executor)
+    load_errors: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        for m in self.methods:
+            get(m)
+        self.profile = self.profile.for_task(self.task_spec.name)  # the settings of this task (Table 4)
+        # bf16 = None: on where the device has it natively; config.json records the choice made here
+        self.profile = self.profile.replace(bf16=resolve_bf16(self.profile.bf16, self.profile.device))
+        refuse_on_quantised_base(self.profile, [get(m) for m in self.methods])
+
+    @property
+    def task_spec(self) -> TaskSpec:
+        return get_task(self.task)
+
+    @property
+    def dir(self) -> RunDir:
+        return self.run_dir or RunDir.create(self.runs, self.task_spec.name, self.profile.name, self.seed)
+
+    @cached_property
+    def candidates(self) -> list[User]:
+        return load_candidates(self.lamp_dir, self.task_spec.name)
+
+    @cached_property
+    def all_test_users(self) -> list[User]:
+        users = load_test_users(self.lamp_dir, self.task_spec.name, errors=self.load_errors)
+        for uid, err in self.load_errors.items():
+            log(f"skipping test user {uid}: {err}")
+        return users
+
+    @cached_property
+    def test_users(self) -> list[User]:
+        return self.all_test_users[: self.n_users] if self.n_users else self.all_test_users
+
+    @property
+    def subset(self) -> int | None:
+        """N when the run covers only the first N of the test users (its report gets its own file)."""
+        return self.n_users if self.n_users and self.n_users < len(self.all_test_users) else None
+
+    @cached_property
+    def engine(self) -> Engine:
+        p = self.profile
+        log(f"loading {p.llm} ({p.dtype}, {p.device})")
+        model, tok = load_llm(p.llm, dtype=p.torch_dtype, device=p.device, quant=p.base_quant)
+        if not p.chat_template:
+            tok.chat_format = "plain"
+        return Engine(p, self.task_spec, model, tok)
+
+    def check_inputs(self) -> None:
+        """Read and check the data before anything is written: a missing or malformed file, a user id twice
+        in one file, or a test user who is also a bank candidate fails here, naming the file and the id."""
+        candidates = {u.user_id for u in self.candidates}
+        overlap = sorted(u.user_id for u in self.test_users if u.user_id in candidates)
+        overlap += sorted(uid for uid in self.load_errors if uid in candidates)
+        if overlap:
+            raise LampDataError(f"{self.lamp_dir / self.task_spec.name}: test user {overlap[0]!r} is also a bank "
+                                f"candidate ({len(overlap)} such users); bank and test users must be disjoint")
+
+    def write_config(self) -> None:
+        """Record the settings that key this directory (which users and methods ran is in results.json),
+        refusing a directory made with others, and clear what a killed run left under temporary names."""
+        config = {"task": self.task_spec.name, "seed": self.seed, "lamp_dir": str(self.lamp_dir),
+                  "profile": json.loads(json.dumps(dataclasses.asdict(self.profile)))}
+        if self.dir.config.exists():
+            # notes change no result
+            old = stored_profile(self.dir.config)
+            if old.replace(notes=()) != self.profile.replace(notes=()):
+                raise ValueError(f"{self.dir.config}: this run directory was made with another profile; "
+                                 f"use another --runs folder or delete it")
+        write_json(self.dir.config, config)
+        self.dir.remove_stale_temporaries()
+
+
+def stored_profile(config: Path) -> Profile:
+    """The profile a run directory's config.json records (a field added since takes its default)."""
+    return profile_from_dict({**read_json(config)["profile"], "base": "cpu"}, str(config))
+
+
+def stage1_select(run: Run) -> dict:
+    path = run.dir.anchors
+    if path.exists():
+        return read_json(path)
+    p = run.profile
+    log(f"stage 1a: embedding {len(run.candidates)} candidates with {p.stage1_encoder}, K-Means into V={p.n_anchors}")
+    encoder = load_encoder(p.stage1_encoder, device=p.device)
+    vectors, doc = select_anchors(run.candidates, run.task_spec, encoder, p.n_anchors, p.min_anchor_items, run.seed,
+                                  p.encoder_batch_size, run.progress, p.empty_cluster)
+    for empty in doc["clusters_without_anchor"]:
+        log(f"cluster {empty['cluster']} ({empty['size']} users) has no anchor: {empty['reason']}")
+    write_npy(run.dir.stage1 / "user_vectors.npy", vectors)
+    write_json(path, doc)
+    log(f"stage 1a: {len(doc['anchors'])} anchors")
+    return doc
+
+
+def train_adapter(run: Run, path: Path, examples, recipe, seed: int, on: Sequence[Adapter] = (),
+                  probe: bool = False) -> None:
+    """One fresh LoRA on W0 (plus the folded `on`) trained on `examples`, saved as a PEFT adapter with its
+    train_log.json: a meta-LoRA of the bank, a population LoRA, a Per-Pcs sharer (these two `probe`d)."""
+    engine = run.engine
+    engine.reset()
+    train_log, _ = engine.personalize(on, [1.0] * len(on), recipe, examples, seed, probe=probe)
+    adapter = engine.trained_adapter()
+    engine.reset()
+    _save_trained(adapter, path, len(examples), train_log)
+
+
+def train_adapters(run: Run, paths: Sequence[Path], examples: Sequence, recipe, seeds: Sequence[int]) -> None:
+    """`train_adapter` for a group of LoRAs on W0 in one pass (the batched engine), each saved as it would be
+    alone; a killed run loses the group in flight."""
+    engine = run.engine
+    engine.reset()
+    try:
+        logs, _ = engine.personalize_many([[]] * len(paths), [[]] * len(paths), recipe, examples, seeds)
+        adapters = [engine.slot_adapter(u) for u in range(len(paths))]
+    finally:
+        engine.reset()
+    for path, adapter, ex, train_log in zip(paths, adapters, examples, logs, strict=True):
+        _save_trained(adapter, path, len(ex), train_log, group=len(paths))
+
+
+def _save_trained(adapter: Adapter, path: Path, n_examples: int, log, group: int = 1) -> None:
+    train_log = {"examples": n_examples, **summarize(log), **({"group": group} if group > 1 else {})}
+    save_adapter(adapter, path, extra={"train_log.json": json.dumps(train_log, indent=2)})
+
+
+def stage1_bank(run: Run) -> None:
+    anchors = stage1_select(run)["anchors"]
+    todo = [a["user_id"] for a in anchors if not run.dir.adapter(a["user_id"]).exists()]
+    if not todo:
+        return
+    p = run.profile
+    size = p.group_size if p.engine == "batched" else 1
+    log(f"stage 1b: training {len(todo)} of {len(anchors)} meta-LoRAs (rank {p.bank.rank}, {p.bank.epochs} epochs, "
+        f"at most {p.max_items_per_anchor or 'all'} items each), {p.engine}, {size} at a time, "
+        f"{run.executor.kind} executor")
+    jobs = [Job(f"bank: {', '.join(g)}", "bank", tuple(g), size=len(g))
+            for g in (todo[i: i + size] for i in range(0, len(todo), size))]
+    failed = run_jobs(run, jobs, run_job, "bank")
+    if failed:
+        raise RuntimeError(f"stage 1b: {len(failed)} group(s) failed ({'; '.join(failed.values())}); rerun to "
+                           f"train them")
+
+
+def bank_group(run: Run, anchor_ids: Sequence[str]) -> None:
+    """Train and save the meta-LoRAs of a group of anchors: together on the batched engine, alone otherwise."""
+    p = run.profile
+    by_id = {u.user_id: u for u in run.candidates}
+    seeds = [derive_seed(run.seed, "bank", a) for a in anchor_ids]
+    examples = [run.engine.examples(by_id[a].history, seed, limit=p.max_items_per_anchor, bank=True)
+                for a, seed in zip(anchor_ids, seeds, strict=True)]
+    paths = [run.dir.adapter(a) for a in anchor_ids]
+    if len(anchor_ids) > 1:
+        train_adapters(run, paths, examples, p.bank, seeds)
+    else:
+        train_adapter(run, paths[0], examples[0], p.bank, seeds[0])
+
+
+def stage2_match_anchors(run: Run) -> dict:
+    path = run.dir.matches
+    if path.exists():
+        return read_json(path)
+    p = run.profile
+    anchor_ids = [a["user_id"] for a in stage1_select(run)["anchors"]]
+    by_id = {u.user_id: u for u in run.candidates}
+    log(f"stage 2: matching {len(run.test_users)} users to {len(anchor_ids)} anchors with {p.stage2_encoder}")
+    encoder = load_encoder(p.stage2_encoder, device=p.device)
+    matches = match_anchors(run.test_users, [by_id[a] for a in anchor_ids], run.task_spec, encoder,
+                          p.encoder_batch_size, run.progress)
+    write_json(path, matches)
+    return matches
+
+
+def stage1c_baselines(run: Run) -> None:
+    """The population-level parts of Per-Pcs and PROPER, each unit an artifact of its own (so a killed run
+    loses at most the unit in flight): only for the methods the run includes."""
+    if "perpcs" in run.methods:
+        stage1c_perpcs(run)
+    if "proper" in run.methods:
+        stage1c_proper(run)
+
+
+def _population_lora(run: Run, path: Path, spec, what: str) -> None:
+    """A LoRA on the population (the bank candidates' history items), saved as a PEFT adapter."""
+    if path.exists():
+        return
+    seed = derive_seed(run.seed, what)
+    examples = run.engine.population_examples(run.candidates, seed, run.profile.population_items)
+    log(f"stage 1c: {what} on {len(examples)} population examples (rank {spec.rank})")
+    train_adapter(run, path, examples, spec, seed, probe=True)
+
+
+def stage1c_perpcs(run: Run) -> None:
+    """Per-Pcs: the task LoRA, then per sharer (the stage-1 anchors) its LoRA and its gates."""
+    d, p = run.dir, run.profile
+    anchors = [a["user_id"] for a in stage1_select(run)["anchors"]]
+    todo = [a for a in anchors if not (d.perpcs_sharer(a).exists() and d.perpcs_gates(a).exists())]
+    if d.perpcs_task.exists() and not todo:
+        return
+    _population_lora(run, d.perpcs_task, p.perpcs_task, "Per-Pcs task LoRA")
+    task = load_adapter(d.perpcs_task)
+    by_id = {u.user_id: u for u in run.candidates}
+    engine = run.engine
+    log(f"stage 1c: Per-Pcs sharer LoRAs and gates for {len(todo)} of {len(anchors)} sharers")
+    for a in tqdm(todo, desc="sharers", disable=not run.progress):
+        seed = derive_seed(run.seed, "perpcs", a)
+        examples = engine.examples(by_id[a].history, seed, limit=p.perpcs_sharer_items)
+        if not d.perpcs_sharer(a).exists():
+            train_adapter(run, d.perpcs_sharer(a), examples, p.perpcs_sharer, seed, on=[task], probe=True)
+        gates, gate_log = train_perpcs_gates(engine, task, load_adapter(d.perpcs_sharer(a)), examples, seed)
+        with atomic_path(d.perpcs_gates(a)) as tmp:
+            save_file({m: g.contiguous().cpu() for m, g in gates.items()}, tmp, metadata={
+                "format": "pt", "train_log": json.dumps({"examples": len(examples), **summarize(gate_log)})})
+
+
+def stage1c_proper(run: Run) -> None:
+    """PROPER: the population LoRA, then the group stage on every target user of the data file (their
+    history items, never their queries), so the artifact does not depend on --users."""
+    d, p = run.dir, run.profile
+    _population_lora(run, d.proper_population, p.proper_population, "PROPER population LoRA")
+    if d.proper_group.exists():
+        return
+    users = load_test_users(run.lamp_dir, run.task_spec.name, errors={})
+    log(f"stage 1c: PROPER group stage, {p.proper_experts} experts on every FFN linear, {len(users)} target users")
+    state, train_log = train_proper_group(run.engine, load_adapter(d.proper_population), users,
+                                          derive_seed(run.seed, "proper", "group"))
+    with atomic_path(d.proper_group, is_dir=True) as tmp:
+        save_file({k: v.contiguous().cpu() for k, v in state.items()}, tmp / "mixture.safetensors",
+                  metadata={"format": "pt"})
+        write_json(tmp / "users.json", [u.user_id for u in users])
+        write_json(tmp / "train_log.json", summarize(train_log))
+
+
+def load_baselines(run: Run) -> Baselines:
+    """Whatever of Per-Pcs's and PROPER's population-level artifacts exists (a unit that needs a missing one
+    fails with an InputError naming it)."""
+    d, b = run.dir, Baselines()
+    if "perpcs" in run.methods and d.perpcs_task.exists():
+        b.perpcs_task = load_adapter(d.perpcs_task)
+        for a in stage1_select(run)["anchors"]:
+            a = a["user_id"]
+            if d.perpcs_sharer(a).exists() and d.perpcs_gates(a).exists():
+                b.perpcs_sharers[a] = load_adapter(d.perpcs_sharer(a))
+                b.perpcs_gates[a] = load_file(d.perpcs_gates(a))
+    if "proper" in run.methods and d.proper_population.exists() and d.proper_group.exists():
+        b.proper_population = load_adapter(d.proper_population)
+        b.proper_group = load_file(d.proper_group / "mixture.safetensors")
+        b.proper_users = read_json(d.proper_group / "users.json")
+    return b
+
+
+def load_bank(run: Run) -> tuple[dict, dict[str, str]]:
+    """(anchor id -> Adapter, anchor id -> error) for every anchor of stage 1."""
+    bank, missing = {}, {}
+    for a in stage1_select(run)["anchors"]:
+        try:
+            bank[a["user_id"]] = load_adapter(run.dir.adapter(a["user_id"]))
+        except (FileNotFoundError, ValueError) as e:
+            missing[a["user_id"]] = str(e)
+            log(f"bank: anchor {a['user_id']} unusable: {e}")
+    return bank, missing
+
+
+def stage3_run(run: Run) -> None:
+    """Every missing (user, method) result, unit of methods by unit: for `group_size` users at once with the
+    batched engine (`run_group`), for one user at a time otherwise (`run_unit`). Each result is written as
+    soon as its group ends."""
+    todo = {u.user_id: [m for m in run.methods if not run.dir.user_result(u.user_id, m).exists()]
+            for u in run.test_users}
+    todo = {u: ms for u, ms in todo.items() if ms}
+    if not todo:
+        return
+    p = run.profile
+    log(f"stage 3: {sum(map(len, todo.values()))} (user, method) units to run for {len(todo)} users, {p.engine}, "
+        f"{run.executor.kind} executor")
+    size = p.group_size if p.engine == "batched" else 1
+    by_unit: dict[tuple[str, ...], list[str]] = {}
+    for u in run.test_users:
+        for unit in units(todo.get(u.user_id, [])):
+            by_unit.setdefault(tuple(m.name for m in unit), []).append(u.user_id)
+    jobs = [Job(f"stage 3, {'+'.join(names)}: {', '.join(us[i: i + size])}", "stage3", tuple(us[i: i + size]),
+                names, size=len(us[i: i + size]) * len(names))
+            for names, us in by_unit.items() for i in range(0, len(us), size)]
+    for job, error in run_jobs(run, jobs, run_job, "stage 3").items():
+        log(f"{job.name}: {error}")
+        for uid in job.ids:
+            for m in job.methods:
+                write_json(run.dir.user_result(uid, m), {"error": error})
+
+
+def stage3_group(run: Run, user_ids: Sequence[str], unit: Sequence, cache: dict) -> None:
+    """Run one unit of methods for a group of users and write each (user, method) result: together on the
+    batched engine (`run_group`), one user alone otherwise (`run_unit`)."""
+    if "bank" not in cache:  # once per process: the driver's, or a Ray worker's
+        cache["matches"] = read_json(run.dir.matches) if run.dir.matches.exists() else {}
+        cache["bank"], _ = load_bank(run)
+        cache["baselines"] = load_baselines(run)
+    matches, bank, baselines = cache["matches"], cache["bank"], cache["baselines"]
+    by_id = {u.user_id: u for u in run.test_users}
+    group = [by_id[uid] for uid in user_ids]
+    if len(group) == 1:
+        results = {group[0].user_id: run_unit(run.engine, group[0], unit, matches.get(group[0].user_id), bank,
+                                              run.seed, baselines)}
+    else:
+        results = run_group(run.engine, group, unit, matches, bank, run.seed, baselines)
+    for uid, rows in results.items():
+        for m, result in rows.items():
+            if "error" in result:
+                log(f"user {uid}, {m}: {result['error']}")
+            write_json(run.dir.user_result(uid, m), result)
+
+
+def run_job(run: Run, job: Job, cache: dict) -> None:
+    """One job of `mta.executor`, in the driver or in a Ray worker."""
+    if job.kind == "bank":
+        bank_group(run, job.ids)
+    else:
+        stage3_group(run, job.ids, [get(m) for m in job.methods], cache)
+
+
+def collect(run: Run) -> dict:
+    rows: dict[str, dict[str, dict]] = {m: {} for m in run.methods}
+    for user in run.test_users:
+        for m in run.methods:
+            path = run.dir.user_result(user.user_id, m)
+            if path.exists():
+                rows[m][user.user_id] = read_json(path)
+    for uid, err in run.load_errors.items():
+        for m in run.methods:
+            rows[m][uid] = {"error": err}
+    return rows
+
+
+def results(run: Run) -> dict:
+    """Every method's per-user results, scores and the run's facts (the content of results.json)."""
+    rows = collect(run)
+    latency = [sum(r["seconds"].values()) for r in rows.get("mta", {}).values() if not r.get("error")]
+    anchors = read_json(run.dir.anchors) if run.dir.anchors.exists() else {"anchors": [], "clusters_without_anchor": []}
+    meta = {"profile": run.profile.name, "seed": run.seed, "llm": run.profile.llm,
+            "notes": [*run.profile.notes, run.profile.describe()], "mta_latency_median_s": report.median(latency),
+            "anchors": [a["user_id"] for a in anchors["anchors"]],
+            "anchor_rules": {a["user_id"]: a.get("rule", "") for a in anchors["anchors"]},
+            "clusters_without_anchor": anchors["clusters_without_anchor"],
+            "stage_seconds": read_json(run.dir.timings) if run.dir.timings.exists() else {},
+            "method_seconds": {m: round(sum(sum(r["seconds"].values()) for r in rs.values() if not r.get("error")), 1)
+                               for m, rs in rows.items()},
+            "bank_missing": [a["user_id"] for a in anchors["anchors"]
+                             if not (run.dir.adapter(a["user_id"]) / "adapter_model.safetensors").exists()]}
+    return report.build_results(run.task_spec.name, rows, meta)
+
+
+def write_results(run: Run) -> dict:
+    result = results(run)
+    write_json(run.dir.results_json(run.subset), result)
+    with atomic_path(run.dir.results_md(run.subset)) as tmp:
+        tmp.write_text(report.render_markdown(result))
+    return result
+
+
+def run_and_report(run: Run) -> dict:
+    stage1c_baselines(run)  # a no-op when the run has neither baseline or their artifacts exist
+    stage3_run(run)
+    return write_results(run)
+
+
+def reproduce(run: Run) -> dict:
+    """Every stage in order. Each stage's wall time is added to `timings.json`, so a resumed run's file
+    holds the cold run's total per stage (a finished stage adds about nothing when it is skipped)."""
+    start = time.perf_counter()
+    torch.manual_seed(run.seed)
+    timings = read_json(run.dir.timings) if run.dir.timings.exists() else {}
+    stages = [("stage1a_select", stage1_select), ("stage1b_bank", stage1_bank),
+              ("stage2_match_anchors", stage2_match_anchors), ("stage1c_perpcs", _if_method("perpcs", stage1c_perpcs)),
+              ("stage1c_proper", _if_method("proper", stage1c_proper)), ("stage3", stage3_run)]
+    for name, stage in stages:
+        t0 = time.perf_counter()
+        stage(run)
+        timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - t0, 1)
+        write_json(run.dir.timings, timings)
+    result = write_results(run)
+    latency = result["meta"]["mta_latency_median_s"]
+    log(f"done in {time.perf_counter() - start:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}): "
+        f"{run.dir.results_md(run.subset)}; median per-user MTA latency "
+        f"(match + fuse + adapt + generate): {'n/a' if latency is None else f'{latency:.1f} s'}")
+    return result
+
+
+def _if_method(method: str, stage):
+    return lambda run: stage(run) if method in run.methods else None
+
+
+def reproduce_seeds(runs: list[Run], results: list[dict]) -> dict:
+    """Several seeds of one reproduction: the summary across them (`mta.seeds`), next to their directories."""
+    first = runs[0].dir.root
+    name = first.name.replace(f"-seed{runs[0].seed}", "-seeds" + "-".join(str(r.seed) for r in runs))
+    folder = first.parent / (name + (f"-{runs[0].subset}-users" if runs[0].subset else ""))
+    summary = multiseed.write_summary(folder, results, [r.seed for r in runs])
+    log(f"{len(runs)} seeds: {folder / 'summary.md'}")
+    return summary
