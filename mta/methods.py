@@ -13,8 +13,8 @@ from dataclasses import dataclass
 TABLES = ("table1", "table2", "controls")
 ANCHORS = ("none", "top", "random", "least")  # which meta-LoRAs the fused LoRA merges (Eq. 5)
 RECIPES = ("none", "oppu", "stack")  # which profile recipe trains a fresh LoRA on top (Eq. 7)
-# How the method sets up its weights: fuse the anchors, then train the recipe (`mta.stages.prepare_weights`), or a
-# procedure of its own (`mta.stages.PROCEDURES`: Per-Pcs's assembly, PROPER's group and user stages).
+# How the method sets up its weights: fuse the anchors, then train the recipe (`mta.stages.personalize`), or a
+# procedure of its own (`mta.baselines.BASELINES`: Per-Pcs's assembly, PROPER's group and user stages).
 PROCEDURES = ("fuse_then_train", "perpcs", "proper")
 
 

@@ -150,22 +150,22 @@ def test_duplicate_and_overlapping_ids_fail_before_any_work(tiny_run, tiny_run_i
 
 
 def test_a_programming_error_in_stage3_raises_with_its_traceback(tiny_run, tmp_path, monkeypatch):
-    from mta.stages import core as stages
+    from mta.stages import personalize
 
     _, argv, _ = tiny_run
-    monkeypatch.setattr(stages, "fused_anchors", lambda *a, **k: {}["no such key"])
+    monkeypatch.setattr(personalize, "fused_anchors", lambda *a, **k: {}["no such key"])
     with pytest.raises(KeyError, match="no such key"):
         main("test", pipeline.reproduce, with_runs(argv, tmp_path / "runs") + ["--methods", "rag1,merged_only"])
 
 
 def test_an_input_error_in_stage3_is_that_units_failure(tiny_run, tmp_path, monkeypatch):
-    from mta.stages import core as stages
+    from mta.stages import personalize
 
     def bad_input(*a, **k):
         raise InputError("anchor file says no")
 
     _, argv, _ = tiny_run
-    monkeypatch.setattr(stages, "fused_anchors", bad_input)
+    monkeypatch.setattr(personalize, "fused_anchors", bad_input)
     result = main("test", pipeline.reproduce, with_runs(argv, tmp_path / "runs") + ["--methods", "rag1,merged_only"])
     assert set(result["failures"]["merged_only"]) == set(result["failures"]["merged_only"]) and \
         all("anchor file says no" in e for e in result["failures"]["merged_only"].values())

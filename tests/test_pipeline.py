@@ -12,7 +12,7 @@ from mta.methods import ALL, DEFAULT
 from mta.precision import bf16_supported
 from mta.run import pipeline
 from mta.run.cli import main
-from mta.stages.core import fusion_weights
+from mta.stages.matching import fusion_weights
 from tests.conftest import N_USERS, RESULTS_JSON, RESULTS_MD
 
 
@@ -180,7 +180,7 @@ def test_fusion_weights():
 
 def test_fused_anchors_top_controls_and_fixed_alpha():
     from mta.profiles import CPU
-    from mta.stages.core import fused_anchors
+    from mta.stages.matching import fused_anchors
 
     match = {"similarities": {"a": 0.9, "b": 0.6, "c": 0.3, "d": 0.1}, "seconds": 0.0}
     assert fused_anchors(match, CPU) == (["a", "b"], pytest.approx([0.6, 0.4]))
@@ -195,11 +195,11 @@ def test_fused_anchors_top_controls_and_fixed_alpha():
 
 def test_bank_data_selects_how_bank_examples_are_built(tiny_run, monkeypatch):
     from mta.run import cli
-    from mta.stages import core as stages
+    from mta.stages import engine
 
     _, argv, _ = tiny_run
-    seen, real = [], stages.training_pairs
-    monkeypatch.setattr(stages, "training_pairs", lambda *a, **k: seen.append(k["bank"]) or real(*a, **k))
+    seen, real = [], engine.training_pairs
+    monkeypatch.setattr(engine, "training_pairs", lambda *a, **k: seen.append(k["bank"]) or real(*a, **k))
     for value in ("adaptation", "authors_code"):
         run = cli.run_from_args(cli.parser("test").parse_args(argv + ["--set", f"bank_data={value}"]))
         user = run.candidates[0]

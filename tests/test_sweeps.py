@@ -9,7 +9,7 @@ import pytest
 from mta.run import pipeline
 from mta.run.cli import main
 from mta.run.sweeps import llama3_8b_shapes, lora_parameters, run_sweep
-from mta.stages.core import Engine
+from mta.stages.engine import Engine
 from tests.conftest import RESULTS_JSON
 
 POINTS = {"alpha": (None, 0.0, 1.0), "k": (1, 2), "rank": (2, 4), "bank": (2, 3), "adapt": ((3e-2, 1, 2), (1e-3, 1, 4))}
@@ -61,13 +61,13 @@ def fresh_run(tiny_run, tmp_path):
 def test_alpha_reaches_the_merge(fresh_run, monkeypatch):
     """Each fixed-alpha point folds alpha * anchor_1 + (1 - alpha) * anchor_2; alpha = 1 is anchor 1 alone,
     which is the K = 1 point."""
-    from mta.stages import core as stages
+    from mta.stages import engine
 
     run_dir, argv, _ = fresh_run
-    seen, fold, many = [], stages.fold_adapters, stages.Engine.personalize_many
-    monkeypatch.setattr(stages, "fold_adapters", lambda model, adapters, weights, *a: seen.append(
+    seen, fold, many = [], engine.fold_adapters, engine.Engine.personalize_many
+    monkeypatch.setattr(engine, "fold_adapters", lambda model, adapters, weights, *a: seen.append(
         (len(adapters), list(weights))) or fold(model, adapters, weights, *a))
-    monkeypatch.setattr(stages.Engine, "personalize_many", lambda self, fused, weights, *a: seen.extend(
+    monkeypatch.setattr(engine.Engine, "personalize_many", lambda self, fused, weights, *a: seen.extend(
         (len(f), list(w)) for f, w in zip(fused, weights, strict=True)) or many(self, fused, weights, *a))
     main("test", lambda run: run_sweep(run, "alpha", (0.0, 0.3, 1.0), methods=("merged_only",)), argv)
     assert sorted(w for _, w in seen) == sorted([[0.0, 1.0]] * 2 + [[0.3, 0.7]] * 2 + [[1.0, 0.0]] * 2)

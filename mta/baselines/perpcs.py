@@ -13,16 +13,32 @@ factors are the uniform average over batches. LN is layer norm without affine pa
 """
 from __future__ import annotations
 
+import json
 import math
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
-from mta.peft.adapter import Adapter
-from mta.peft.lora import LoRALinear, lora_layers
-from mta.training.train import Example, make_batch
+from mta.data.lamp import User
+from mta.errors import InputError
+from mta.files import atomic_path, id_folder
+from mta.log import log
+from mta.peft.adapter import Adapter, load_adapter, set_adapter
+from mta.peft.lora import LoRALinear, inject_lora, lora_layers
+from mta.peft.multi_lora import stack_many
+from mta.precision import autocast
+from mta.seeding import derive_seed, seeded_subset
+from mta.stages.bank import train_adapter
+from mta.stages.engine import Engine, fold_population, summarize
+from mta.stages.procedure import Procedure, RunContext, train_population_lora
+from mta.training.train import Example, TrainLog, make_batch, train
 
 
 class GatedLoRALinear(nn.Module):
@@ -150,3 +166,128 @@ def assemble_for_user(model: nn.Module, sharers: Sequence[Adapter], gates: Seque
 def gate_vectors(model: nn.Module) -> dict[str, Tensor]:
     """module path -> its trained gate (in,), detached."""
     return {n: m.gate.detach().clone() for n, m in model.named_modules() if isinstance(m, GatedLoRALinear)}
+
+
+# ----------------------------------------------------------------------------- Per-Pcs in the pipeline
+
+
+@dataclass
+class Artifacts:
+    """Per-Pcs's population-level artifacts, as its stage-3 units read them."""
+
+    task: Adapter  # the task LoRA, folded into W0 before everything else
+    sharers: dict[str, Adapter] = field(default_factory=dict)  # anchor id -> sharer LoRA
+    gates: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # anchor id -> module -> g
+
+
+def task_path(run: RunContext) -> Path:
+    return run.artifacts / "perpcs" / "task_lora"
+
+
+def sharers_dir(run: RunContext) -> Path:
+    return run.artifacts / "perpcs" / "sharers"
+
+
+def gates_dir(run: RunContext) -> Path:
+    return run.artifacts / "perpcs" / "gates"
+
+
+def sharer_path(run: RunContext, anchor_id: str) -> Path:
+    return sharers_dir(run) / id_folder(anchor_id)
+
+
+def gates_path(run: RunContext, anchor_id: str) -> Path:
+    return gates_dir(run) / f"{id_folder(anchor_id)}.safetensors"
+
+
+def train_gates(engine: Engine, task: Adapter, sharer: Adapter, examples, seed: int) -> tuple[dict, TrainLog]:
+    """Per-Pcs's gates of one sharer: W0 + task LoRA, the sharer's LoRA frozen on top, only the gates train."""
+    engine.reset()
+    fold_population(engine, task)
+    inject_lora(engine.model, sharer.config)
+    set_adapter(engine.model, sharer)
+    inject_gates(engine.model)
+    train_log = train(engine.model, examples, engine.train_config(engine.profile.perpcs_gate, seed, probe=True),
+                      pad_id=engine.tok.pad_token_id)
+    gates = gate_vectors(engine.model)
+    engine.reset()
+    return gates, train_log
+
+
+def build(run: RunContext) -> None:
+    """Per-Pcs's population-level artifacts: the task LoRA, then per sharer (the stage-1 anchors) its LoRA and its
+    gates, each an artifact of its own (so a killed run loses at most the one in flight)."""
+    p, anchors = run.profile, run.anchor_ids
+    todo = [a for a in anchors if not (sharer_path(run, a).exists() and gates_path(run, a).exists())]
+    if task_path(run).exists() and not todo:
+        return
+    train_population_lora(run, task_path(run), p.perpcs_task, derive_seed(run.seed, "Per-Pcs task LoRA"),
+                          "Per-Pcs task LoRA")
+    task = load_adapter(task_path(run))
+    by_id = {u.user_id: u for u in run.candidates}
+    engine = run.engine
+    log(f"stage 1c: Per-Pcs sharer LoRAs and gates for {len(todo)} of {len(anchors)} sharers")
+    for a in tqdm(todo, desc="sharers", disable=not run.progress):
+        seed = derive_seed(run.seed, "perpcs", a)
+        examples = engine.examples(by_id[a].history, seed, limit=p.perpcs_sharer_items)
+        if not sharer_path(run, a).exists():
+            train_adapter(engine, sharer_path(run, a), examples, p.perpcs_sharer, seed, on=[task], probe=True)
+        gates, gate_log = train_gates(engine, task, load_adapter(sharer_path(run, a)), examples, seed)
+        with atomic_path(gates_path(run, a)) as tmp:
+            save_file({m: g.contiguous().cpu() for m, g in gates.items()}, tmp, metadata={
+                "format": "pt", "train_log": json.dumps({"examples": len(examples), **summarize(gate_log)})})
+
+
+def load(run: RunContext) -> Artifacts | None:
+    """The task LoRA and every sharer whose LoRA and gates exist; None without a task LoRA."""
+    if not task_path(run).exists():
+        return None
+    out = Artifacts(load_adapter(task_path(run)))
+    for a in run.anchor_ids:
+        if sharer_path(run, a).exists() and gates_path(run, a).exists():
+            out.sharers[a] = load_adapter(sharer_path(run, a))
+            out.gates[a] = load_file(gates_path(run, a))
+    return out
+
+
+def begin(engine: Engine, artifacts: Artifacts | None) -> None:
+    """Per-Pcs's weights before any user: W0 + task LoRA."""
+    if artifacts is None or not artifacts.sharers:
+        raise InputError("Per-Pcs has no task LoRA or sharers (rerun tools/reproduce.py)")
+    missing = [a for a in sorted(artifacts.sharers) if a not in artifacts.gates]
+    if missing:
+        raise InputError(f"Per-Pcs: sharer(s) {missing} have no gates (rerun tools/reproduce.py)")
+    fold_population(engine, artifacts.task)
+
+
+def part(engine: Engine, user: User, artifacts: Artifacts, unit_seed: int) -> tuple[Adapter, dict, dict]:
+    """Per-Pcs for one target user, on W0 + task LoRA: the LoRA assembled from the sharers' pieces by their
+    gates on the user's history (`assemble_for_user`), training-free. (adapter, seconds, details)"""
+    p = engine.profile
+    tic = time.perf_counter()
+    sharer_ids = sorted(artifacts.sharers)
+    examples = seeded_subset(engine.examples(user.history, unit_seed), p.perpcs_user_items,
+                             derive_seed(unit_seed, "assembly"))
+    sharers, gates = [artifacts.sharers[a] for a in sharer_ids], [artifacts.gates[a] for a in sharer_ids]
+    with autocast(p.device, p.bf16, engine.model):  # its forward in the run's precision
+        adapter, pieces = assemble_for_user(
+            engine.model, sharers, gates, examples, p.perpcs_top_k, p.perpcs_tau, p.perpcs_assembly_batch,
+            engine.tok.pad_token_id or 0, unit_seed)
+    named = {m: [{"sharers": [sharer_ids[i] for i in b["sharers"]], "weights": b["weights"]} for b in batches]
+             for m, batches in pieces.items()}
+    return adapter, {"assemble": time.perf_counter() - tic}, {"sharers": sharer_ids, "items": len(examples),
+                                                              "pieces": named}
+
+
+def install(engine: Engine, adapter: Adapter) -> None:
+    inject_lora(engine.model, adapter.config)
+    set_adapter(engine.model, adapter)
+    engine.model.eval()  # the new LoRA layers' dropout off
+
+
+def serve(engine: Engine, adapters: Sequence[Adapter]) -> None:
+    """Slot i holds user i's assembled LoRA, unmerged (a one-adapter merge with weight 1 is that adapter)."""
+    stack_many(engine.model, [[a] for a in adapters], [[1.0]] * len(adapters), None, "param")
+
+
+PROCEDURE = Procedure(build, load, begin, part, install, serve)

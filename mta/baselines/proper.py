@@ -18,11 +18,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from mta.data.lamp import User
+from mta.errors import InputError
+from mta.files import atomic_path, read_json, write_json
+from mta.log import log
+from mta.peft.adapter import Adapter, load_adapter
 from mta.peft.lora import find_targets
+from mta.seeding import derive_seed, seeded_subset
+from mta.stages.engine import Engine, fold_population, summarize
+from mta.stages.procedure import Procedure, RunContext, train_population_lora
+from mta.training.train import TrainLog, train
+from mta.training.train_many import train_many
 
 STAGES = ("group", "user", "router")
 
@@ -245,3 +258,171 @@ def load_mixture_state(model: nn.Module, sd: dict[str, Tensor], source: str = "<
                 raise ValueError(f"{source}: {name}.{k} has shape {tuple(sd[f'{name}.{k}'].shape)}, "
                                  f"the model's is {tuple(own[k].shape)}")
             own[k].copy_(sd[f"{name}.{k}"])
+
+
+# ----------------------------------------------------------------------------- PROPER in the pipeline
+
+
+@dataclass
+class Artifacts:
+    """PROPER's population-level artifacts, as its stage-3 units read them."""
+
+    population: Adapter  # the population LoRA, folded into W0
+    group: dict[str, Tensor]  # the group stage's mixture (`mixture_state`)
+    users: list[str]  # the rows of its user-embedding tables
+
+
+def population_path(run: RunContext) -> Path:
+    return run.artifacts / "proper" / "population_lora"
+
+
+def group_path(run: RunContext) -> Path:
+    return run.artifacts / "proper" / "group"
+
+
+def train_group(engine: Engine, population: Adapter, users: Sequence[User], seed: int
+                       ) -> tuple[dict[str, torch.Tensor], TrainLog]:
+    """PROPER's group stage: W0 + population LoRA, the expert mixture on every FFN linear trained with its input
+    and user-embedding routers on the target users' history items (never their queries), LM loss plus the
+    constraint loss. Returns the mixture's tensors (`mixture_state`) and the log."""
+    p, model = engine.profile, engine.model
+    engine.reset()
+    fold_population(engine, population)
+    torch.manual_seed(seed)  # the experts' and routers' initialisation
+    inject_mixture(model, tuple(p.proper_group.targets), p.proper_experts, p.proper_group.rank,
+                          p.proper_group.alpha, len(users), p.proper_group.dropout)
+    examples = [UserExample(ex, row) for row, u in enumerate(users)
+                for ex in engine.examples(u.history, derive_seed(seed, u.user_id), limit=p.proper_group_items)]
+    set_stage(model, "group")
+
+    def rows(batch):
+        set_users(model, torch.tensor([ex.row for ex in batch], device=model.device))
+
+    log = train(model, examples, engine.train_config(p.proper_group, seed, probe=True), engine.tok.pad_token_id,
+                before_forward=rows, aux_loss=lambda: constraint_loss(model))
+    state = mixture_state(model)
+    engine.reset()
+    return state, log
+
+
+def build(run: RunContext) -> None:
+    """PROPER's population-level artifacts: the population LoRA, then the group stage on every target user of the
+    data file (their history items, never their queries), so the artifact does not depend on --users."""
+    p = run.profile
+    train_population_lora(run, population_path(run), p.proper_population,
+                          derive_seed(run.seed, "PROPER population LoRA"), "PROPER population LoRA")
+    if group_path(run).exists():
+        return
+    users = run.target_users
+    log(f"stage 1c: PROPER group stage, {p.proper_experts} experts on every FFN linear, {len(users)} target users")
+    state, train_log = train_group(run.engine, load_adapter(population_path(run)), users,
+                                   derive_seed(run.seed, "proper", "group"))
+    with atomic_path(group_path(run), is_dir=True) as tmp:
+        save_file({k: v.contiguous().cpu() for k, v in state.items()}, tmp / "mixture.safetensors",
+                  metadata={"format": "pt"})
+        write_json(tmp / "users.json", [u.user_id for u in users])
+        write_json(tmp / "train_log.json", summarize(train_log))
+
+
+def load(run: RunContext) -> Artifacts | None:
+    """The population LoRA and the group stage's mixture; None unless both exist."""
+    if not (population_path(run).exists() and group_path(run).exists()):
+        return None
+    return Artifacts(load_adapter(population_path(run)), load_file(group_path(run) / "mixture.safetensors"),
+                     read_json(group_path(run) / "users.json"))
+
+
+def begin(engine: Engine, artifacts: Artifacts | None) -> None:
+    """PROPER's weights before any user: W0 + population LoRA and the group stage's mixture (frozen)."""
+    if artifacts is None:
+        raise InputError("PROPER has no population LoRA or group stage (rerun tools/reproduce.py)")
+    p = engine.profile
+    fold_population(engine, artifacts.population)
+    inject_mixture(engine.model, tuple(p.proper_group.targets), p.proper_experts, p.proper_group.rank,
+                   p.proper_group.alpha, len(artifacts.users))
+
+
+def user_row(artifacts: Artifacts, user: User) -> int:
+    """The user's row of PROPER's user-embedding tables."""
+    if user.user_id not in artifacts.users:
+        raise InputError(f"user {user.user_id}: not among the {len(artifacts.users)} users of PROPER's group "
+                         f"stage (delete proper/group and rerun)")
+    return artifacts.users.index(user.user_id)
+
+def stage_examples(engine: Engine, user: User, unit_seed: int) -> tuple[list, list]:
+    """The user's training examples of PROPER's user stage and of its router stage."""
+    p, examples = engine.profile, engine.examples(user.history, unit_seed)
+    return (seeded_subset(examples, p.proper_user_items, derive_seed(unit_seed, "user")),
+            seeded_subset(examples, p.proper_router_items, derive_seed(unit_seed, "router")))
+
+def details(user_examples: Sequence, router_examples: Sequence, user_log: TrainLog, router_log: TrainLog
+                   ) -> dict:
+    return {"train": {"examples": len(user_examples), **summarize(user_log)},
+            "train_router": {"examples": len(router_examples), **summarize(router_log)}}
+
+def part(engine: Engine, user: User, artifacts: Artifacts, unit_seed: int) -> tuple[dict, dict, dict]:
+    """PROPER for one target user, on the mixture as the group stage left it (W_l included): a user LoRA trained
+    on the user's history, then the LoRA-aware router W_l alone; generation routes by W_l. The model is left as
+    the router stage set it. (the trained part `mta.user_part`, seconds, details)"""
+    row = torch.tensor([user_row(artifacts, user)], device=engine.model.device)
+    p = engine.profile
+    load_mixture_state(engine.model, artifacts.group, "proper/group")  # W_l back to its start
+    torch.manual_seed(unit_seed)  # the user LoRA's initialisation
+    for m in mixtures(engine.model).values():
+        m.add_user_lora(p.proper_user.rank, p.proper_user.alpha)
+    user_examples, router_examples = stage_examples(engine, user, unit_seed)
+    pad = engine.tok.pad_token_id
+
+    def same_user(batch):
+        set_users(engine.model, row.expand(len(batch)))
+
+    set_stage(engine.model, "user")
+    user_log = train(engine.model, user_examples, engine.train_config(p.proper_user, unit_seed, probe=True), pad,
+                     before_forward=same_user)
+    set_stage(engine.model, "router")
+    router_log = train(engine.model, router_examples, engine.train_config(p.proper_router, unit_seed, probe=True), pad)
+    engine.model.eval()
+    return (user_part(engine.model), {"adapt": user_log.seconds + router_log.seconds},
+            details(user_examples, router_examples, user_log, router_log))
+
+def parts(engine: Engine, users: Sequence[User], artifacts: Artifacts, unit_seeds: Sequence[int]
+                 ) -> list[tuple[dict, dict, dict] | InputError]:
+    """`part` for many users in one pass each of the user and the router stage (the batched engine): slot u
+    of every mixture holds user u's LoRA, initialised as `part` would under `unit_seeds[u]`, and W_l as the
+    group stage left it (`add_user_slots`); `mta.train_many.train_many` trains every slot as `train`
+    would alone. One entry per user: its part, seconds and details, or the InputError that stopped it."""
+    out: list = [None] * len(users)
+    slots = []  # one per user with a part to make: (its index in users, its embedding row, user / router examples)
+    for i, u in enumerate(users):
+        try:
+            slots.append((i, user_row(artifacts, u), *stage_examples(engine, u, unit_seeds[i])))
+        except InputError as e:
+            out[i] = e
+    if not slots:
+        return out
+    p, model, pad = engine.profile, engine.model, engine.tok.pad_token_id
+    seeds = [unit_seeds[i] for i, _, _, _ in slots]
+    load_mixture_state(model, artifacts.group, "proper/group")
+    add_user_slots(model, p.proper_user.rank, p.proper_user.alpha, seeds)
+    rows = torch.tensor([row for _, row, _, _ in slots], device=model.device)  # slot -> embedding row
+
+    def slot_users(index):
+        set_users(model, rows[index.to(rows.device)])
+
+    logs = {}
+    for stage, spec, examples in (("user", p.proper_user, [ex for _, _, ex, _ in slots]),
+                                  ("router", p.proper_router, [ex for _, _, _, ex in slots])):
+        set_stage(model, stage)
+        params = [t for m in mixtures(model).values() for t in m.stage_parameters(stage)]
+        logs[stage] = train_many(model, examples, [engine.train_config(spec, s, probe=True) for s in seeds], pad,
+                                 p.rows_per_pass, params, slot_users)
+    model.eval()
+    adapt = (logs["user"][0].seconds + logs["router"][0].seconds) / len(slots)
+    for slot, (i, _, user_examples, router_examples) in enumerate(slots):
+        out[i] = (user_part(model, slot), {"adapt": adapt},
+                  details(user_examples, router_examples, logs["user"][slot], logs["router"][slot]))
+    return out
+
+
+PROCEDURE = Procedure(build, load, begin, part, lambda engine, part: None,  # the part stays in place
+                      lambda engine, parts: serve_users(engine.model, parts), parts)

@@ -27,7 +27,7 @@ def _linears(model: nn.Module) -> dict[str, nn.Linear]:
     return out
 
 
-def _plan(model: nn.Module, adapters: Sequence[Adapter], weights: Sequence[float]) -> dict[str, nn.Linear]:
+def target_linears(model: nn.Module, adapters: Sequence[Adapter], weights: Sequence[float]) -> dict[str, nn.Linear]:
     """Validate adapters against each other and the model; returns the linears they target."""
     check_weights(weights, len(adapters))
     bases = {a.config.base_model_name_or_path for a in adapters} - {None, ""}
@@ -64,7 +64,7 @@ def fold_adapters(model: nn.Module, adapters: Sequence[Adapter], weights: Sequen
     With `base`, W0 is read from its pristine copy and every other saved module is reset to W0, so
     successive users never accumulate drift; without it the fold is in place on the current weights.
     """
-    plan = _plan(model, adapters, weights)
+    plan = target_linears(model, adapters, weights)
     for m, lin in plan.items():
         refuse_quantized_fold(m, lin)
     if base is not None:

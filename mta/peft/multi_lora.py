@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
-from mta.baselines.proper import MixtureLinear
 from mta.ops.rowlora import RowLoRALinear
 from mta.peft.adapter import Adapter, check_modules
-from mta.peft.fusion import _plan, merged_factors
+from mta.peft.fusion import merged_factors, target_linears
 from mta.peft.lora import LoRAConfig, LoRALinear, find_targets, is_target
 from mta.precision import autocast
 
@@ -73,12 +73,18 @@ def unload_row_lora(model: nn.Module) -> nn.Module:
     return model
 
 
+@runtime_checkable
+class PerRow(Protocol):
+    """A layer that serves each row of a batch from its own slot (RowLoRALinear, PROPER's MixtureLinear)."""
+
+    def set_rows(self, index: Tensor | None) -> None: ...
+
+
 def set_rows(model: nn.Module, slots: Tensor | Sequence[int] | None) -> None:
-    """The adapter slot of every row of the next batches, in every per-row layer of the model (RowLoRALinear,
-    and PROPER's served MixtureLinear)."""
+    """The adapter slot of every row of the next batches, in every per-row layer of the model."""
     index = None if slots is None else torch.as_tensor(slots, dtype=torch.long)
     for m in model.modules():
-        if isinstance(m, (RowLoRALinear, MixtureLinear)):
+        if isinstance(m, PerRow):
             m.set_rows(index)
 
 
@@ -107,7 +113,7 @@ def set_fused(model: nn.Module, fused: Sequence[Sequence[Adapter]], weights: Seq
     for u, (adapters, w) in enumerate(zip(fused, weights, strict=True)):
         if not adapters:
             continue
-        for m in _plan(model, adapters, w):  # validates the adapters against each other and the model
+        for m in target_linears(model, adapters, w):  # validates the adapters against each other and the model
             if m not in layers:
                 raise ValueError(f"{adapters[0].source}: module {m!r} is not a RowLoRALinear "
                                  f"(inject_row_lora with fused_targets covering it)")

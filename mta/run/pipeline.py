@@ -12,9 +12,8 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
+from mta.baselines import BASELINES
 from mta.data.lamp import LampDataError, TaskSpec, User, get_task, load_candidates, load_test_users
 from mta.eval import multiseed, report
 from mta.files import atomic_path, read_json, write_json, write_npy
@@ -22,24 +21,18 @@ from mta.log import log
 from mta.methods import DEFAULT, get, units
 from mta.models.checkpoint import load_llm
 from mta.models.encoders import load_encoder
-from mta.peft.adapter import Adapter, load_adapter, save_adapter
+from mta.peft.adapter import load_adapter
 from mta.precision import resolve_bf16
 from mta.profiles import Profile, profile_from_dict
 from mta.run.executor import Executor, Job, run_jobs
 from mta.run.rundir import RunDir
-from mta.stages.core import (
-    Baselines,
-    Engine,
-    derive_seed,
-    match_anchors,
-    refuse_on_quantised_base,
-    run_group,
-    run_unit,
-    select_anchors,
-    summarize,
-    train_perpcs_gates,
-    train_proper_group,
-)
+from mta.seeding import derive_seed
+from mta.stages.anchors import select_anchors
+from mta.stages.bank import train_adapter, train_adapters
+from mta.stages.engine import Engine
+from mta.stages.matching import match_anchors
+from mta.stages.personalize import refuse_on_quantised_base, run_group, run_unit
+from mta.stages.procedure import Baseline
 
 
 @dataclass
@@ -93,6 +86,25 @@ class Run:
     def subset(self) -> int | None:
         """N when the run covers only the first N of the test users (its report gets its own file)."""
         return self.n_users if self.n_users and self.n_users < len(self.all_test_users) else None
+
+    @cached_property
+    def target_users(self) -> list[User]:
+        """Every test user of the data file, whatever --users says (PROPER's group stage trains on them all)."""
+        return load_test_users(self.lamp_dir, self.task_spec.name, errors={})
+
+    @property
+    def procedures(self) -> list[str]:
+        """The baselines (`mta.baselines.BASELINES`) whose methods the run includes."""
+        return [name for name in BASELINES if name in {get(m).procedure for m in self.methods}]
+
+    @property
+    def artifacts(self) -> Path:
+        """The folder the shared artifacts live in (a sweep point's may be another run's)."""
+        return self.dir.artifacts
+
+    @property
+    def anchor_ids(self) -> list[str]:
+        return [a["user_id"] for a in stage1_select(self)["anchors"]]
 
     @cached_property
     def engine(self) -> Engine:
@@ -150,37 +162,6 @@ def stage1_select(run: Run) -> dict:
     return doc
 
 
-def train_adapter(run: Run, path: Path, examples, recipe, seed: int, on: Sequence[Adapter] = (),
-                  probe: bool = False) -> None:
-    """One fresh LoRA on W0 (plus the folded `on`) trained on `examples`, saved as a PEFT adapter with its
-    train_log.json: a meta-LoRA of the bank, a population LoRA, a Per-Pcs sharer (these two `probe`d)."""
-    engine = run.engine
-    engine.reset()
-    train_log, _ = engine.personalize(on, [1.0] * len(on), recipe, examples, seed, probe=probe)
-    adapter = engine.trained_adapter()
-    engine.reset()
-    _save_trained(adapter, path, len(examples), train_log)
-
-
-def train_adapters(run: Run, paths: Sequence[Path], examples: Sequence, recipe, seeds: Sequence[int]) -> None:
-    """`train_adapter` for a group of LoRAs on W0 in one pass (the batched engine), each saved as it would be
-    alone; a killed run loses the group in flight."""
-    engine = run.engine
-    engine.reset()
-    try:
-        logs, _ = engine.personalize_many([[]] * len(paths), [[]] * len(paths), recipe, examples, seeds)
-        adapters = [engine.slot_adapter(u) for u in range(len(paths))]
-    finally:
-        engine.reset()
-    for path, adapter, ex, train_log in zip(paths, adapters, examples, logs, strict=True):
-        _save_trained(adapter, path, len(ex), train_log, group=len(paths))
-
-
-def _save_trained(adapter: Adapter, path: Path, n_examples: int, log, group: int = 1) -> None:
-    train_log = {"examples": n_examples, **summarize(log), **({"group": group} if group > 1 else {})}
-    save_adapter(adapter, path, extra={"train_log.json": json.dumps(train_log, indent=2)})
-
-
 def stage1_bank(run: Run) -> None:
     anchors = stage1_select(run)["anchors"]
     todo = [a["user_id"] for a in anchors if not run.dir.adapter(a["user_id"]).exists()]
@@ -208,9 +189,9 @@ def bank_group(run: Run, anchor_ids: Sequence[str]) -> None:
                 for a, seed in zip(anchor_ids, seeds, strict=True)]
     paths = [run.dir.adapter(a) for a in anchor_ids]
     if len(anchor_ids) > 1:
-        train_adapters(run, paths, examples, p.bank, seeds)
+        train_adapters(run.engine, paths, examples, p.bank, seeds)
     else:
-        train_adapter(run, paths[0], examples[0], p.bank, seeds[0])
+        train_adapter(run.engine, paths[0], examples[0], p.bank, seeds[0])
 
 
 def stage2_match_anchors(run: Run) -> dict:
@@ -229,81 +210,15 @@ def stage2_match_anchors(run: Run) -> dict:
 
 
 def stage1c_baselines(run: Run) -> None:
-    """The population-level parts of Per-Pcs and PROPER, each unit an artifact of its own (so a killed run
-    loses at most the unit in flight): only for the methods the run includes."""
-    if "perpcs" in run.methods:
-        stage1c_perpcs(run)
-    if "proper" in run.methods:
-        stage1c_proper(run)
+    """The population-level artifacts of the baselines the run includes (`Procedure.build`)."""
+    for name in run.procedures:
+        BASELINES[name].build(run)
 
 
-def _population_lora(run: Run, path: Path, spec, what: str) -> None:
-    """A LoRA on the population (the bank candidates' history items), saved as a PEFT adapter."""
-    if path.exists():
-        return
-    seed = derive_seed(run.seed, what)
-    examples = run.engine.population_examples(run.candidates, seed, run.profile.population_items)
-    log(f"stage 1c: {what} on {len(examples)} population examples (rank {spec.rank})")
-    train_adapter(run, path, examples, spec, seed, probe=True)
-
-
-def stage1c_perpcs(run: Run) -> None:
-    """Per-Pcs: the task LoRA, then per sharer (the stage-1 anchors) its LoRA and its gates."""
-    d, p = run.dir, run.profile
-    anchors = [a["user_id"] for a in stage1_select(run)["anchors"]]
-    todo = [a for a in anchors if not (d.perpcs_sharer(a).exists() and d.perpcs_gates(a).exists())]
-    if d.perpcs_task.exists() and not todo:
-        return
-    _population_lora(run, d.perpcs_task, p.perpcs_task, "Per-Pcs task LoRA")
-    task = load_adapter(d.perpcs_task)
-    by_id = {u.user_id: u for u in run.candidates}
-    engine = run.engine
-    log(f"stage 1c: Per-Pcs sharer LoRAs and gates for {len(todo)} of {len(anchors)} sharers")
-    for a in tqdm(todo, desc="sharers", disable=not run.progress):
-        seed = derive_seed(run.seed, "perpcs", a)
-        examples = engine.examples(by_id[a].history, seed, limit=p.perpcs_sharer_items)
-        if not d.perpcs_sharer(a).exists():
-            train_adapter(run, d.perpcs_sharer(a), examples, p.perpcs_sharer, seed, on=[task], probe=True)
-        gates, gate_log = train_perpcs_gates(engine, task, load_adapter(d.perpcs_sharer(a)), examples, seed)
-        with atomic_path(d.perpcs_gates(a)) as tmp:
-            save_file({m: g.contiguous().cpu() for m, g in gates.items()}, tmp, metadata={
-                "format": "pt", "train_log": json.dumps({"examples": len(examples), **summarize(gate_log)})})
-
-
-def stage1c_proper(run: Run) -> None:
-    """PROPER: the population LoRA, then the group stage on every target user of the data file (their
-    history items, never their queries), so the artifact does not depend on --users."""
-    d, p = run.dir, run.profile
-    _population_lora(run, d.proper_population, p.proper_population, "PROPER population LoRA")
-    if d.proper_group.exists():
-        return
-    users = load_test_users(run.lamp_dir, run.task_spec.name, errors={})
-    log(f"stage 1c: PROPER group stage, {p.proper_experts} experts on every FFN linear, {len(users)} target users")
-    state, train_log = train_proper_group(run.engine, load_adapter(d.proper_population), users,
-                                          derive_seed(run.seed, "proper", "group"))
-    with atomic_path(d.proper_group, is_dir=True) as tmp:
-        save_file({k: v.contiguous().cpu() for k, v in state.items()}, tmp / "mixture.safetensors",
-                  metadata={"format": "pt"})
-        write_json(tmp / "users.json", [u.user_id for u in users])
-        write_json(tmp / "train_log.json", summarize(train_log))
-
-
-def load_baselines(run: Run) -> Baselines:
-    """Whatever of Per-Pcs's and PROPER's population-level artifacts exists (a unit that needs a missing one
-    fails with an InputError naming it)."""
-    d, b = run.dir, Baselines()
-    if "perpcs" in run.methods and d.perpcs_task.exists():
-        b.perpcs_task = load_adapter(d.perpcs_task)
-        for a in stage1_select(run)["anchors"]:
-            a = a["user_id"]
-            if d.perpcs_sharer(a).exists() and d.perpcs_gates(a).exists():
-                b.perpcs_sharers[a] = load_adapter(d.perpcs_sharer(a))
-                b.perpcs_gates[a] = load_file(d.perpcs_gates(a))
-    if "proper" in run.methods and d.proper_population.exists() and d.proper_group.exists():
-        b.proper_population = load_adapter(d.proper_population)
-        b.proper_group = load_file(d.proper_group / "mixture.safetensors")
-        b.proper_users = read_json(d.proper_group / "users.json")
-    return b
+def load_baselines(run: Run) -> dict[str, Baseline]:
+    """Each baseline the run includes, with whatever of its population-level artifacts exists (a unit that needs
+    a missing one fails with an InputError naming it)."""
+    return {name: Baseline(BASELINES[name], BASELINES[name].load(run)) for name in run.procedures}
 
 
 def load_bank(run: Run) -> tuple[dict, dict[str, str]]:
@@ -427,8 +342,8 @@ def reproduce(run: Run) -> dict:
     torch.manual_seed(run.seed)
     timings = read_json(run.dir.timings) if run.dir.timings.exists() else {}
     stages = [("stage1a_select", stage1_select), ("stage1b_bank", stage1_bank),
-              ("stage2_match_anchors", stage2_match_anchors), ("stage1c_perpcs", _if_method("perpcs", stage1c_perpcs)),
-              ("stage1c_proper", _if_method("proper", stage1c_proper)), ("stage3", stage3_run)]
+              ("stage2_match_anchors", stage2_match_anchors),
+              *((f"stage1c_{name}", _if_included(name)) for name in BASELINES), ("stage3", stage3_run)]
     for name, stage in stages:
         t0 = time.perf_counter()
         stage(run)
@@ -442,8 +357,8 @@ def reproduce(run: Run) -> dict:
     return result
 
 
-def _if_method(method: str, stage):
-    return lambda run: stage(run) if method in run.methods else None
+def _if_included(name: str):
+    return lambda run: BASELINES[name].build(run) if name in run.procedures else None
 
 
 def reproduce_seeds(runs: list[Run], results: list[dict]) -> dict:

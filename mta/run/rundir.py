@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import os
 import re
 import shutil
@@ -28,45 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-_SAFE = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_-")
-_MAX_EXACT = 120  # the longest name that is the plain escape of its id
-_HEAD = 96  # escaped characters kept before the hash when the escape is longer
-
-
-def id_folder(uid: str) -> str:
-    """A user or anchor id as a folder name: one per id, always inside its parent.
-
-    [a-z0-9_-] are kept (`news_headline-a310` as is), an upper-case letter becomes
-    `+` and its lower case (`A1` -> `+a1`), any other character (a leading `-` too)
-    %xx per UTF-8 byte (`.` -> `%2e`). So names are lower-case ASCII without `.`:
-    distinct where the filesystem folds case or normalises Unicode, never `.`,
-    `..`, hidden or `*.tmp`, and they decode back to the id. An escape over 120
-    characters becomes its first 96, `~` and 16 hex of sha256(id): only two such
-    long ids can collide (odds 2**-64 a pair). An empty id raises ValueError.
-    """
-    if not isinstance(uid, str):
-        raise TypeError(f"id must be a str, not {type(uid).__name__}")
-    if not uid:
-        raise ValueError("id must not be empty")
-    parts = []
-    for i, c in enumerate(uid):
-        if c in _SAFE and (i or c != "-"):
-            parts.append(c)
-        elif "A" <= c <= "Z":
-            parts.append("+" + c.lower())
-        else:
-            parts.extend(f"%{b:02x}" for b in c.encode("utf-8", "surrogatepass"))
-    escaped = "".join(parts)
-    if len(escaped) <= _MAX_EXACT:
-        return escaped
-    head = escaped[:_HEAD]
-    # don't end on half an escape
-    cut = max(head.rfind("%", len(head) - 2), head.rfind("+", len(head) - 1))
-    if cut != -1:
-        head = head[:cut]
-    digest = hashlib.sha256(uid.encode("utf-8", "surrogatepass")).hexdigest()
-    return f"{head}~{digest[:16]}"
-
+from mta.files import id_folder
 
 _READABLE_RUN = re.compile(r"[a-z0-9][a-z0-9_.+=,-]{0,199}")
 
@@ -143,24 +104,6 @@ class RunDir:
 
     def adapter(self, anchor_id: str) -> Path:
         return self.artifacts / "bank" / id_folder(anchor_id)
-
-    @property
-    def perpcs_task(self) -> Path:
-        return self.artifacts / "perpcs" / "task_lora"
-
-    def perpcs_sharer(self, anchor_id: str) -> Path:
-        return self.artifacts / "perpcs" / "sharers" / id_folder(anchor_id)
-
-    def perpcs_gates(self, anchor_id: str) -> Path:
-        return self.artifacts / "perpcs" / "gates" / f"{id_folder(anchor_id)}.safetensors"
-
-    @property
-    def proper_population(self) -> Path:
-        return self.artifacts / "proper" / "population_lora"
-
-    @property
-    def proper_group(self) -> Path:
-        return self.artifacts / "proper" / "group"
 
     @property
     def matches(self) -> Path:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from mta.baselines import perpcs, proper
 from mta.data.lamp import get_task
 from mta.eval import report
 from mta.files import atomic_path, read_json, write_json
@@ -261,27 +262,28 @@ def _log_seconds(path: Path) -> float:
 def baseline_costs(run: Run, rows: dict) -> dict[str, dict]:
     """Per-Pcs's and PROPER's measured costs, where the run has them: training seconds and bytes stored once
     (population level) and per user, and what each stores."""
-    d, out = run.dir, {}
-    perpcs = [r for r in rows.get("perpcs", {}).values() if not r.get("error")]
-    if perpcs and d.perpcs_task.exists():
-        sharers = sorted((d.artifacts / "perpcs" / "sharers").iterdir())
-        gates = sorted((d.artifacts / "perpcs" / "gates").glob("*.safetensors"))
+    out, task = {}, perpcs.task_path(run)
+    perpcs_rows = [r for r in rows.get("perpcs", {}).values() if not r.get("error")]
+    if perpcs_rows and task.exists():
+        sharers = sorted(perpcs.sharers_dir(run).iterdir())
+        gates = sorted(perpcs.gates_dir(run).glob("*.safetensors"))
         gate_seconds = 0.0
         for g in gates:
             with safe_open(str(g), "pt") as f:
                 gate_seconds += json.loads(f.metadata()["train_log"])["seconds"]
-        chosen = [sum(len(b["sharers"]) for batches in r["pieces"].values() for b in batches) for r in perpcs]
+        chosen = [sum(len(b["sharers"]) for batches in r["pieces"].values() for b in batches) for r in perpcs_rows]
         out["perpcs"] = {
-            "once_seconds": _log_seconds(d.perpcs_task) + sum(_log_seconds(s) for s in sharers) + gate_seconds,
-            "once_bytes": _dir_bytes(d.perpcs_task) + sum(map(_dir_bytes, sharers)) + sum(map(_dir_bytes, gates)),
-            "seconds_per_user": sum(r["seconds"]["assemble"] for r in perpcs) / len(perpcs),
+            "once_seconds": _log_seconds(task) + sum(_log_seconds(s) for s in sharers) + gate_seconds,
+            "once_bytes": _dir_bytes(task) + sum(map(_dir_bytes, sharers)) + sum(map(_dir_bytes, gates)),
+            "seconds_per_user": sum(r["seconds"]["assemble"] for r in perpcs_rows) / len(perpcs_rows),
             "bytes_per_user": 8 * sum(chosen) / len(chosen),  # an int32 sharer index and an fp32 weight per piece
             "stores": {"once": "task LoRA, one LoRA and one gate vector per module per sharer",
                        "per_user": "per module and batch, the chosen sharers and their weights"}}
-    proper = [r for r in rows.get("proper", {}).values() if not r.get("error")]
-    if proper and (d.proper_group / "mixture.safetensors").exists():
+    proper_rows = [r for r in rows.get("proper", {}).values() if not r.get("error")]
+    population, group = proper.population_path(run), proper.group_path(run)
+    if proper_rows and (group / "mixture.safetensors").exists():
         p, per_user_params, embedding_bytes = run.profile, 0, 0
-        with safe_open(str(d.proper_group / "mixture.safetensors"), "pt") as f:
+        with safe_open(str(group / "mixture.safetensors"), "pt") as f:
             names = f.keys()
             for key in names:
                 shape = f.get_slice(key).get_shape()
@@ -291,9 +293,9 @@ def baseline_costs(run: Run, rows: dict) -> dict[str, dict]:
                 elif key.endswith("router_l.weight"):  # W_l (E, out), trained per user, and B_u (out, r)
                     per_user_params += shape[0] * shape[1] + p.proper_user.rank * shape[1]
         out["proper"] = {
-            "once_seconds": _log_seconds(d.proper_population) + read_json(d.proper_group / "train_log.json")["seconds"],
-            "once_bytes": _dir_bytes(d.proper_population) + _dir_bytes(d.proper_group) - embedding_bytes,
-            "seconds_per_user": sum(r["seconds"]["adapt"] for r in proper) / len(proper),
+            "once_seconds": _log_seconds(population) + read_json(group / "train_log.json")["seconds"],
+            "once_bytes": _dir_bytes(population) + _dir_bytes(group) - embedding_bytes,
+            "seconds_per_user": sum(r["seconds"]["adapt"] for r in proper_rows) / len(proper_rows),
             "bytes_per_user": 4 * per_user_params,
             "stores": {"once": "population LoRA, the experts and the input and user-embedding routers",
                        "per_user": "user embedding, user LoRA (gate/up/down) and LoRA-aware router W_l, fp32"}}

@@ -1,0 +1,231 @@
+"""Stage 3: per user, each method of `mta.methods`: fuse its meta-LoRAs (Eq. 5), add a fresh LoRA trained on
+the user's history on top (Eq. 7) as the method's row says, then generate; Per-Pcs and PROPER through their
+own `Procedure`. `run_group` does this for a group of users at once (the default, batched engine): per-row
+adapters hold each user's fused LoRA unmerged and its fresh LoRA, one pass trains and one batch decodes them
+all. `run_unit` does it for one user, folding the fused LoRA into W (the sequential engine)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from mta.data.lamp import TaskSpec, User, instruction_only, query_prompt
+from mta.errors import InputError
+from mta.methods import Method
+from mta.peft.adapter import Adapter
+from mta.profiles import LoRASpec, Profile
+from mta.seeding import derive_seed
+from mta.stages.engine import Engine, summarize
+from mta.stages.matching import fused_anchors
+from mta.stages.procedure import Baseline, Procedure
+
+
+def method_prompt(task: TaskSpec, user: User, method: Method, style: str) -> str:
+    """The query prompt with the method's number of BM25-retrieved history items (none: the instruction)."""
+    query = user.query[0]
+    if method.history_items == 0:
+        return instruction_only(task, query, style)
+    return query_prompt(task, user.history, query, k=method.history_items, style=style)
+
+@dataclass
+class Setup:
+    """What a fuse-then-train method needs for one user: the meta-LoRAs to fuse and their weights (Eq. 5-6), the
+    recipe of the LoRA trained on top and its examples (Eq. 7)."""
+
+    adapters: list[Adapter]
+    weights: list[float]
+    recipe: LoRASpec | None
+    examples: list
+    seconds: dict
+    extra: dict
+
+def method_setup(engine: Engine, user: User, method: Method, match: dict | None, bank: dict[str, Adapter],
+                 unit_seed: int) -> Setup:
+    p = engine.profile
+    seconds, extra = {}, {}
+    adapters, weights = [], []
+    if method.anchors != "none":
+        if match is None:
+            raise InputError(f"user {user.user_id}: no stage-2 match (rerun tools/match_anchors.py)")
+        anchors, weights = fused_anchors(match, p, method.anchors, unit_seed)
+        missing = [a for a in anchors if a not in bank]
+        if missing:
+            raise InputError(f"bank has no adapter for anchor(s) {missing} (rerun tools/train_bank.py)")
+        adapters = [bank[a] for a in anchors]
+        seconds["match"] = match["seconds"]
+        extra.update(anchors=anchors, weights=weights)
+    recipe = None if method.recipe == "none" else getattr(p, method.recipe)
+    examples = engine.examples(user.history, unit_seed) if recipe else []
+    return Setup(adapters, weights, recipe, examples, seconds, extra)
+
+def prepare_weights(engine: Engine, user: User, method: Method, match: dict | None, bank: dict[str, Adapter],
+                    unit_seed: int, baselines: Mapping[str, Baseline] | None = None) -> tuple[dict, dict]:
+    """Set the model up as the method's row says. Returns (seconds per phase, details for the result)."""
+    if method.procedure != "fuse_then_train":
+        return prepare_procedure(engine, user, method, baselines, unit_seed)
+    setup = method_setup(engine, user, method, match, bank, unit_seed)
+    log, phases = engine.personalize(setup.adapters, setup.weights, setup.recipe, setup.examples, unit_seed)
+    extra = {**setup.extra, **({"train": summarize(log)} if log is not None else {})}
+    return {**setup.seconds, **phases}, extra
+
+def unit_results(task: TaskSpec, user: User, unit: Sequence[Method], outputs: Sequence[str], seconds: dict,
+                 extra: dict) -> dict[str, dict]:
+    """Method name -> the result row of one user (its first query)."""
+    query = user.query[0]
+    return {m.name: {"user_id": user.user_id, "method": m.name, "query_id": query.id, "output": output,
+                     "prediction": task.parse(output), "gold": query.gold, "seconds": seconds, **extra}
+            for m, output in zip(unit, outputs, strict=True)}
+
+def error_results(user: User, unit: Sequence[Method], error: Exception) -> dict[str, dict]:
+    return {m.name: {"user_id": user.user_id, "method": m.name, "error": str(error)} for m in unit}
+
+def run_unit(engine: Engine, user: User, unit: Sequence[Method], match: dict | None,
+             bank: dict[str, Adapter], seed: int, baselines: Mapping[str, Baseline] | None = None) -> dict[str, dict]:
+    """One unit of stage 3 (`mta.methods.units`) for one user's first query -> method name: {output,
+    prediction, gold, seconds, ...}. A unit's methods share its weights and one batched generation.
+    Bad input (InputError) gives the unit's error rows."""
+    engine.reset()
+    try:
+        seconds, extra = ({}, {}) if unit[0].on_base_weights else prepare_weights(
+            engine, user, unit[0], match, bank, derive_seed(seed, user.user_id, unit[0].name), baselines)
+        tic = time.perf_counter()
+        outputs = engine.generate([method_prompt(engine.task, user, m, engine.profile.prompt_style) for m in unit])
+        generate = (time.perf_counter() - tic) / len(unit)
+    except InputError as e:
+        return error_results(user, unit, e)
+    finally:
+        engine.reset()
+    return unit_results(engine.task, user, unit, outputs, {**seconds, "generate": generate}, extra)
+
+def run_group(engine: Engine, users: Sequence[User], unit: Sequence[Method], matches: dict,
+              bank: dict[str, Adapter], seed: int, baselines: Mapping[str, Baseline] | None = None
+              ) -> dict[str, dict[str, dict]]:
+    """`run_unit` for many users at once (the batched engine): user id -> method name -> result.
+
+    Methods on W0 decode every user's prompts in batches of similar length. A fuse-then-train method gives
+    each user a slot of per-row adapters (its fused LoRA unmerged, its fresh LoRA on top), trains all the
+    slots in one pass and decodes them in one batch; each result's seconds are the group's divided by its
+    size. Per-Pcs and PROPER make each user's part in turn and decode all of them in one batch
+    (`run_procedure_group`). A user with bad input gets its error rows; the rest go on."""
+    task, style, size = engine.task, engine.profile.prompt_style, engine.profile.group_size
+    method = unit[0]
+    if method.on_base_weights:
+        prompts = [(u, m, method_prompt(task, u, m, style)) for u in users for m in unit]
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i][2]))
+        outputs = [""] * len(prompts)
+        tic = time.perf_counter()
+        for i in range(0, len(order), size * len(unit)):
+            chunk = order[i: i + size * len(unit)]
+            for j, out in zip(chunk, engine.generate([prompts[j][2] for j in chunk]), strict=True):
+                outputs[j] = out
+        generate = (time.perf_counter() - tic) / len(prompts)
+        return {u.user_id: unit_results(task, u, unit, outputs[n * len(unit): (n + 1) * len(unit)],
+                                        {"generate": generate}, {"group": len(users)})
+                for n, u in enumerate(users)}
+    if method.procedure != "fuse_then_train":
+        return run_procedure_group(engine, users, unit, seed, baselines)
+    out, setups = {}, {}
+    for u in users:
+        try:
+            setups[u.user_id] = method_setup(engine, u, method, matches.get(u.user_id), bank,
+                                             derive_seed(seed, u.user_id, method.name))
+        except InputError as e:
+            out[u.user_id] = error_results(u, unit, e)
+    ok = [u for u in users if u.user_id in setups]
+    if not ok:
+        return out
+    chosen = [setups[u.user_id] for u in ok]
+    engine.reset()
+    try:
+        logs, phases = engine.personalize_many([s.adapters for s in chosen], [s.weights for s in chosen],
+                                               chosen[0].recipe, [s.examples for s in chosen],
+                                               [derive_seed(seed, u.user_id, method.name) for u in ok])
+        tic = time.perf_counter()
+        outputs = engine.generate([method_prompt(task, u, method, style) for u in ok], slots=range(len(ok)))
+        phases["generate"] = time.perf_counter() - tic
+    finally:
+        engine.reset()
+    for n, (u, s) in enumerate(zip(ok, chosen, strict=True)):
+        seconds = {**s.seconds, **{k: v / len(ok) for k, v in phases.items()}}
+        extra = {**s.extra, "group": len(ok), **({"train": summarize(logs[n])} if logs else {})}
+        out[u.user_id] = unit_results(task, u, unit, [outputs[n]], seconds, extra)
+    return out
+
+def refuse_on_quantised_base(profile: Profile, methods: Sequence[Method]) -> None:
+    """Nothing is folded into a quantised base (`mta.lora.refuse_quantized_fold`): name, before any work, a
+    chosen method that would need a fold."""
+    if profile.base_quant == "none":
+        return
+    for m in methods:
+        if m.procedure != "fuse_then_train":
+            raise ValueError(f"method {m.name}: its {m.procedure!r} procedure folds a population LoRA into W0, "
+                             f"which a quantised base (base_quant={profile.base_quant!r}) cannot take; leave it "
+                             f"out (--methods) or set base_quant='none'")
+        if m.anchors != "none" and profile.engine == "sequential":
+            raise ValueError(f"method {m.name}: the sequential engine folds the fused LoRA into W, which a "
+                             f"quantised base (base_quant={profile.base_quant!r}) cannot take; engine='batched' "
+                             f"applies it unmerged")
+
+def baseline(baselines: Mapping[str, Baseline] | None, method: Method) -> Baseline:
+    """The procedure of `method` with its artifacts, as the run loaded them."""
+    if baselines is None or method.procedure not in baselines:
+        raise ValueError(f"method {method.name}: procedure {method.procedure!r} was not loaded for this run")
+    return baselines[method.procedure]
+
+
+def prepare_procedure(engine: Engine, user: User, method: Method, baselines: Mapping[str, Baseline] | None,
+                      unit_seed: int) -> tuple[dict, dict]:
+    """One user's weights by the method's procedure, for a one-user decode. (seconds per phase, details)"""
+    procedure, artifacts = baseline(baselines, method)
+    tic = time.perf_counter()
+    procedure.begin(engine, artifacts)
+    setup = time.perf_counter() - tic
+    part, seconds, extra = procedure.part(engine, user, artifacts, unit_seed)
+    procedure.install(engine, part)
+    return {"setup": setup, **seconds}, extra
+
+def part_or_error(procedure: Procedure, engine: Engine, user: User, artifacts: object, unit_seed: int
+                  ) -> tuple[object, dict, dict] | InputError:
+    try:
+        return procedure.part(engine, user, artifacts, unit_seed)
+    except InputError as e:
+        return e
+
+def run_procedure_group(engine: Engine, users: Sequence[User], unit: Sequence[Method], seed: int,
+                        baselines: Mapping[str, Baseline] | None) -> dict[str, dict[str, dict]]:
+    """Per-Pcs or PROPER for many users (the batched engine): `begin` once, each user's part as `run_unit` makes
+    it, then all the parts in slots of one batched decode. user id -> method name -> result."""
+    method, task, style = unit[0], engine.task, engine.profile.prompt_style
+    procedure, artifacts = baseline(baselines, method)
+    out, parts, done = {}, [], []
+    engine.reset()
+    try:
+        tic = time.perf_counter()
+        procedure.begin(engine, artifacts)
+        setup = time.perf_counter() - tic
+        seeds = [derive_seed(seed, u.user_id, method.name) for u in users]
+        made = procedure.parts(engine, users, artifacts, seeds) if procedure.parts else \
+            [part_or_error(procedure, engine, u, artifacts, s) for u, s in zip(users, seeds, strict=True)]
+        for u, m in zip(users, made, strict=True):
+            if isinstance(m, InputError):
+                out[u.user_id] = error_results(u, unit, m)
+                continue
+            part, seconds, extra = m
+            parts.append(part)
+            done.append((u, seconds, extra))
+        if not done:
+            return out
+        procedure.serve(engine, parts)
+        engine.model.eval()
+        tic = time.perf_counter()
+        outputs = engine.generate([method_prompt(task, u, method, style) for u, _, _ in done], slots=range(len(done)))
+        generate = time.perf_counter() - tic
+    except InputError as e:
+        return {u.user_id: error_results(u, unit, e) for u in users}
+    finally:
+        engine.reset()
+    for (u, seconds, extra), output in zip(done, outputs, strict=True):
+        shared = {"setup": setup / len(done), "generate": generate / len(done)}
+        out[u.user_id] = unit_results(task, u, unit, [output], {**seconds, **shared}, {**extra, "group": len(done)})
+    return out

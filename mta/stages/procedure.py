@@ -1,0 +1,76 @@
+"""How a Table-1 baseline that is not fuse-then-train plugs into the stages: a `Procedure` of its own
+(`Method.procedure` names it), the run it reads its population-level inputs from, and the population LoRA
+both Per-Pcs and PROPER start from. The baselines themselves live in `mta.baselines`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple, Protocol
+
+from mta.data.lamp import TaskSpec, User
+from mta.log import log
+from mta.profiles import LoRASpec, Profile
+from mta.stages.bank import train_adapter
+from mta.stages.engine import Engine
+
+
+class RunContext(Protocol):
+    """What a baseline's population-level stage reads of its run (`mta.run.pipeline.Run` is one)."""
+
+    profile: Profile
+    seed: int
+    progress: bool
+
+    @property
+    def task_spec(self) -> TaskSpec: ...
+
+    @property
+    def engine(self) -> Engine: ...
+
+    @property
+    def candidates(self) -> list[User]: ...
+
+    @property
+    def target_users(self) -> list[User]: ...
+
+    @property
+    def anchor_ids(self) -> list[str]: ...
+
+    @property
+    def artifacts(self) -> Path: ...
+
+
+@dataclass(frozen=True)
+class Procedure:
+    """A Table-1 baseline's own set-up of a user's weights (`Method.procedure`). `build` makes its
+    population-level artifacts in the run directory (skipping those that exist) and `load` reads them (None
+    when they are not there). `begin` sets up what every user shares (W0 + its population LoRA, ...); `part`
+    makes one user's own part on it; `install` puts that part in the model for a one-user decode (the
+    sequential engine), `serve` puts many users' parts in slots of one batched decode (the batched engine)."""
+
+    build: Callable[[RunContext], None]
+    load: Callable[[RunContext], object | None]
+    begin: Callable[[Engine, object | None], None]
+    part: Callable[[Engine, User, object, int], tuple[object, dict, dict]]
+    install: Callable[[Engine, object], None]
+    serve: Callable[[Engine, Sequence], None]
+    # many users' parts at once, each as `part` makes it, or the InputError that stopped it; None: `part` in turn
+    parts: Callable[[Engine, Sequence[User], object, Sequence[int]], list] | None = None
+
+
+class Baseline(NamedTuple):
+    """A procedure with the population-level artifacts its stage-3 units read (None: not built)."""
+
+    procedure: Procedure
+    artifacts: object | None
+
+
+def train_population_lora(run: RunContext, path: Path, spec: LoRASpec, seed: int, what: str) -> None:
+    """A LoRA on the population (the bank candidates' history items), saved as a PEFT adapter."""
+    if path.exists():
+        return
+    examples = run.engine.population_examples(run.candidates, seed, run.profile.population_items)
+    log(f"stage 1c: {what} on {len(examples)} population examples (rank {spec.rank})")
+    train_adapter(run.engine, path, examples, spec, seed, probe=True)
