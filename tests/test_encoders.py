@@ -262,7 +262,7 @@ def test_offline_hub_gives_clear_error(monkeypatch):
         raise huggingface_hub.errors.LocalEntryNotFoundError("Name or service not known")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    with pytest.raises(RuntimeError, match=r"BAAI/bge-small-en-v1.5.*huggingface-cli download"):
+    with pytest.raises(RuntimeError, match=r"BAAI/bge-small-en-v1.5.*`hf download BAAI/bge-small-en-v1.5 --local-dir"):
         load_encoder("bge-small-en-v1.5")
 
 

@@ -76,14 +76,14 @@ def download(repo_id: str) -> Path:
     except GatedRepoError:
         raise CheckpointError(
             f"{repo_id}: gated on the Hugging Face Hub; accept its licence on huggingface.co/{repo_id}, "
-            "then run `huggingface-cli login` (or set HF_TOKEN)"
+            "then run `hf auth login` (or set HF_TOKEN)"
         ) from None
     except RepositoryNotFoundError:
         raise CheckpointError(f"{repo_id}: no such Hugging Face Hub repo (or it is private: set HF_TOKEN)") from None
     except Exception as e:  # offline, proxy, DNS, LocalEntryNotFoundError, ...
         raise CheckpointError(
             f"{repo_id}: cannot download from the Hugging Face Hub ({type(e).__name__}); connect to the "
-            f"internet, or download it elsewhere (`huggingface-cli download {repo_id}`) and pass the local "
+            f"internet, or download it elsewhere (`hf download {repo_id}`) and pass the local "
             "directory instead"
         ) from None
 

@@ -1,4 +1,5 @@
-"""The command line shared by the tools/ scripts: which task, data, profile, seed and users."""
+"""The flags every stage command shares (`mta <command>`, mta.run.commands): which task, data, profile, seed and
+users."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from mta.run.executor import EXECUTORS, Executor
 from mta.run.pipeline import Run
 
 
-def parser(description: str) -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=description)
+def parser(description: str, prog: str | None = None) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description=description,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", default="lamp4", help="lamp1..lamp5 or a task directory name (default lamp4)")
     ap.add_argument("--lamp-dir", type=Path, default=None, help="processed LaMP data (default: $LAMP_DIR)")
     ap.add_argument("--profile", default="auto", help="cpu, paper, or auto (paper on a GPU, else cpu)")
@@ -86,11 +88,12 @@ def run_from_args(args: argparse.Namespace, seed: int | None = None) -> Run:
                executor=Executor(args.executor, workers=args.workers, threads=args.worker_threads))
 
 
-def main(description: str, stage, argv: list[str] | None = None, add_args=None, across_seeds=None):
+def main(description: str, stage, argv: list[str] | None = None, add_args=None, across_seeds=None,
+         prog: str | None = None):
     """Parse the shared arguments and return `stage(run)`, or `stage(run, args)` for a tool whose
     `add_args(parser)` adds its own; a bad input ends with one clear line. With several seeds, every
     seed's run is checked before the first starts, and `across_seeds(runs, outputs)` gets them all."""
-    ap = parser(description)
+    ap = parser(description, prog)
     if add_args:
         add_args(ap)
     args = ap.parse_args(argv)

@@ -239,7 +239,7 @@ def _resolve_directory(name: str, spec: EncoderSpec | None) -> Path:
     except Exception as err:  # offline, unknown repo, gated repo, ...
         raise RuntimeError(
             f"could not fetch encoder {repo_id!r} from the Hugging Face Hub ({type(err).__name__}: {err}). "
-            f"Without internet, download it elsewhere with `huggingface-cli download {repo_id} "
+            f"Without internet, download it elsewhere with `hf download {repo_id} "
             f"--local-dir DIR` (config.json, *.safetensors or pytorch_model.bin, tokenizer files), copy DIR "
             f"here and pass its path to load_encoder, or prefill the Hub cache (HF_HOME)."
         ) from err
