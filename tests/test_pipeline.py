@@ -50,8 +50,8 @@ def test_rerun_recomputes_only_the_deleted_unit(tiny_run, monkeypatch):
     before = json.loads(victim.read_text())
     victim.unlink()
     calls = []
-    real = pipeline.run_unit
-    monkeypatch.setattr(pipeline, "run_unit", lambda *a, **k: calls.append([m.name for m in a[2]]) or real(*a, **k))
+    real = pipeline.run_group
+    monkeypatch.setattr(pipeline, "run_group", lambda *a, **k: calls.append([m.name for m in a[2]]) or real(*a, **k))
     main("test", pipeline.reproduce, argv)
     assert calls == [["mta"]]
     after = json.loads(victim.read_text())
@@ -104,8 +104,8 @@ def test_baselines_resume_like_every_unit(tiny_run, monkeypatch):
     for m in ("perpcs", "proper"):
         (user / f"{m}.json").unlink()
     calls = []
-    real = pipeline.run_unit
-    monkeypatch.setattr(pipeline, "run_unit", lambda *a, **k: calls.append([m.name for m in a[2]]) or real(*a, **k))
+    real = pipeline.run_group
+    monkeypatch.setattr(pipeline, "run_group", lambda *a, **k: calls.append([m.name for m in a[2]]) or real(*a, **k))
     main("test", pipeline.reproduce, argv)
     assert calls == [["perpcs"], ["proper"]]
     after = load_file(gates), *(json.loads((user / f"{m}.json").read_text()) for m in ("perpcs", "proper"))

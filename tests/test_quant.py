@@ -327,3 +327,19 @@ def test_a_quantised_base_refuses_a_fold_before_any_work(tiny_run_inputs, tmp_pa
     with pytest.raises(SystemExit, match=r"method merged_only: the sequential engine folds the fused LoRA into W"):
         main("test", pipeline.reproduce, argv + ["--methods", "rag1,merged_only", "--set", "engine=sequential"])
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_group_of_one_on_a_quantised_base_takes_the_batched_engine(tiny_run_inputs, tmp_path):
+    """A resume that has one user left (or a last group of one) runs on the same batched engine as every other
+    group, so a quantised base, which the one-user fold path refuses, still serves it."""
+    lamp, llm, bert = tiny_run_inputs
+    profile = make_profile(tmp_path / "q4.json", llm, bert, base_quant="q4", name="q4")
+    argv = ["--profile", str(profile), "--lamp-dir", str(lamp), "--runs", str(tmp_path / "runs"), "--users", "2",
+            "--methods", "rag1,merged_only,mta", "--no-progress"]
+    first = main("test", pipeline.reproduce, argv)
+    users = tmp_path / "runs" / "news_headline" / "q4-seed0" / "users"
+    for m in ("merged_only", "mta"):
+        (next(users.iterdir()) / f"{m}.json").unlink()
+    again = main("test", pipeline.reproduce, argv)
+    assert not any(again["failures"].values())
+    assert {u: set(rows) for u, rows in again["per_user"].items()} == {u: set(rows) for u, rows in first["per_user"].items()}

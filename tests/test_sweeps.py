@@ -30,7 +30,7 @@ def test_sweep_writes_json_and_png(tiny_run, what, monkeypatch):
         assert all("changed" in row for p in out["points"].values() for m, row in p.items() if m != "merged_only")
         # a finished sweep recomputes nothing
         calls = []
-        monkeypatch.setattr(pipeline, "run_unit", lambda *a, **k: calls.append(a) or None)
+        monkeypatch.setattr(pipeline, "run_group", lambda *a, **k: calls.append(a) or None)
         main("test", lambda run: run_sweep(run, what, POINTS.get(what)), argv)
         assert calls == []
 

@@ -188,7 +188,7 @@ def bank_group(run: Run, anchor_ids: Sequence[str]) -> None:
     examples = [run.engine.examples(by_id[a].history, seed, limit=p.max_items_per_anchor, bank=True)
                 for a, seed in zip(anchor_ids, seeds, strict=True)]
     paths = [run.dir.adapter(a) for a in anchor_ids]
-    if len(anchor_ids) > 1:
+    if p.engine == "batched":
         train_adapters(run.engine, paths, examples, p.bank, seeds)
     else:
         train_adapter(run.engine, paths[0], examples[0], p.bank, seeds[0])
@@ -270,7 +270,7 @@ def stage3_group(run: Run, user_ids: Sequence[str], unit: Sequence, cache: dict)
     matches, bank, baselines = cache["matches"], cache["bank"], cache["baselines"]
     by_id = {u.user_id: u for u in run.test_users}
     group = [by_id[uid] for uid in user_ids]
-    if len(group) == 1:
+    if run.profile.engine == "sequential":
         results = {group[0].user_id: run_unit(run.engine, group[0], unit, matches.get(group[0].user_id), bank,
                                               run.seed, baselines)}
     else:
