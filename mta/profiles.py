@@ -7,7 +7,6 @@ resolved profile is written beside the results as `config.json`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import types
 import typing
@@ -266,8 +265,6 @@ class Profile:
     def replace(self, **changes) -> Profile:
         return dataclasses.replace(self, **changes)
 
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
 
 def profile_from_dict(data: dict, source: str = "<profile>") -> Profile:

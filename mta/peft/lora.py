@@ -68,10 +68,6 @@ class LoRALinear(nn.Module):
         h = self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))) * self.scaling  # (..., r): scale the narrow side
         return (y + self.lora_B(h)).to(y.dtype)
 
-    def delta_weight(self) -> Tensor:
-        """scaling · B @ A in fp32, shape (out, in)."""
-        return self.lora_B.weight.float() @ self.lora_A.weight.float() * self.scaling
-
     @torch.no_grad()
     def merge(self, name: str = "") -> nn.Linear:
         """Fold B @ A into the base weight (fp32 accumulation) and return the base layer."""

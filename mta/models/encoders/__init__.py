@@ -156,11 +156,6 @@ def history_document_embeddings(
     return encoder.encode(docs, batch_size=batch_size, progress=progress)
 
 
-def history_document_embedding(encoder: Encoder, items: Sequence[str], sep: str = "\n") -> np.ndarray:
-    """Stage 2 for one user -> float32 (D,)."""
-    return history_document_embeddings(encoder, [items], sep=sep)[0]
-
-
 def load_encoder(
     name_or_path: str | Path = DEFAULT_ENCODER, device: str = "cpu", dtype: torch.dtype = torch.float32
 ) -> Encoder:
