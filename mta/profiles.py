@@ -26,7 +26,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 FUSIONS = ("paper", "authors_code")
 BANK_DATA = ("adaptation", "authors_code")
 EMPTY_CLUSTER = ("most_active", "none")
-BASE_QUANTS = ("none", "q4", "q8")  # mta.checkpoint.QUANTS
+BASE_QUANTS = ("none", "q4", "q8")  # mta.models.checkpoint.QUANTS
 ENGINES = ("batched", "sequential")
 
 
@@ -114,7 +114,7 @@ class LoRASpec:
 @dataclass(frozen=True)
 class Profile:
     name: str
-    llm: str  # model registry name or path (mta.checkpoint.load_llm)
+    llm: str  # model registry name or path (mta.models.checkpoint.load_llm)
     stage1_encoder: str  # per-item embeddings for clustering (paper: deberta-v3-large)
     stage2_encoder: str  # whole-history embeddings for matching (paper: bge-small-en-v1.5)
     dtype: str = "float32"
@@ -129,7 +129,7 @@ class Profile:
     # (Eq. 3 as the paper states it); "none" leaves it without an anchor (the authors' code).
     empty_cluster: str = "most_active"
     # Batch 1 for the bank: the paper gives no batch size, and with 8 the meta-LoRAs barely move in
-    # 3 epochs (see the README); 1 reproduces the issue's independent cross-check of Merged-only.
+    # 3 epochs; 1 reproduces the independent cross-check of Merged-only (docs/defaults/bank-batch.md).
     bank: LoRASpec = LoRASpec(batch_size=1)
     oppu: LoRASpec = LoRASpec()
     # Stacked rank-4 LoRA (paper Table 4). The same recipe serves Adapt-only.
@@ -139,11 +139,11 @@ class Profile:
     fusion: str = "paper"
     fixed_alpha: float | None = None  # Fig. 3: alpha * anchor_1 + (1 - alpha) * anchor_2 instead of Eq. 6
     # The one default of the merge space: "param" is Eq. 5 literally, "delta" merges sum_i a_i B_i A_i
-    # exactly; PEFT's "linear", "cat" and "svd" are there for comparison (kernels.merge).
+    # exactly; PEFT's "linear", "cat" and "svd" are there for comparison (mta.ops.merge).
     merge_space: str = "param"
     max_items_per_anchor: int | None = None  # cap on bank training examples per anchor
     # "adaptation": bank examples are built like a user's adaptation data (one BM25 history item over the
-    # other items). "authors_code": as the released prepare_meta_lora.py builds them (mta.lamp.bank_history).
+    # other items). "authors_code": as the released prepare_meta_lora.py builds them (mta.data.lamp.bank_history).
     bank_data: str = "adaptation"
     max_prompt_tokens: int = 512  # prompts are left-truncated to this many tokens
     max_new_tokens: int = 32
@@ -152,15 +152,15 @@ class Profile:
     prompt_style: str = "authors_code"
     encoder_batch_size: int = 32
     # Stage 1b and stage 3: "batched" trains and decodes `group_size` adapters (anchors, or users of one method)
-    # in one pass through per-row adapters; "sequential" one at a time, the reference (README, "Many users").
+    # in one pass through per-row adapters; "sequential" one at a time, the reference (docs/defaults/engine.md).
     engine: str = "batched"
     group_size: int = 8  # adapter factors and activations grow with it, never a copy of W
     rows_per_pass: int | None = 8  # rows per forward of a batched training step, or of a prefill on W0; None: all
     # bf16 autocast for every training and decoding step (`mta.precision`); None: where the device computes
     # bf16 natively (CUDA, AVX512-BF16 or AMX), fp32 elsewhere. A run records the resolved choice. The `cpu`
-    # profile keeps None because bf16 passed the cross-check (README, "Many users in one batch").
+    # profile keeps None because bf16 passed the cross-check (docs/defaults/precision.md).
     bf16: bool | None = None
-    # ---- the two trained baselines of Table 1 (README, "Per-Pcs and PROPER"); defaults: their releases.
+    # ---- the two trained baselines of Table 1 (docs/baselines.md); defaults: their releases.
     # Population-level examples (the bank candidates' history items) each population LoRA trains on; None: all.
     population_items: int | None = None
     # Per-Pcs: task LoRA on the population, folded into W0; one sharer LoRA per stage-1 anchor on top of it;
@@ -177,7 +177,7 @@ class Profile:
     perpcs_assembly_batch: int = 16
     perpcs_user_items: int | None = None  # the target user's items the assembly scores the gates on; None: all
     # PROPER: population LoRA folded into W0; group stage (a mixture of LoRA experts on every FFN linear,
-    # trained on the target users' history items); per-user LoRA; LoRA-aware router (`mta.proper`).
+    # trained on the target users' history items); per-user LoRA; LoRA-aware router (`mta.baselines.proper`).
     proper_population: LoRASpec = LoRASpec(rank=8, alpha=16.0, targets=ATTENTION, lr=3e-4, epochs=3, batch_size=2,
                                            grad_accum=4, weight_decay=0.1, warmup_ratio=0.03)
     proper_group: LoRASpec = LoRASpec(rank=4, alpha=8.0, dropout=0.05, targets=FFN, lr=2e-4, epochs=2, batch_size=1,
@@ -330,12 +330,12 @@ CPU = PAPER.replace(
     rows_per_pass=8,
     max_items_per_anchor=48,
     max_prompt_tokens=384,
-    # Chosen on 20 dev users by `make sweep WHAT=adapt` (README): with Table 4's 6 steps at lr 1e-4 the
-    # stacked LoRA changed 4 of 20 outputs; this recipe changes most of them in a third of the compute.
+    # Chosen on 20 dev users by `make sweep WHAT=adapt` (docs/defaults/adaptation-recipe.md): with Table 4's 6 steps
+    # at lr 1e-4 the stacked LoRA changed 4 of 20 outputs; this recipe changes most of them in a third of the compute.
     stack=LoRASpec(rank=4, alpha=8.0, lr=1e-3, epochs=1, batch_size=2),
     oppu=LoRASpec(lr=1e-3, epochs=1, batch_size=2),
-    # Per-Pcs and PROPER: caps by the time rule of the README ("Per-Pcs and PROPER at CPU scale"), fixed before
-    # any score was seen: both together at most 40 % of the cold 50-user run. Parts with at least 40 optimizer
+    # Per-Pcs and PROPER: caps by a time rule fixed before any score was seen (docs/defaults/baseline-caps.md):
+    # both together at most 40 % of the cold 50-user run. Parts with at least 40 optimizer
     # steps keep the release's lr; parts with fewer take the CPU adaptation recipe's 1e-3. No dropout, as in
     # every CPU recipe.
     population_items=58,
@@ -352,8 +352,8 @@ CPU = PAPER.replace(
     proper_group_items=1,
     proper_user=LoRASpec(rank=4, alpha=8.0, targets=FFN, lr=1e-3, epochs=1, batch_size=2, warmup_ratio=0.0),
     proper_router=LoRASpec(rank=4, alpha=8.0, targets=FFN, lr=1e-3, epochs=1, batch_size=2, warmup_ratio=0.0),
-    # The rule's second application (README): the measured per-user PROPER stage cut to fit 35 %; its third,
-    # after the batched engine and bf16 shortened the other methods: every item cap above and here times 0.6.
+    # The measured per-user PROPER stage cut to fit the rule, then every item cap scaled by 0.6 once the batched
+    # engine and bf16 had shortened the other methods (docs/defaults/baseline-caps.md).
     proper_user_items=2,
     proper_router_items=1,
     per_task={},

@@ -1,4 +1,4 @@
-"""Per-Pcs and PROPER against their formulas (mta.perpcs, mta.proper), on tiny random models."""
+"""Per-Pcs and PROPER against their formulas (mta.baselines.perpcs, mta.baselines.proper), on tiny random models."""
 
 import copy
 import math

@@ -1,4 +1,4 @@
-"""kernels.merge against the naive formula W0 + Σ w_i s_i B_i A_i.
+"""mta.ops.merge against the naive formula W0 + Σ w_i s_i B_i A_i.
 
 No BLAS promises bit-identical results for GEMMs of different shapes (row chunks against the whole
 matrix, or one library against another): the summation order, blocking and FMA use may change with

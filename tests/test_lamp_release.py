@@ -1,4 +1,4 @@
-"""The LaMP release converter (mta.lamp_release) and its CLI (tools/download_lamp.py).
+"""The LaMP release converter (mta.data.lamp_release) and its CLI (tools/download_lamp.py).
 
 `write_release` builds tiny, deterministic files in the official layout for any of
 the five tasks;

@@ -1,4 +1,4 @@
-"""Parity of mta.llama with transformers.LlamaForCausalLM on tiny random configs."""
+"""Parity of mta.models.llama with transformers.LlamaForCausalLM on tiny random configs."""
 
 import pytest
 import torch

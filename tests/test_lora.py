@@ -1,4 +1,5 @@
-"""Golden tests of mta.lora, mta.adapter and mta.fusion against peft on tiny random transformers Llama models."""
+"""Golden tests of mta.peft.lora, mta.peft.adapter and mta.peft.fusion against peft
+on tiny random transformers Llama models."""
 import copy
 import os
 

@@ -1,4 +1,4 @@
-"""mta.paper_prompts against Appendix E of the MTA paper, written out by hand here."""
+"""mta.data.paper_prompts against Appendix E of the MTA paper, written out by hand here."""
 import re
 import string
 

@@ -1,8 +1,8 @@
-"""Quantised base weights (kernels.quant): matmuls against the dequantised weight, GGUF blocks kept exactly,
+"""Quantised base weights (mta.ops.quant): matmuls against the dequantised weight, GGUF blocks kept exactly,
 LoRA on a quantised base, load_llm(quant=...), and the refusal to fold into quantised weights.
 
 Bounds. A quantised matmul and F.linear over the dequantised weight see the same weights (bit for bit in
-fp32: see kernels.quant) and differ only in summation order, so in fp32 |y - y_ref| <= 1e-5 · (|x| @ |W|ᵀ)
+fp32: see mta.ops.quant) and differ only in summation order, so in fp32 |y - y_ref| <= 1e-5 · (|x| @ |W|ᵀ)
 (K <= 1536 terms, 2^-24 each, with margin). With bf16 activations the kernels also round x, the scales and
 zeros and y to bf16 (8 significant bits), so the bound is 2^-6 · (|x| @ |W|ᵀ).
 """

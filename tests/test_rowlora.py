@@ -1,5 +1,5 @@
-"""Per-row adapters (kernels.rowlora, mta.multi_lora) against a loop over users with ordinary LoRALinear
-layers, and against fold-then-stack (mta.fusion.stack_lora), on a tiny mta.llama model."""
+"""Per-row adapters (mta.ops.rowlora, mta.peft.multi_lora) against a loop over users with ordinary LoRALinear
+layers, and against fold-then-stack (mta.peft.fusion.stack_lora), on a tiny mta.models.llama model."""
 import copy
 
 import pytest

@@ -1,4 +1,4 @@
-"""LaMP-1, 3 and 5 end to end: tiny files in the official release layout, converted by mta.lamp_release,
+"""LaMP-1, 3 and 5 end to end: tiny files in the official release layout, converted by mta.data.lamp_release,
 then every stage and method through `make reproduce`'s entry point, scored with each task's metrics."""
 
 import json

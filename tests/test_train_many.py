@@ -1,4 +1,5 @@
-"""U stacked LoRAs trained in one pass (mta.train_many) against each trained alone with mta.train.train."""
+"""U stacked LoRAs trained in one pass (mta.training.train_many) against each trained alone with
+mta.training.train.train."""
 import copy
 import dataclasses
 

@@ -1,4 +1,4 @@
-"""Benchmark mta.llama against transformers on SmolLM2-135M: same weights, threads and prompts, one run.
+"""Benchmark mta.models.llama against transformers on SmolLM2-135M: same weights, threads and prompts, one run.
 
 Prints, per dtype (fp32, the dequantized GGUF values, and bf16, those values rounded once; both sides
 always hold the same tensors): greedy decode tokens/s (batch 1 and 8, 64 new tokens; ours eager and with

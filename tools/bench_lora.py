@@ -2,7 +2,7 @@
 
 1. LoRA fine-tuning step throughput (tokens/s) on SmolLM2-135M, rank 8, all linear layers, batch 4 x 256
    tokens (224 prompt + 32 response, the shape of a LaMP example), same data, same threads, same loop
-   (mta.train.train); the transformers model computes full logits, ours only the response positions.
+   (mta.training.train.train); the transformers model computes full logits, ours only the response positions.
 2. Merging K=2 rank-8 all-linear adapters (bf16 weights) into SmolLM2-135M and into one
    Llama-3-8B-shaped decoder layer: ours (one fused GEMM per module) vs PEFT add_weighted_adapter("cat",
    exact) + merge_and_unload, with the extra peak memory of each and a plain W.add_(tensor) pass over
@@ -45,11 +45,11 @@ def reference(name: str):
 
 
 def smollm2() -> tuple[LlamaForCausalLM, dict]:
-    """SmolLM2-135M from the package GGUF when mta.checkpoint can load it, else random weights of its shape."""
+    """SmolLM2-135M from the package GGUF when mta.models.checkpoint can load it, else random weights of its shape."""
     try:
         from mta.models.checkpoint import load_llm
         model, _ = load_llm("smollm2-135m", dtype=torch.float32)
-        print("SmolLM2-135M: real weights via mta.checkpoint.load_llm")
+        print("SmolLM2-135M: real weights via mta.models.checkpoint.load_llm")
         return model, SMOLLM2_135M
     except (ImportError, FileNotFoundError) as e:
         print(f"SmolLM2-135M: random weights of its shape ({e.__class__.__name__}: {e})")

@@ -1,4 +1,4 @@
-"""Many users at once against one at a time: per-row adapters (mta.multi_lora) vs a loop over users.
+"""Many users at once against one at a time: per-row adapters (mta.peft.multi_lora) vs a loop over users.
 
 For U users, each with a fused K=2 bank LoRA (Eq. 5) and a stacked LoRA on top (Eq. 7), on a random Llama
 of a chosen shape:

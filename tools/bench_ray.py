@@ -1,11 +1,11 @@
 """What `--executor ray` costs: the scheduling overhead per job, and a simulated fan-out.
 
-  overhead   N no-op jobs through W workers (mta.executor, as the pipeline submits them): milliseconds per job
+  overhead   N no-op jobs through W workers (mta.run.executor, as the pipeline submits them): milliseconds per job
   fan-out    200 jobs that each sleep --unit-s (a stand-in for a unit whose time is spent elsewhere: a GPU,
              I/O) over 8 workers, against the ideal 200 * unit / 8
 
 run: python tools/bench_ray.py [--jobs 200] [--unit-s 0.2]
-The real unit it compares with: a stage-3 MTA unit, about 8 s per user on 2 CPU cores (README, "Status").
+The real unit it compares with: a stage-3 MTA unit, about 8 s per user on 2 CPU cores (docs/results.md).
 
 With --stage3 RUN_DIR (a finished `make reproduce` directory), stage 3 of the pipeline itself instead: every
 method for the first --users test users on that run's artifacts, serially with 2 torch threads against 2 Ray

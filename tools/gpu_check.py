@@ -1,10 +1,10 @@
 """The batched engine at paper scale on one GPU, without weights: a randomly initialised Llama-3-8B-shaped
 model in bf16 (32 layers, 4096 wide, GQA 32/8 heads, 14,336 FFN, 128,256 tokens).
 
-  bank     8 meta-LoRAs (rank 8, every linear) trained together in one pass (`mta.train_many`)
+  bank     8 meta-LoRAs (rank 8, every linear) trained together in one pass (`mta.training.train_many`)
   users    32 users, each fusing 2 of those meta-LoRAs (Eq. 5, unmerged) under a fresh rank-4 stacked LoRA
            (Eq. 7), all trained together in one pass
-  decode   one batched greedy decode of those 32 users (`mta.multi_lora.generate_many`)
+  decode   one batched greedy decode of those 32 users (`mta.peft.multi_lora.generate_many`)
 
 Each reports wall time and peak GPU memory; then the CUDA test subset (`pytest -m cuda`) runs.
 run: python tools/gpu_check.py            (on a CUDA machine; about 5 minutes on one H200)

@@ -1,5 +1,5 @@
 """Per-Pcs (Tan, Liu and Jiang 2024): sharer LoRAs cut into pieces, gates that score them, and the
-training-free assembly of a target user's LoRA, as the released code runs them (README, "Per-Pcs and PROPER").
+training-free assembly of a target user's LoRA, as the released code runs them (docs/baselines.md).
 
 A piece is one sharer's (A, B) of one (layer, module). Each sharer LoRA gets one gate vector g per module,
 trained with the LoRA frozen while the LoRA's input is rescaled per token by sigmoid(x · g). For a target

@@ -1,5 +1,5 @@
 """PROPER (Zhang et al. 2025): a mixture of LoRA experts on every FFN linear, its routers, a per-user LoRA
-and a LoRA-aware router, as the released code runs them (README, "Per-Pcs and PROPER").
+and a LoRA-aware router, as the released code runs them (docs/baselines.md).
 
 Every FFN linear (gate/up/down) becomes a MixtureLinear with E experts E_i(x) = s · B_i A_i x:
 
@@ -9,7 +9,7 @@ Every FFN linear (gate/up/down) becomes a MixtureLinear with E experts E_i(x) = 
 
 with c = 0.2 (1/E for the release's 5 experts) and e_u the user's row of a learned embedding table. The
 router stage's form is also the one inference uses; `serve_users` holds many users' trained u and W_l as
-slots, so one batched decode serves them all (row n uses the slot `mta.multi_lora.set_rows` gives it);
+slots, so one batched decode serves them all (row n uses the slot `mta.peft.multi_lora.set_rows` gives it);
 `add_user_slots` makes such slots fresh, so many users' user and router stages train in one pass.
 `constraint_loss` is the release's Σ_{i≠j} |M_i M_j| averaged over modules (M the mean routing weights),
 made differentiable.
@@ -92,7 +92,7 @@ class MixtureLinear(nn.Module):
         self.user_scaling = alpha / r
 
     def set_rows(self, index: Tensor | None) -> None:
-        """The served slot (B,) of each row of the next batches (`mta.multi_lora.set_rows` sets it)."""
+        """The served slot (B,) of each row of the next batches (`mta.peft.multi_lora.set_rows` sets it)."""
         self.slots = None if index is None else index.to(device=self.experts_A.device, dtype=torch.long)
 
     def user_factors(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -194,8 +194,8 @@ def user_part(model: nn.Module, slot: int | None = None) -> dict[str, tuple[Tens
 def add_user_slots(model: nn.Module, r: int, alpha: float, seeds: Sequence[int]) -> None:
     """Slot u of every mixture: a fresh user LoRA drawn as `add_user_lora` draws it after torch.manual_seed(seeds[u])
     (the same draws, in the same module order), and W_l as it is now. These banks are served per row
-    (`mta.multi_lora.set_rows`), so the user and router stages of many users train them in one pass
-    (`mta.train_many.train_many` over `stage_parameters`)."""
+    (`mta.peft.multi_lora.set_rows`), so the user and router stages of many users train them in one pass
+    (`mta.training.train_many.train_many` over `stage_parameters`)."""
     modules, drawn = mixtures(model), {}
     for seed in seeds:
         torch.manual_seed(seed)
@@ -213,7 +213,7 @@ def add_user_slots(model: nn.Module, r: int, alpha: float, seeds: Sequence[int])
 @torch.no_grad()
 def serve_users(model: nn.Module, parts: Sequence[dict[str, tuple[Tensor, Tensor, Tensor]]]) -> None:
     """Slot i of every mixture gets user i's trained part (`user_part`); the model routes as the router stage
-    does, each batch row by its own slot (`mta.multi_lora.set_rows`)."""
+    does, each batch row by its own slot (`mta.peft.multi_lora.set_rows`)."""
     for name, m in mixtures(model).items():
         A, B, W_l = (torch.stack([part[name][j] for part in parts]) for j in range(3))
         m.served = (A, B, W_l)  # (U, r_u, in), (U, out, r_u), (U, E, out); s_u stays add_user_lora's
@@ -363,7 +363,7 @@ def details(user_examples: Sequence, router_examples: Sequence, user_log: TrainL
 def part(engine: Engine, user: User, artifacts: Artifacts, unit_seed: int) -> tuple[dict, dict, dict]:
     """PROPER for one target user, on the mixture as the group stage left it (W_l included): a user LoRA trained
     on the user's history, then the LoRA-aware router W_l alone; generation routes by W_l. The model is left as
-    the router stage set it. (the trained part `mta.user_part`, seconds, details)"""
+    the router stage set it. (the trained part `user_part`, seconds, details)"""
     row = torch.tensor([user_row(artifacts, user)], device=engine.model.device)
     p = engine.profile
     load_mixture_state(engine.model, artifacts.group, "proper/group")  # W_l back to its start
@@ -389,7 +389,7 @@ def parts(engine: Engine, users: Sequence[User], artifacts: Artifacts, unit_seed
                  ) -> list[tuple[dict, dict, dict] | InputError]:
     """`part` for many users in one pass each of the user and the router stage (the batched engine): slot u
     of every mixture holds user u's LoRA, initialised as `part` would under `unit_seeds[u]`, and W_l as the
-    group stage left it (`add_user_slots`); `mta.train_many.train_many` trains every slot as `train`
+    group stage left it (`add_user_slots`); `mta.training.train_many.train_many` trains every slot as `train`
     would alone. One entry per user: its part, seconds and details, or the InputError that stopped it."""
     out: list = [None] * len(users)
     slots = []  # one per user with a part to make: (its index in users, its embedding row, user / router examples)

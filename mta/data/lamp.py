@@ -15,7 +15,7 @@ as the authors' scripts build it (zyj1214566/MTA), one script per use:
   item, no retrieval); gap `train_gap`.
 - test queries (`query_prompt`, data/<task>/create_eval_data.py): BM25 over `retrieval_doc` of
   the whole profile, queried with `query_retrieval`; instruction `query_instruction`; gap `query_gap`.
-Retrieval is a plain callable, `mta.bm25.top_k` by default.
+Retrieval is a plain callable, `mta.data.bm25.top_k` by default.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from mta.data.bm25 import top_k as bm25_top_k
 from mta.errors import InputError
 from mta.files import read_json
 
-# retrieve(query, docs, k) -> indices of the k best docs, best first (default: mta.bm25.top_k).
+# retrieve(query, docs, k) -> indices of the k best docs, best first (default: mta.data.bm25.top_k).
 Retriever = Callable[[str, Sequence[str], int], list[int]]
 
 MOVIE_TAGS = (

@@ -1,4 +1,4 @@
-"""The official LaMP release -> the processed layout the MTA code reads (`mta.lamp`).
+"""The official LaMP release -> the processed layout the MTA code reads (`mta.data.lamp`).
 
 Official release, per task and split (user-based split; LaMP-2: the re-released
 movie tagging under LaMP_2/new/):
@@ -6,7 +6,7 @@ movie tagging under LaMP_2/new/):
         [{"id", "input", "profile": [item, ...]}, ...]
     <raw>/LaMP_<n>/<split>_outputs.json
         {"task": "LaMP_<n>", "golds": [{"id", "output"}, ...]}
-Processed layout (what `mta.lamp.load_candidates` / `load_test_users` read):
+Processed layout (what `mta.data.lamp.load_candidates` / `load_test_users` read):
     <out>/<task>/user_anchor_candidate.json
         bank candidates: [{"user_id", "profile"}]
     <out>/<task>/test_100/test_100.json
@@ -29,7 +29,7 @@ lacks. A `citation` field is passed through when the items carry one; otherwise
 Nothing is written until every input file has been read and validated; bad input
 raises `LampDataError` naming the file, the question (or gold) id and the field.
 Both outputs are written under temporary names, then renamed together
-(`mta.rundir.atomic_path`).
+(`mta.files.atomic_path`).
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ def fetch(
 
 
 def load_json(path: str | os.PathLike, what: str = "entry") -> object:
-    """A JSON file via `mta.rundir.read_json`. A missing or malformed file raises
+    """A JSON file via `mta.files.read_json`. A missing or malformed file raises
     LampDataError naming the file and, for malformed JSON, the position, the id of
     the enclosing `what` (e.g. 'question') and the field path where parsing stopped."""
     path = Path(path)
@@ -512,7 +512,7 @@ def split_users(
     history_len: int | None = None,
     drop_leaks: bool = True,
 ) -> Split:
-    """Appendix B: test users drawn by `mta.lamp.select_test_users` among users with
+    """Appendix B: test users drawn by `mta.data.lamp.select_test_users` among users with
     exactly `history_len` items (default: the task's, 10/50/100), or taken from
     `test_file` (the authors' test_100.json, matched to official questions by
     question id); all other users are bank candidates, minus (drop_leaks) those

@@ -1,6 +1,6 @@
 """The prompt templates of the MTA paper's Appendix E, written out as the paper prints them.
 
-They are kept apart from the prompts the pipeline uses. mta.lamp builds those as the authors'
+They are kept apart from the prompts the pipeline uses. mta.data.lamp builds those as the authors'
 code does, with "### " headers and different gaps and instruction wording.
 
 Appendix E shows each prompt as "User History:", {USER HISTORY}, a blank line, "User Instruction:"
@@ -10,7 +10,7 @@ and the instruction lines. Its placeholders map to our field names as follows:
     LaMP-2 {QUERY MOVIE DESCRIPTION}            -> {description}
     LaMP-3 {QUERY REVIEW}, LaMP-4 {QUERY ARTICLE} -> {text}
     LaMP-5 {QUERY ABSTRACT}                     -> {abstract}
-These are the query field names that mta.lamp.TaskSpec.query_fields returns.
+These are the query field names that mta.data.lamp.TaskSpec.query_fields returns.
 
 Line breaks follow the ACL version's text, where each template line is its own line. The arXiv
 text puts a blank line between every pair of lines, which comes from extracting the PDF. The ACL
@@ -18,9 +18,9 @@ text's extra blank line after LaMP-3's "User Instruction:" is read as the same k
 The LaMP-1 title is quoted with straight quotes, as in the ACL text.
 
 Appendix E does not show how one history item is written or how several are joined: the caller
-passes the items rendered as the authors' code renders them (mta.lamp's TaskSpec.render_history),
-and they are joined with a blank line (mta.lamp's RAG_SEPARATOR). `--set prompt_style=paper` uses
-these templates for every prompt (mta.lamp.render_prompt).
+passes the items rendered as the authors' code renders them (mta.data.lamp's TaskSpec.render_history),
+and they are joined with a blank line (mta.data.lamp's RAG_SEPARATOR). `--set prompt_style=paper` uses
+these templates for every prompt (mta.data.lamp.render_prompt).
 """
 from __future__ import annotations
 

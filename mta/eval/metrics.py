@@ -2,7 +2,7 @@
 
 Every metric is pooled over the test examples (one per user), as LaMP's eval and the MTA
 authors' aggregate_results.py do (their per-user ROUGE/MAE is sample-weighted, RMSE pooled).
-Outputs go through the task's parser first (mta.lamp), which is more lenient than both
+Outputs go through the task's parser first (mta.data.lamp), which is more lenient than both
 references for LaMP-1/2/3: those compare the stripped output with the label verbatim (LaMP-3:
 float(output); the authors also round and clamp it to 1..5).
 

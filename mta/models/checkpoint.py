@@ -35,7 +35,7 @@ MODELS = {
 }
 DEFAULT_MODEL = "smollm2-135m"
 # Base-weight precision: "none" dequantises to `dtype`; "q4" / "q8" keep the decoder's linear layers quantised
-# (kernels.quant.QuantLinear). A GGUF's Q4_0 / Q4_1 / Q8_0 blocks are kept as shipped under either; every
+# (mta.ops.quant.QuantLinear). A GGUF's Q4_0 / Q4_1 / Q8_0 blocks are kept as shipped under either; every
 # other decoder weight is quantised to QUANT_KINDS[quant]. Embeddings, norms and lm_head stay float.
 QUANTS = ("none", "q4", "q8")
 QUANT_KINDS = {"q4": "q4_1", "q8": "int8"}

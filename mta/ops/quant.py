@@ -9,7 +9,7 @@
 
 The 4-bit forms hold GGUF's own bytes: `qweight` (out, in/32, 16) uint8, byte j of a block carrying
 element j in its low nibble and element j + 16 in its high one, beside `scales` (= d) and, for q4_1,
-`mins` (= m), both (out, in/32) f16. `dequantize()` computes exactly what `mta.gguf.dequantize` does
+`mins` (= m), both (out, in/32) f16. `dequantize()` computes exactly what `mta.models.gguf.dequantize` does
 (f16 -> fp32, then one fp32 rounding of d·q + m), so the fp32 weights are bit-identical to the
 dequantised checkpoint's.
 
@@ -186,7 +186,7 @@ class QuantLinear(nn.Module):
         return self.qweight.device
 
     def _dequantize_rows(self, r0: int, r1: int, dtype: torch.dtype) -> Tensor:
-        """Rows r0:r1 of W as (r1 - r0, in) in `dtype`: exact in fp32 (as mta.gguf.dequantize), one rounding after."""
+        """Rows r0:r1 of W as (r1 - r0, in) in `dtype`: exact in fp32 (as gguf.dequantize), one rounding after."""
         q = self.qweight[r0:r1]
         if self.kind == "int8":
             return (q.float() * self.scales[r0:r1, None]).to(dtype)

@@ -10,14 +10,14 @@ a `RowLoRALinear` concatenates its two terms into one pair of banks (rank rf + r
 folded into its A), so a layer costs one gather and two GEMMs, the second adding W0 x in place (baddbmm):
 
   fused    the merged bank LoRA of Eq. 5, applied unmerged, as frozen buffers with its scaling already
-           inside B (`mta.fusion.merged_factors` returns ΔW = B @ A). merge_space=param gives one rank-r
+           inside B (`mta.peft.fusion.merged_factors` returns ΔW = B @ A). merge_space=param gives one rank-r
            pair per user; delta gives the K pairs concatenated, which is one pair of rank Σ r_i. Users
            whose fused rank is smaller, or who have none (Adapt-only), are zero-padded: a zero factor
            adds exact zeros.
   stacked  the trainable LoRA of Eq. 7 on top (U, r, in) / (U, out, r), scaling alpha / r, PEFT's init
            per adapter (kaiming-uniform A, zero B).
 
-Why this equals fold-then-stack. Eq. 7 (`mta.fusion.stack_lora`) computes for user u
+Why this equals fold-then-stack. Eq. 7 (`mta.peft.fusion.stack_lora`) computes for user u
 
     (W0 + B_f A_f) x + s · B_u (A_u x)
 
@@ -64,12 +64,12 @@ def row_lora(x: Tensor, index: Tensor | None, A: Tensor, B: Tensor, scaling: flo
 
 
 class RowLoRALinear(nn.Module):
-    """A frozen nn.Linear (or a quantised kernels.quant.QuantLinear) plus, per batch row, a fused LoRA (frozen,
+    """A frozen nn.Linear (or a quantised mta.ops.quant.QuantLinear) plus, per batch row, a fused LoRA (frozen,
     unmerged) and a stacked trainable LoRA.
 
     `n_adapters` slots; `r` (0: no stacked term) and `alpha` are the stacked LoRA's. Fused factors are set
     with `set_fused` (rank rf, may be 0). The row -> slot index of the current batch is set with
-    `set_rows(index)` (`mta.multi_lora.set_rows` sets it on every layer of a model). Half-precision bases
+    `set_rows(index)` (`mta.peft.multi_lora.set_rows` sets it on every layer of a model). Half-precision bases
     get fp32 adapters, as LoRALinear does.
     """
 

@@ -1,6 +1,6 @@
 """Merging LoRAs into the base weights: Eq. 5 (the fused bank LoRA) and Eq. 7 (a fresh LoRA on top).
 
-The merge modes themselves are `kernels.merge.combine_factors`; the profile's `merge_space` is the one
+The merge modes themselves are `mta.ops.merge.combine_factors`; the profile's `merge_space` is the one
 default (Eq. 5 literally, `param`), so every function here takes the mode as an argument.
 """
 from __future__ import annotations
@@ -48,7 +48,7 @@ def target_linears(model: nn.Module, adapters: Sequence[Adapter], weights: Seque
 
 def merged_factors(adapters: Sequence[Adapter], weights: Sequence[float], module: str,
                    mode: str, svd_rank: int | None = None) -> tuple[Tensor, Tensor]:
-    """fp32 (B, A) of one module's merged update ΔW = B @ A (see kernels.merge for the modes)."""
+    """fp32 (B, A) of one module's merged update ΔW = B @ A (see mta.ops.merge for the modes)."""
     try:
         return combine_factors([a.A[module] for a in adapters], [a.B[module] for a in adapters],
                                [a.config.scaling for a in adapters], weights, mode, svd_rank)

@@ -3,7 +3,7 @@
 A LoRALinear computes base(x) + scaling · B(A(dropout(x))), scaling = alpha / r (alpha / √r with
 rsLoRA). Parameter names follow PEFT, so the state-dict key of a wrapped layer,
 `model.layers.0.self_attn.q_proj.lora_A.weight`, is PEFT's file key without `base_model.model.`.
-Adapters detached from a model and their files are in `mta.adapter`; merging them in `mta.fusion`.
+Adapters detached from a model and their files are in `mta.peft.adapter`; merging them in `mta.peft.fusion`.
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ class LoRAConfig:
 
 
 class LoRALinear(nn.Module):
-    """A frozen nn.Linear (or a quantised kernels.quant.QuantLinear, kept unmerged) plus a trainable B @ A."""
+    """A frozen nn.Linear (or a quantised mta.ops.quant.QuantLinear, kept unmerged) plus a trainable B @ A."""
 
     is_wrapper = True  # a module around a base linear (`self.base`) that `unload_lora` removes
 

@@ -1,14 +1,14 @@
-"""Many users in one model: per-row adapters (`kernels.rowlora.RowLoRALinear`) injected into an mta.llama model.
+"""Many users in one model: per-row adapters (`mta.ops.rowlora.RowLoRALinear`) injected into an mta.models.llama model.
 
 Slot u of every wrapped layer holds user u's fused bank LoRA (Eq. 5, unmerged, from
-`mta.fusion.merged_factors`) and a stacked LoRA trained on top (Eq. 7). A batch whose row n belongs to
-user `slots[n]` computes, row by row, what `mta.fusion.stack_lora` + that user's LoRA would (see the
-module docstring of kernels.rowlora for why), so one forward serves or trains every user at once:
+`mta.peft.fusion.merged_factors`) and a stacked LoRA trained on top (Eq. 7). A batch whose row n belongs to
+user `slots[n]` computes, row by row, what `mta.peft.fusion.stack_lora` + that user's LoRA would (see the
+module docstring of mta.ops.rowlora for why), so one forward serves or trains every user at once:
 
     names = stack_many(model, fused, weights, config, mode, seeds)   # inject U slots, fuse, PEFT init
     set_rows(model, slots)                                           # (N,) slot per batch row
     logits = model(ids)                                              # or train_many / generate_many
-    adapter = get_row_adapter(model, u, config)                      # a PEFT-format mta.adapter.Adapter
+    adapter = get_row_adapter(model, u, config)                      # a PEFT-format mta.peft.adapter.Adapter
 """
 from __future__ import annotations
 
@@ -101,7 +101,7 @@ def rows(model: nn.Module, slots: Tensor | Sequence[int]):
 @torch.no_grad()
 def set_fused(model: nn.Module, fused: Sequence[Sequence[Adapter]], weights: Sequence[Sequence[float]],
               mode: str) -> None:
-    """Slot u's fused LoRA: the Eq. 5 merge of `fused[u]` with `weights[u]` (`mta.fusion.merged_factors`),
+    """Slot u's fused LoRA: the Eq. 5 merge of `fused[u]` with `weights[u]` (`mta.peft.fusion.merged_factors`),
     applied unmerged; an empty `fused[u]` gives slot u none (W0 only). Ranks are zero-padded to the largest."""
     layers = row_layers(model)
     if not layers:
@@ -158,7 +158,7 @@ def set_slot(model: nn.Module, slot: int, adapter: Adapter) -> None:
 
 
 def get_row_adapter(model: nn.Module, slot: int, config: LoRAConfig) -> Adapter:
-    """Slot `slot`'s stacked LoRA as a detached Adapter (copies), ready for `mta.adapter.save_adapter`."""
+    """Slot `slot`'s stacked LoRA as a detached Adapter (copies), ready for `mta.peft.adapter.save_adapter`."""
     layers = stacked_layers(model)
     if not layers:
         raise ValueError("model has no stacked RowLoRALinear layers")

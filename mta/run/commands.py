@@ -35,7 +35,8 @@ Writes <run>/stage1/user_vectors.npy and anchors.json."""
 
 TRAIN_BANK = """Stage 1b: train one meta-LoRA per anchor on the anchor's own history (the Meta-LoRA Bank).
 
-Writes <run>/bank/<anchor>/ in PEFT's format, one adapter at a time; finished adapters are skipped."""
+Writes <run>/bank/<anchor>/ in PEFT's format, a group of anchors trained in one pass (the profile's group_size);
+finished adapters are skipped."""
 
 MATCH_ANCHORS = """Stage 2: embed each test user's whole history and its cosine similarity to every anchor (Eq. 4).
 Writes <run>/stage2/matches.json; stage 3 takes the top K and alpha_i = sim_i / sum(sim) (Eq. 6) from it."""
@@ -47,8 +48,9 @@ Per-Pcs: <run>/perpcs/task_lora/, then per sharer (the stage-1 anchors) perpcs/s
 perpcs/gates/<anchor>.safetensors. PROPER: <run>/proper/population_lora/, then proper/group/ (the expert
 mixture and its routers, trained on every target user's history items). Finished artifacts are skipped."""
 
-RUN_EXPERIMENT = """Stage 3: per test user, fuse the top-K meta-LoRAs (Eq. 5), fold them into the base, train the
-stacked rank-4 LoRA (Eq. 7) and generate; the same for every baseline; then results.json/.md.
+RUN_EXPERIMENT = """Stage 3: per test user, fuse the top-K meta-LoRAs (Eq. 5), train the stacked rank-4 LoRA on top
+(Eq. 7) and generate, a group of users in one pass (the fused LoRA applied unmerged); the same for every
+baseline; then results.json/.md.
 
 Each (user, method) result is written to <run>/users/<user>/<method>.json and skipped on rerun."""
 

@@ -48,7 +48,7 @@ class Run:
     methods: tuple[str, ...] = DEFAULT
     progress: bool = True
     run_dir: RunDir | None = None  # default: <runs>/<task>/<profile>-seed<seed>
-    executor: Executor = field(default_factory=Executor)  # where stage 1b's and stage 3's groups run (mta.executor)
+    executor: Executor = field(default_factory=Executor)  # where stage 1b's and stage 3's groups run (mta.run.executor)
     load_errors: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -283,7 +283,7 @@ def stage3_group(run: Run, user_ids: Sequence[str], unit: Sequence, cache: dict)
 
 
 def run_job(run: Run, job: Job, cache: dict) -> None:
-    """One job of `mta.executor`, in the driver or in a Ray worker."""
+    """One job of `mta.run.executor`, in the driver or in a Ray worker."""
     if job.kind == "bank":
         bank_group(run, job.ids)
     else:
@@ -362,7 +362,7 @@ def _if_included(name: str):
 
 
 def reproduce_seeds(runs: list[Run], results: list[dict]) -> dict:
-    """Several seeds of one reproduction: the summary across them (`mta.seeds`), next to their directories."""
+    """Several seeds of one reproduction: the summary across them (`mta.eval.multiseed`), next to their directories."""
     first = runs[0].dir.root
     name = first.name.replace(f"-seed{runs[0].seed}", "-seeds" + "-".join(str(r.seed) for r in runs))
     folder = first.parent / (name + (f"-{runs[0].subset}-users" if runs[0].subset else ""))

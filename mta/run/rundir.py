@@ -2,7 +2,7 @@
 
     runs/<task>/<profile>-seed<k>/
       config.json
-      stage1/item_embeddings.npy  user_vectors.npy  anchors.json
+      stage1/user_vectors.npy  anchors.json
       bank/<anchor_id>/adapter_model.safetensors  adapter_config.json  train_log.json
       stage2/matches.json
       perpcs/task_lora/  perpcs/sharers/<anchor_id>/  perpcs/gates/<anchor_id>.safetensors

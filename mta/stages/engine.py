@@ -80,7 +80,7 @@ class Engine:
     def personalize(self, adapters: Sequence[Adapter], weights: Sequence[float], recipe: LoRASpec | None,
                     examples=(), seed: int = 0, probe: bool = False) -> tuple[TrainLog | None, dict]:
         """Set up the weights a method generates with: W0 plus the fused LoRA of `adapters` (Eq. 5), and,
-        with a `recipe`, a fresh LoRA on top trained on `examples` (Eq. 7, `mta.fusion.stack_lora`); the
+        with a `recipe`, a fresh LoRA on top trained on `examples` (Eq. 7, `mta.peft.fusion.stack_lora`); the
         trained LoRA stays injected (`trained_adapter`). Returns (training log, seconds per phase)."""
         mode, seconds = self.profile.merge_space, {}
         tic = time.perf_counter()
@@ -114,8 +114,8 @@ class Engine:
                          ) -> tuple[list[TrainLog] | None, dict]:
         """`personalize` for U adapters in one pass (the batched engine): slot u holds W0 plus the fused LoRA
         of `fused[u]` (Eq. 5) applied unmerged and, with a `recipe`, a fresh LoRA trained on `examples[u]`
-        (Eq. 7), initialised as `personalize` would under `seeds[u]` (`mta.multi_lora.stack_many`,
-        `mta.train_many.train_many`). Returns (one log per slot, seconds per phase for the whole group)."""
+        (Eq. 7), initialised as `personalize` would under `seeds[u]` (`mta.peft.multi_lora.stack_many`,
+        `mta.training.train_many.train_many`). Returns (one log per slot, seconds per phase for the whole group)."""
         p, seconds = self.profile, {}
         tic = time.perf_counter()
         self.lora_config = recipe.lora_config(p.llm) if recipe else None

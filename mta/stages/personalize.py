@@ -153,7 +153,7 @@ def run_group(engine: Engine, users: Sequence[User], unit: Sequence[Method], mat
     return out
 
 def refuse_on_quantised_base(profile: Profile, methods: Sequence[Method]) -> None:
-    """Nothing is folded into a quantised base (`mta.lora.refuse_quantized_fold`): name, before any work, a
+    """Nothing is folded into a quantised base (`mta.peft.lora.refuse_quantized_fold`): name, before any work, a
     chosen method that would need a fold."""
     if profile.base_quant == "none":
         return

@@ -117,7 +117,7 @@ def make_batch(examples: Sequence[Example], max_len: int | None, pad_id: int) ->
 
 def response_logits(model: nn.Module, ids: Tensor, predicts_response: Tensor) -> tuple[Tensor, Tensor]:
     """(logits (N, V), targets (N,)) of the response tokens, row-major; lm_head runs on those positions only
-    when the model exposes `hidden_states` (mta.llama), else on full logits."""
+    when the model exposes `hidden_states` (mta.models.llama), else on full logits."""
     targets = ids[:, 1:][predicts_response[:, :-1]]  # (N,)
     if hasattr(model, "hidden_states") and hasattr(model, "lm_head"):
         logits = model.lm_head(model.hidden_states(ids)[predicts_response])  # (N, V)

@@ -1,5 +1,5 @@
-"""Train U adapters at once, each exactly as `mta.train.train` would alone: the stacked LoRAs in the slots of
-`mta.multi_lora`, or any factor banks whose first dimension is the slot (PROPER's served user parts).
+"""Train U adapters at once, each exactly as `mta.training.train.train` would alone: the stacked LoRAs in the slots of
+`mta.peft.multi_lora`, or any factor banks whose first dimension is the slot (PROPER's served user parts).
 
 Per adapter u, with its own TrainConfig: the same examples and order (`step_batches` with its seed, its
 batch size, accumulation and grouping), the same number of optimizer steps and lr schedule
@@ -129,7 +129,7 @@ def pass_loss(model: nn.Module, ids: Tensor, mask: Tensor, slots: Tensor, slot_w
 def probe_many(model: nn.Module, steps: Sequence[Sequence[Sequence[Example]] | None], configs: Sequence[TrainConfig],
                pad_id: int, rows_per_pass: int | None, device: torch.device,
                before_pass: Callable[[Tensor], None] | None) -> Tensor:
-    """`mta.train.probe_loss` of every slot u with a step `steps[u]` (its micro-batches), in one eval-mode pass:
+    """`train.probe_loss` of every slot u with a step `steps[u]` (its micro-batches), in one eval-mode pass:
     (U,) mean response-token loss (0 where a slot has none)."""
     cut = [(cut_example(p, r, configs[u].max_len), u)
            for u, step in enumerate(steps) if step for batch in step for p, r in batch]
@@ -159,7 +159,7 @@ def train_many(model: nn.Module, examples: Sequence[Sequence[Example]], configs:
     if params is None:
         layers = stacked_layers(model)
         if not layers:
-            raise ValueError("train_many: the model has no stacked RowLoRALinear layers (mta.multi_lora.stack_many)")
+            raise ValueError("train_many: the model has no stacked RowLoRALinear layers (stack_many first)")
         params = [p for layer in layers.values() for p in (layer.lora_A, layer.lora_B)]
     params = list(params)
     U = params[0].shape[0]

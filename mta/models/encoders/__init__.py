@@ -198,7 +198,7 @@ def load_encoder(
 def checked_weights(
     model: nn.Module, state_dict: dict[str, torch.Tensor], source: str | Path, ignore: tuple[str, ...] = ()
 ) -> dict[str, torch.Tensor]:
-    """`state_dict` checked strictly against `model` (`mta.state_dict.check_state_dict`), ready to load.
+    """`state_dict` checked strictly against `model` (`mta.models.state_dict.check_state_dict`), ready to load.
 
     A task model's `bert.`/`deberta.` prefix is dropped; its heads (IGNORED_PREFIXES) and keys starting
     with `ignore` are skipped; any other difference fails naming `source` and the keys.

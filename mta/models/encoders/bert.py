@@ -1,7 +1,7 @@
 """BERT encoder (post-LN, absolute positions, erf-GELU) with Hugging Face parameter names.
 
 Covers bge-small-en-v1.5 and all-MiniLM-L6-v2: a checkpoint's `model.safetensors` loads into
-`BertModel` as an identity map of names (see `mta.encoders.checked_weights`).
+`BertModel` as an identity map of names (see `mta.models.encoders.checked_weights`).
 """
 
 from __future__ import annotations
