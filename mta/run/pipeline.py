@@ -342,8 +342,8 @@ def reproduce(run: Run) -> dict:
     torch.manual_seed(run.seed)
     timings = read_json(run.dir.timings) if run.dir.timings.exists() else {}
     stages = [("stage1a_select", stage1_select), ("stage1b_bank", stage1_bank),
-              ("stage2_match_anchors", stage2_match_anchors),
-              *((f"stage1c_{name}", _if_included(name)) for name in BASELINES), ("stage3", stage3_run)]
+              *((f"stage1c_{name}", _if_included(name)) for name in BASELINES),
+              ("stage2_match_anchors", stage2_match_anchors), ("stage3", stage3_run)]
     for name, stage in stages:
         t0 = time.perf_counter()
         stage(run)
