@@ -29,7 +29,7 @@ setup(
             "scikit-learn>=1.4", "gguf>=0.10", "matplotlib>=3.7",
         ],
         "plot": ["matplotlib>=3.7"],
-        # `--executor ray` (mta.executor): imported only when chosen.
+        # `--executor ray` (mta.run.executor): imported only when chosen.
         "ray": ["ray>=2.9"],
     },
 )

@@ -13,6 +13,7 @@ def derive_seed(seed: int, *parts: str) -> int:
     digest = hashlib.sha256("/".join([str(seed), *parts]).encode()).digest()
     return int.from_bytes(digest[:4], "little")
 
+
 def seeded_subset(items: Sequence, limit: int | None, seed: int) -> list:
     """At most `limit` of `items`, drawn at random under `seed`, in their original order."""
     if limit is None or len(items) <= limit:

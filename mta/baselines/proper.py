@@ -281,7 +281,7 @@ def group_path(run: RunContext) -> Path:
 
 
 def train_group(engine: Engine, population: Adapter, users: Sequence[User], seed: int
-                       ) -> tuple[dict[str, torch.Tensor], TrainLog]:
+                ) -> tuple[dict[str, torch.Tensor], TrainLog]:
     """PROPER's group stage: W0 + population LoRA, the expert mixture on every FFN linear trained with its input
     and user-embedding routers on the target users' history items (never their queries), LM loss plus the
     constraint loss. Returns the mixture's tensors (`mixture_state`) and the log."""
@@ -349,16 +349,19 @@ def user_row(artifacts: Artifacts, user: User) -> int:
                          f"stage (delete proper/group and rerun)")
     return artifacts.users.index(user.user_id)
 
+
 def stage_examples(engine: Engine, user: User, unit_seed: int) -> tuple[list, list]:
     """The user's training examples of PROPER's user stage and of its router stage."""
     p, examples = engine.profile, engine.examples(user.history, unit_seed)
     return (seeded_subset(examples, p.proper_user_items, derive_seed(unit_seed, "user")),
             seeded_subset(examples, p.proper_router_items, derive_seed(unit_seed, "router")))
 
+
 def details(user_examples: Sequence, router_examples: Sequence, user_log: TrainLog, router_log: TrainLog
-                   ) -> dict:
+            ) -> dict:
     return {"train": {"examples": len(user_examples), **summarize(user_log)},
             "train_router": {"examples": len(router_examples), **summarize(router_log)}}
+
 
 def part(engine: Engine, user: User, artifacts: Artifacts, unit_seed: int) -> tuple[dict, dict, dict]:
     """PROPER for one target user, on the mixture as the group stage left it (W_l included): a user LoRA trained
@@ -385,8 +388,9 @@ def part(engine: Engine, user: User, artifacts: Artifacts, unit_seed: int) -> tu
     return (user_part(engine.model), {"adapt": user_log.seconds + router_log.seconds},
             details(user_examples, router_examples, user_log, router_log))
 
+
 def parts(engine: Engine, users: Sequence[User], artifacts: Artifacts, unit_seeds: Sequence[int]
-                 ) -> list[tuple[dict, dict, dict] | InputError]:
+          ) -> list[tuple[dict, dict, dict] | InputError]:
     """`part` for many users in one pass each of the user and the router stage (the batched engine): slot u
     of every mixture holds user u's LoRA, initialised as `part` would under `unit_seeds[u]`, and W_l as the
     group stage left it (`add_user_slots`); `mta.training.train_many.train_many` trains every slot as `train`

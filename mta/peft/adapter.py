@@ -35,6 +35,7 @@ def peft_config(config: LoRAConfig) -> dict:
         "exclude_modules": None, "revision": None,
     }
 
+
 def config_from_peft(cfg: dict, source: str = CONFIG_FILE) -> LoRAConfig:
     """Read a PEFT LoRA config, refusing features this implementation does not reproduce."""
     def need(key, ok):

@@ -16,6 +16,7 @@ def item_texts(task: TaskSpec, user: User) -> list[str]:
     """How a user's history items are shown to the encoders."""
     return [task.render_history(item) for item in user.history]
 
+
 def select_anchors(
     candidates: Sequence[User], task: TaskSpec, encoder: Encoder, n_anchors: int, min_items: int, seed: int,
     batch_size: int = 32, progress: bool = True, empty_cluster: str = "most_active",

@@ -21,6 +21,7 @@ def train_adapter(engine: Engine, path: Path, examples, recipe, seed: int, on: S
     engine.reset()
     save_trained(adapter, path, len(examples), train_log)
 
+
 def train_adapters(engine: Engine, paths: Sequence[Path], examples: Sequence, recipe, seeds: Sequence[int]) -> None:
     """`train_adapter` for a group of LoRAs on W0 in one pass (the batched engine), each saved as it would be
     alone; a killed run loses the group in flight."""
@@ -32,6 +33,7 @@ def train_adapters(engine: Engine, paths: Sequence[Path], examples: Sequence, re
         engine.reset()
     for path, adapter, ex, train_log in zip(paths, adapters, examples, logs, strict=True):
         save_trained(adapter, path, len(ex), train_log, group=len(paths))
+
 
 def save_trained(adapter: Adapter, path: Path, n_examples: int, log, group: int = 1) -> None:
     train_log = {"examples": n_examples, **summarize(log), **({"group": group} if group > 1 else {})}

@@ -27,11 +27,13 @@ def fit_text(tok: Tokenizer, text: str, max_tokens: int) -> str:
     ids = tok.encode(text)
     return text if len(ids) <= max_tokens else tok.decode(ids[-max_tokens:])
 
+
 def summarize(log: TrainLog) -> dict:
     probe = {"probe_before": log.probe[0], "probe_after": log.probe[1], "probe_seconds": log.probe_seconds} \
         if log.probe else {}
     return {"steps": len(log.losses), "first_loss": log.losses[0], "last_loss": log.losses[-1], **probe,
             "lrs": log.lrs, "tokens": log.tokens, "seconds": log.seconds}
+
 
 @dataclass
 class Engine:
@@ -155,6 +157,7 @@ class Engine:
         if self.folded:
             self.base.restore()
             self.folded = False
+
 
 def fold_population(engine: Engine, adapter: Adapter) -> None:
     """W = W0 + ΔW of a population LoRA (Per-Pcs's task LoRA, PROPER's population LoRA)."""

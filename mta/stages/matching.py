@@ -31,6 +31,7 @@ def fusion_weights(sims: Sequence[float], fusion: str) -> list[float]:
         return [1 - a, a]
     raise ValueError(f"unknown fusion {fusion!r}; choose 'paper' or 'authors_code'")
 
+
 def match_anchors(
     users: Sequence[User], anchors: Sequence[User], task: TaskSpec, encoder: Encoder,
     batch_size: int = 32, progress: bool = True,
@@ -48,6 +49,7 @@ def match_anchors(
         order = np.argsort(-row, kind="stable")
         out[u.user_id] = {"similarities": {anchors[i].user_id: float(row[i]) for i in order}, "seconds": seconds}
     return out
+
 
 def fused_anchors(match: dict, profile: Profile, kind: str = "top", seed: int = 0) -> tuple[list[str], list[float]]:
     """The anchors a user's fused LoRA merges, and their weights.

@@ -28,6 +28,7 @@ def method_prompt(task: TaskSpec, user: User, method: Method, style: str) -> str
         return instruction_only(task, query, style)
     return query_prompt(task, user.history, query, k=method.history_items, style=style)
 
+
 @dataclass
 class Setup:
     """What a fuse-then-train method needs for one user: the meta-LoRAs to fuse and their weights (Eq. 5-6), the
@@ -39,6 +40,7 @@ class Setup:
     examples: list
     seconds: dict
     extra: dict
+
 
 def method_setup(engine: Engine, user: User, method: Method, match: dict | None, bank: dict[str, Adapter],
                  unit_seed: int) -> Setup:
@@ -59,6 +61,7 @@ def method_setup(engine: Engine, user: User, method: Method, match: dict | None,
     examples = engine.examples(user.history, unit_seed) if recipe else []
     return Setup(adapters, weights, recipe, examples, seconds, extra)
 
+
 def prepare_weights(engine: Engine, user: User, method: Method, match: dict | None, bank: dict[str, Adapter],
                     unit_seed: int, baselines: Mapping[str, Baseline] | None = None) -> tuple[dict, dict]:
     """Set the model up as the method's row says. Returns (seconds per phase, details for the result)."""
@@ -69,6 +72,7 @@ def prepare_weights(engine: Engine, user: User, method: Method, match: dict | No
     extra = {**setup.extra, **({"train": summarize(log)} if log is not None else {})}
     return {**setup.seconds, **phases}, extra
 
+
 def unit_results(task: TaskSpec, user: User, unit: Sequence[Method], outputs: Sequence[str], seconds: dict,
                  extra: dict) -> dict[str, dict]:
     """Method name -> the result row of one user (its first query)."""
@@ -77,8 +81,10 @@ def unit_results(task: TaskSpec, user: User, unit: Sequence[Method], outputs: Se
                      "prediction": task.parse(output), "gold": query.gold, "seconds": seconds, **extra}
             for m, output in zip(unit, outputs, strict=True)}
 
+
 def error_results(user: User, unit: Sequence[Method], error: Exception) -> dict[str, dict]:
     return {m.name: {"user_id": user.user_id, "method": m.name, "error": str(error)} for m in unit}
+
 
 def run_unit(engine: Engine, user: User, unit: Sequence[Method], match: dict | None,
              bank: dict[str, Adapter], seed: int, baselines: Mapping[str, Baseline] | None = None) -> dict[str, dict]:
@@ -97,6 +103,7 @@ def run_unit(engine: Engine, user: User, unit: Sequence[Method], match: dict | N
     finally:
         engine.reset()
     return unit_results(engine.task, user, unit, outputs, {**seconds, "generate": generate}, extra)
+
 
 def run_group(engine: Engine, users: Sequence[User], unit: Sequence[Method], matches: dict,
               bank: dict[str, Adapter], seed: int, baselines: Mapping[str, Baseline] | None = None
@@ -152,6 +159,7 @@ def run_group(engine: Engine, users: Sequence[User], unit: Sequence[Method], mat
         out[u.user_id] = unit_results(task, u, unit, [outputs[n]], seconds, extra)
     return out
 
+
 def refuse_on_quantised_base(profile: Profile, methods: Sequence[Method]) -> None:
     """Nothing is folded into a quantised base (`mta.peft.lora.refuse_quantized_fold`): name, before any work, a
     chosen method that would need a fold."""
@@ -166,6 +174,7 @@ def refuse_on_quantised_base(profile: Profile, methods: Sequence[Method]) -> Non
             raise ValueError(f"method {m.name}: the sequential engine folds the fused LoRA into W, which a "
                              f"quantised base (base_quant={profile.base_quant!r}) cannot take; engine='batched' "
                              f"applies it unmerged")
+
 
 def baseline(baselines: Mapping[str, Baseline] | None, method: Method) -> Baseline:
     """The procedure of `method` with its artifacts, as the run loaded them."""
@@ -185,12 +194,14 @@ def prepare_procedure(engine: Engine, user: User, method: Method, baselines: Map
     procedure.install(engine, part)
     return {"setup": setup, **seconds}, extra
 
+
 def part_or_error(procedure: Procedure, engine: Engine, user: User, artifacts: object, unit_seed: int
                   ) -> tuple[object, dict, dict] | InputError:
     try:
         return procedure.part(engine, user, artifacts, unit_seed)
     except InputError as e:
         return e
+
 
 def run_procedure_group(engine: Engine, users: Sequence[User], unit: Sequence[Method], seed: int,
                         baselines: Mapping[str, Baseline] | None) -> dict[str, dict[str, dict]]:
