@@ -176,15 +176,16 @@ def test_an_input_error_in_stage3_is_that_units_failure(tiny_run, tmp_path, monk
 
 
 # (the log line that opens a stage, the artifact to wait for before the kill: None kills as the stage opens)
-KILL_POINTS = (("stage 1a:", None), ("stage 1b:", "bank/*/adapter_model.safetensors"), ("stage 2:", None),
-               ("stage 1c:", "perpcs/sharers/*/adapter_model.safetensors"), ("stage 3:", "users/*/*.json"))
+KILL_POINTS = (("stage 1a:", None), ("stage 1b:", "bank/*/adapter_model.safetensors"),
+               ("stage 1c:", "perpcs/sharers/*/adapter_model.safetensors"), ("stage 2:", None),
+               ("stage 3:", "users/*/*.json"))
 
 
 @pytest.mark.slow
 def test_a_run_killed_at_every_stage_resumes_to_the_same_results(tiny_run, tiny_run_inputs, tmp_path):
-    """SIGKILL a `make reproduce`-equivalent process in each stage (stage 1a, the bank after its first
-    meta-LoRA, stage 2, Per-Pcs's and PROPER's population stage after the first sharer LoRA, stage 3 after
-    its first result), rerun, and compare with the uninterrupted run:
+    """SIGKILL a `make reproduce`-equivalent process in each stage, in the order they run (stage 1a, the bank
+    after its first meta-LoRA, Per-Pcs's and PROPER's population stage after the first sharer LoRA, stage 2,
+    stage 3 after its first result), rerun, and compare with the uninterrupted run:
     every output and score equal, and no temporary file left that a rerun could take for an artifact."""
     import torch
 
