@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from mta.models.llama import KVCache, LlamaConfig, LlamaForCausalLM, sample_next_token
+from mta.models.generation import generate, prefill, sample_next_token
+from mta.models.llama import KVCache, LlamaConfig, LlamaForCausalLM
 
 transformers = pytest.importorskip("transformers")
 
@@ -112,7 +113,7 @@ def test_greedy_generation_matches_transformers(variant):
     hf, ours = make_pair(variant, seed=1)
     ids = torch.randint(3, TINY["vocab_size"], (1, 7))
     ref = hf.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=0, eos_token_id=None)
-    got = ours.generate(ids, max_new_tokens=20)
+    got = generate(ours, ids, max_new_tokens=20)
     assert greedy_gap(ours, ids, None, got) > MIN_GAP
     assert got.tolist() == ref[:, 7:].tolist()
 
@@ -125,10 +126,10 @@ def test_batched_left_padded_generation_matches_transformers():
     mask[2, :1] = 0
     ids = ids.masked_fill(mask == 0, 0)
     ref = hf.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
-    got = ours.generate(ids, attention_mask=mask, max_new_tokens=12)
+    got = generate(ours, ids, attention_mask=mask, max_new_tokens=12)
     assert greedy_gap(ours, ids, mask, got) > MIN_GAP
     assert got.tolist() == ref[:, 9:].tolist()
-    alone = ours.generate(ids[1:2, 4:], max_new_tokens=12)  # padding does not change a row's answer
+    alone = generate(ours, ids[1:2, 4:], max_new_tokens=12)  # padding does not change a row's answer
     assert alone.tolist() == got[1:2].tolist()
 
 
@@ -147,16 +148,16 @@ def test_prefill_in_row_chunks_without_shared_padding_equals_one_forward():
     with torch.no_grad():
         for rows in (None, 2, 1):
             caches[rows] = KVCache(ours.config, 5, 11, torch.float32, "cpu")
-            logits[rows] = ours.prefill(ids, mask, caches[rows], positions, rows)
+            logits[rows] = prefill(ours, ids, mask, caches[rows], positions, rows)
     for rows in (2, 1):
         torch.testing.assert_close(logits[rows], logits[None], rtol=1e-5, atol=1e-5)
         assert caches[rows].length == 11
         for layer in range(TINY["num_hidden_layers"]):
             kept = mask.bool()[:, None, :, None]  # padded positions are never read
             torch.testing.assert_close(caches[rows].k[layer] * kept, caches[None].k[layer] * kept, rtol=1e-5, atol=1e-5)
-    want = ours.generate(ids, attention_mask=mask, max_new_tokens=8)
+    want = generate(ours, ids, attention_mask=mask, max_new_tokens=8)
     assert greedy_gap(ours, ids, mask, want) > MIN_GAP
-    assert ours.generate(ids, attention_mask=mask, max_new_tokens=8, prefill_rows=2).tolist() == want.tolist()
+    assert generate(ours, ids, attention_mask=mask, max_new_tokens=8, prefill_rows=2).tolist() == want.tolist()
 
 @pytest.mark.slow
 def test_compiled_decode_gives_the_same_tokens():
@@ -165,17 +166,17 @@ def test_compiled_decode_gives_the_same_tokens():
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
     for m in (None, mask):
-        eager = ours.generate(ids, attention_mask=m, max_new_tokens=8)
+        eager = generate(ours, ids, attention_mask=m, max_new_tokens=8)
         assert greedy_gap(ours, ids, m, eager) > MIN_GAP
-        assert ours.generate(ids, attention_mask=m, max_new_tokens=8, compile=True).tolist() == eager.tolist()
+        assert generate(ours, ids, attention_mask=m, max_new_tokens=8, compile=True).tolist() == eager.tolist()
 
 
 def test_stop_tokens_end_rows_and_pad():
     _, ours = make_pair("llama3-gqa", seed=3)
     ids = torch.randint(3, TINY["vocab_size"], (2, 5))
-    free = ours.generate(ids, max_new_tokens=10)
+    free = generate(ours, ids, max_new_tokens=10)
     stop = int(free[0, 2])
-    got = ours.generate(ids, max_new_tokens=10, stop_token_ids=[stop], pad_token_id=1)
+    got = generate(ours, ids, max_new_tokens=10, stop_token_ids=[stop], pad_token_id=1)
     first = got[0].tolist()
     assert first[: first.index(stop) + 1] == free[0, : first.index(stop) + 1].tolist()
     assert all(t == 1 for t in first[first.index(stop) + 1 :])
@@ -185,8 +186,8 @@ def test_sampling_is_deterministic_under_generator_and_filters():
     _, ours = make_pair("llama3-gqa")
     ids = torch.randint(3, TINY["vocab_size"], (2, 5))
     kwargs = dict(max_new_tokens=8, do_sample=True, temperature=0.8, top_k=20, top_p=0.9)
-    a = ours.generate(ids, generator=torch.Generator().manual_seed(7), **kwargs)
-    b = ours.generate(ids, generator=torch.Generator().manual_seed(7), **kwargs)
+    a = generate(ours, ids, generator=torch.Generator().manual_seed(7), **kwargs)
+    b = generate(ours, ids, generator=torch.Generator().manual_seed(7), **kwargs)
     assert a.tolist() == b.tolist()
     logits = torch.tensor([[5.0, 4.0, 0.0, -1.0]]).repeat(200, 1)
     assert set(sample_next_token(logits, 1.0, 2, 1.0, torch.Generator().manual_seed(0)).tolist()) <= {0, 1}
@@ -202,7 +203,7 @@ def test_half_precision_runs_close_to_fp32(dtype):
     got = half(ids)
     assert got.dtype == dtype
     assert (got.float() - ref).abs().max().item() < 0.1
-    assert half.generate(ids, max_new_tokens=4).shape == (2, 4)
+    assert generate(half, ids, max_new_tokens=4).shape == (2, 4)
 
 
 class Wrapped(torch.nn.Module):
@@ -221,12 +222,12 @@ class Wrapped(torch.nn.Module):
 def test_generation_with_wrapped_linears_and_hidden_states():
     _, ours = make_pair("llama3-gqa")
     ids = torch.randint(3, TINY["vocab_size"], (2, 6))
-    before = ours.generate(ids, max_new_tokens=6)
+    before = generate(ours, ids, max_new_tokens=6)
     logits = ours(ids)
     for layer in ours.model.layers:
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             setattr(layer.self_attn, name, Wrapped(getattr(layer.self_attn, name)))
-    assert ours.generate(ids, max_new_tokens=6).tolist() == before.tolist()
+    assert generate(ours, ids, max_new_tokens=6).tolist() == before.tolist()
     hidden = ours.hidden_states(ids)
     assert hidden.shape == (2, 6, TINY["hidden_size"])
     assert torch.allclose(ours.lm_head(hidden), logits, atol=1e-6)

@@ -18,6 +18,7 @@ from torch import nn
 
 from mta.models import checkpoint
 from mta.models.checkpoint import load_llm, load_model, read_gguf
+from mta.models.generation import generate
 from mta.models.gguf import GGML_TYPES, GGUFFile, dequantize
 from mta.ops import quant
 from mta.ops.quant import QuantLinear, kernel_for
@@ -200,7 +201,7 @@ def test_load_llm_quantised_safetensors(tmp_path, quant):
     loss = model(ids).float().logsumexp(-1).mean()
     loss.backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
-    assert model.generate(ids, max_new_tokens=3).shape == (1, 3)
+    assert generate(model, ids, max_new_tokens=3).shape == (1, 3)
 
 
 def test_base_quant_is_a_validated_profile_choice():
@@ -224,8 +225,8 @@ def test_smollm2_quantised_generation_against_fp32():
         if isinstance(m, QuantLinear):
             assert torch.equal(m.dequantize(), dense.get_submodule(name).weight), name
     ids = torch.tensor([tok.chat_prompt("Name three primary colors.")])
-    ours = model.generate(ids, max_new_tokens=16, stop_token_ids=tok.eos_token_ids)[0].tolist()
-    ref = dense.generate(ids, max_new_tokens=16, stop_token_ids=tok.eos_token_ids)[0].tolist()
+    ours = generate(model, ids, max_new_tokens=16, stop_token_ids=tok.eos_token_ids)[0].tolist()
+    ref = generate(dense, ids, max_new_tokens=16, stop_token_ids=tok.eos_token_ids)[0].tolist()
     same = sum(a == b for a, b in zip(ours, ref, strict=False)) / max(len(ours), len(ref))
     print(f"\nq4 vs fp32-dequantised greedy: {same:.0%} of {len(ref)} tokens identical: {tok.decode(ours)!r}")
     assert len(ours) >= 3

@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 
+from mta.models.generation import generate
 from mta.models.llama import LlamaConfig, LlamaForCausalLM
 from mta.ops.rowlora import RowLoRALinear, row_lora
 from mta.peft.adapter import Adapter, get_adapter, set_adapter
@@ -201,13 +202,13 @@ def test_batched_generation_equals_one_user_at_a_time():
     prompts = [torch.randint(3, VOCAB, (n,), generator=g) for n in (6, 9, 4, 7)]
     slots = [1, 0, 2, 1]  # user 1 twice, with different prompts
     refs = [reference_user(model, fused[u], weights[u], stacked[u], "param") for u in range(3)]
-    free = refs[1].generate(prompts[0][None], max_new_tokens=10)
+    free = generate(refs[1], prompts[0][None], max_new_tokens=10)
     stop = int(free[0, 3])  # a stop token that ends some rows early
     kw = dict(stop_token_ids=[stop], pad_token_id=0)
     limits = [10, 10, 3, 10]  # every row its own stop condition: its stop token or its own length
     alone = []
     for p, u, n in zip(prompts, slots, limits, strict=True):
-        new = refs[u].generate(p[None], max_new_tokens=n, **kw)
+        new = generate(refs[u], p[None], max_new_tokens=n, **kw)
         assert greedy_gap(refs[u], p[None], None, new) > MIN_GAP
         alone.append(new[0].tolist())
     T = max(len(p) for p in prompts)

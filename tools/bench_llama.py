@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mta.models.checkpoint import load_llm
+from mta.models.generation import generate
 
 PROMPTS = [
     "What is the capital of France?",
@@ -92,7 +93,7 @@ def bench(args, dtype: torch.dtype) -> None:
         return tok.pad([tok.chat_prompt(p) for p in PROMPTS[:size]], side="left")
 
     def ours_decode(ids, mask, compile=False):
-        out = ours.generate(ids, attention_mask=mask, max_new_tokens=n, compile=compile)
+        out = generate(ours, ids, attention_mask=mask, max_new_tokens=n, compile=compile)
         assert out.shape[1] == n
 
     def ours_decode_compiled(ids, mask):
@@ -169,7 +170,7 @@ def bench_quant(args) -> None:
         if model is ref:
             ref.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False)
         else:
-            model.generate(ids, attention_mask=mask, max_new_tokens=n)
+            generate(model, ids, attention_mask=mask, max_new_tokens=n)
 
     print(f"\nmodel {args.model}: quantised bases in {args.quant_dtype} (transformers in fp32), "
           f"{args.threads} threads, best of {args.repeats} interleaved runs")

@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mta.models.generation import generate
 from mta.models.llama import LlamaConfig, LlamaForCausalLM
 from mta.peft.adapter import Adapter, set_adapter
 from mta.peft.fusion import stack_lora
@@ -135,7 +136,7 @@ def main() -> None:
     results["train step"] = (timed(lambda: [train(m, examples[u], tc) for u, m in enumerate(loop)], args.repeat, sync),
                              timed(lambda: train_many(many, examples, tc), args.repeat, sync))
     kw = dict(max_new_tokens=args.new_tokens)
-    loop_decode = lambda: [m.generate(ids[u: u + 1], **kw) for u, m in enumerate(loop)]  # noqa: E731
+    loop_decode = lambda: [generate(m, ids[u: u + 1], **kw) for u, m in enumerate(loop)]  # noqa: E731
     results["decode"] = (timed(loop_decode, args.repeat, sync),
                          timed(lambda: generate_many(many, ids, None, slots, **kw), args.repeat, sync))
     print(f"{'':12}{'loop (s)':>12}{'batched (s)':>14}{'speed-up':>10}")
@@ -197,7 +198,7 @@ def decode_against_peft(args) -> None:
             set_adapter(m, stacked[u])
             prompt = ids[u: u + 1, T - lengths[u]:]
             t = time.perf_counter()
-            alone.append(m.generate(prompt, max_new_tokens=new)[0, -new:])
+            alone.append(generate(m, prompt, max_new_tokens=new)[0, -new:])
             seconds += time.perf_counter() - t
             del m
         rss_alone = peak_rss_mib()

@@ -19,6 +19,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from mta.models.generation import generate
 from mta.ops.rowlora import RowLoRALinear
 from mta.peft.adapter import Adapter, check_modules
 from mta.peft.fusion import merged_factors, target_linears
@@ -196,4 +197,4 @@ def generate_many(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | 
     if slots.shape != (input_ids.shape[0],):
         raise ValueError(f"generate_many: {slots.numel()} slots for {input_ids.shape[0]} prompts")
     with rows(model, slots), autocast(input_ids.device, bf16, model):
-        return model.generate(input_ids, attention_mask, **kwargs)
+        return generate(model, input_ids, attention_mask, **kwargs)

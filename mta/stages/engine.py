@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from mta.data.lamp import TaskSpec, User, training_pairs
+from mta.models.generation import generate
 from mta.models.tokenizer import Tokenizer
 from mta.peft.adapter import Adapter, get_adapter
 from mta.peft.fusion import BaseWeights, fold_adapters, stack_lora
@@ -145,7 +146,7 @@ class Engine:
                   pad_token_id=self.tok.pad_token_id)
         if slots is None:  # on shared weights the prompts (sorted by length) prefill a pass of rows at a time
             with autocast(self.profile.device, self.profile.bf16, self.model):
-                new = self.model.generate(ids, mask, prefill_rows=self.profile.rows_per_pass, **kw)
+                new = generate(self.model, ids, mask, prefill_rows=self.profile.rows_per_pass, **kw)
         else:
             new = generate_many(self.model, ids, mask, slots, self.profile.bf16, **kw)
         return [self.tok.decode(row.tolist()).strip() for row in new]
