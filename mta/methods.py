@@ -13,6 +13,9 @@ from dataclasses import dataclass
 TABLES = ("table1", "table2", "controls")
 ANCHORS = ("none", "top", "random", "least")  # which meta-LoRAs the fused LoRA merges (Eq. 5)
 RECIPES = ("none", "oppu", "stack")  # which profile recipe trains a fresh LoRA on top (Eq. 7)
+# Which population LoRA (its profile recipe; trained once in stage 1c on the non-target users' queries,
+# `mta.stages.procedure.build_population_loras`) is folded into W0 at weight 1 in place of the anchors.
+POPULATION = ("none", "oppu_task")
 # How the method sets up its weights: fuse the anchors, then train the recipe (`mta.stages.personalize`), or a
 # procedure of its own (`mta.baselines.BASELINES`: Per-Pcs's assembly, PROPER's group and user stages).
 PROCEDURES = ("fuse_then_train", "perpcs", "proper")
@@ -28,21 +31,26 @@ class Method:
     recipe: str = "none"  # the LoRASpec field of the profile it trains on the user's history, if any
     changed_versus: str | None = None  # the method with the same prompt on the weights it starts from
     procedure: str = "fuse_then_train"
+    population: str = "none"  # the population LoRA it fuses instead of anchors (OPPU's task LoRA)
 
     def __post_init__(self):
         for field, value, allowed in (("anchors", self.anchors, ANCHORS), ("recipe", self.recipe, RECIPES),
-                                      ("procedure", self.procedure, PROCEDURES)):
+                                      ("procedure", self.procedure, PROCEDURES),
+                                      ("population", self.population, POPULATION)):
             if value not in allowed:
                 raise ValueError(f"method {self.name}: {field} must be one of {allowed}, got {value!r}")
         if self.procedure != "fuse_then_train" and (self.anchors, self.recipe) != ("none", "none"):
             raise ValueError(f"method {self.name}: procedure {self.procedure!r} takes no anchors and no recipe")
+        if self.population != "none" and (self.anchors, self.procedure) != ("none", "fuse_then_train"):
+            raise ValueError(f"method {self.name}: a population LoRA is fused alone, by fuse-then-train")
         if not set(self.tables) <= set(TABLES):
             raise ValueError(f"method {self.name}: tables must be among {TABLES}, got {self.tables}")
 
     @property
     def on_base_weights(self) -> bool:
         """Generates with W0 as it is: such methods share one batched generation."""
-        return self.anchors == "none" and self.recipe == "none" and self.procedure == "fuse_then_train"
+        return (self.anchors, self.recipe, self.procedure, self.population) == ("none", "none", "fuse_then_train",
+                                                                                 "none")
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -51,7 +59,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("rag1",          "RAG (BM25, k=1)",                    ("table1",),           1),
     Method("rag3",          "RAG (BM25, k=3)",                    ("table1",),           3),
     Method("rag5",          "RAG (BM25, k=5)",                    ("table1",),           5),
-    Method("oppu",          "OPPU",                               ("table1",),           1, "none",   "oppu",  "rag1"),
+    # OPPU: W0 + its task LoRA (stage 1c), a fresh per-user LoRA on top; "changed" compares with rag1 on W0.
+    Method("oppu",          "OPPU",                               ("table1",),           1, "none",   "oppu",  "rag1",
+           population="oppu_task"),
     # Per-Pcs and PROPER start from W0 plus their population LoRA; "changed" compares with rag1 on W0.
     Method("perpcs",        "Per-Pcs",                            ("table1",),           1, "none",   "none",  "rag1",
            procedure="perpcs"),

@@ -147,3 +147,18 @@ def make_profile(path: Path, llm: Path, encoder: Path, **overrides) -> Path:
     profile.update(overrides)
     path.write_text(json.dumps(profile))
     return path
+
+
+def make_engine(path: Path, task: str = "news_headline", **profile_changes):
+    """An Engine on the tiny random Llama of `make_llm` (built under `path` once), with the `cpu` profile
+    and `profile_changes`."""
+    from mta.data.lamp import get_task
+    from mta.models.checkpoint import load_llm
+    from mta.profiles import CPU
+    from mta.stages.engine import Engine
+
+    if not (path / "config.json").exists():
+        make_llm(path)
+    model, tok = load_llm(str(path))
+    profile = CPU.replace(llm=str(path), bf16=False, max_new_tokens=4, **profile_changes)
+    return Engine(profile, get_task(task), model, tok)

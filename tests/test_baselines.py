@@ -2,16 +2,19 @@
 
 import copy
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from mta.baselines import perpcs, proper
+from mta.data.lamp import HISTORY_HEADER, get_task, training_pairs
 from mta.models.llama import LlamaConfig, LlamaForCausalLM
 from mta.peft.adapter import Adapter, get_adapter
 from mta.peft.lora import LoRAConfig, inject_lora, lora_layers, unload_lora
 from mta.peft.multi_lora import set_rows
+from mta.profiles import PAPER
 from mta.training.train import TrainConfig, make_batch, train
 from mta.training.train_many import train_many
 
@@ -108,6 +111,90 @@ def test_assembly_on_a_model_with_k1_reproduces_the_chosen_sharer_and_records_th
         per_batch = [sum(w * sharers[j].A[m] for j, w in zip(b["sharers"], b["weights"], strict=True)) for b in batches]
         assert torch.allclose(adapter2.A[m], (per_batch[0] + per_batch[1]) / 2, atol=1e-6)
 
+
+
+def release_gate_scores(x, label, gate):
+    """llama/model.py 76-103 of the Per-Pcs release, transcribed: x (B, T, d), label (B, T) (prompt, padding: 0)."""
+    dim = x.size(-1)
+    hidden_state = F.layer_norm(x, normalized_shape=(dim,))
+    gate_state = F.layer_norm(gate, normalized_shape=(dim,))
+    scores = torch.matmul(hidden_state, gate_state.T) * math.sqrt(1 / dim)
+    scores = scores[:, :-1, :]
+    label = label[:, 1:]
+    label_mask = label.gt(0)
+    scores[~label_mask] = 0
+    summed = torch.sum(scores, dim=1)
+    count = label_mask.unsqueeze(-1).sum(1)
+    return (summed / count).mean(dim=0)
+
+
+def test_assembly_scores_the_positions_predicting_response_tokens_as_the_release(monkeypatch):
+    """Every module's scores equal the release's on its own input: the positions whose *next* token is a response
+    token (`scores[:, :-1]` under `label[:, 1:] > 0`), with the release's labels (lora_composition.py
+    get_all_history_id: the prompt and the right padding 0)."""
+    model = tiny_llama()
+    sharers, gates = random_sharers(model, 3)
+    data = examples(4)
+    seen = []
+    real = perpcs.gate_scores
+    monkeypatch.setattr(perpcs, "gate_scores", lambda x, pos, g: seen.append((x, pos, g)) or real(x, pos, g))
+    perpcs.assemble_for_user(model, sharers, gates, data, k=2, tau=1.0, batch_size=16)
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0)).tolist()  # the assembly's shuffle
+    rows = [data[j] for j in order]
+    label = torch.zeros(len(rows), max(len(p) + len(r) for p, r in rows), dtype=torch.long)
+    for i, (p, r) in enumerate(rows):
+        label[i, len(p): len(p) + len(r)] = torch.tensor(r)
+    release_positions = torch.zeros_like(label, dtype=torch.bool)
+    release_positions[:, :-1] = label[:, 1:] > 0
+    assert len(seen) == len(sharers[0].A)
+    for x, positions, g in seen:
+        assert torch.equal(positions, release_positions)
+        want = release_gate_scores(x.float(), label, g)
+        torch.testing.assert_close(real(x, positions, g), want, rtol=1e-5, atol=1e-6)
+
+
+def test_assembly_pairs_use_each_item_twice_with_an_earlier_bm25_item_and_plain():
+    """lora_composition.py process_train_data: items 1.. with the top BM25 item of the items before them, then every
+    item plain (its instruction alone); LaMP-1 plain only; a cap counts items, not pairs."""
+    task = get_task("news_headline")
+    history = [{"text": t, "title": f"headline {i}"} for i, t in enumerate(
+        ["rain falls on the city", "goal scored in the final", "rain floods the river", "goal keeper saves it",
+         "vote count begins"])]
+    pairs = perpcs.assembly_pairs(task, history, seed=3)
+    assert len(pairs) == 2 * len(history) - 1
+    for i, (prompt, target) in zip(range(1, 5), pairs[:4], strict=True):
+        assert (prompt, target) == training_pairs(task, history[: i + 1])[i]  # leave-one-out over the items up to i
+        assert prompt.startswith(HISTORY_HEADER) and history[i]["text"] in prompt
+        shown = [j for j in range(5) if j != i and f"Article: {history[j]['text']} Headline" in prompt]
+        assert len(shown) == 1 and shown[0] < i
+    assert history[1]["text"] in pairs[2][0]  # item 3 shows item 1, its BM25 best among the earlier items
+    assert pairs[4:] == [(task.render_instruction({"text": it["text"]}), it["title"]) for it in history]
+    capped = perpcs.assembly_pairs(task, history, seed=3, limit=2)
+    plain = capped[-2:]
+    assert all(not p.startswith(HISTORY_HEADER) for p, _ in plain)
+    assert len(capped) == 2 + sum(1 for p, t in plain if t != "headline 0")
+    citation = get_task("citation")
+    papers = [{"title": f"paper on {w}", "citation": f"cited {w}"} for w in ("graphs", "proofs", "codes")]
+    cited = perpcs.assembly_pairs(citation, papers, seed=0)
+    assert len(cited) == 3 and not any(p.startswith(HISTORY_HEADER) for p, _ in cited)
+
+
+def test_a_users_assembly_runs_on_both_kinds_of_pairs():
+    """`part` assembles on `assembly_pairs` of the user's history: 2n - 1 sequences for n items."""
+    model = tiny_llama()
+    sharers, gates = random_sharers(model, 2)
+    task, history = get_task("news_headline"), [{"text": f"text number {i}", "title": f"title {i}"} for i in range(4)]
+    got = []
+
+    def tokenize(pairs):
+        got.extend(pairs)
+        return examples(len(pairs))
+
+    engine = SimpleNamespace(profile=PAPER.replace(device="cpu", bf16=False), task=task, tokenize=tokenize,
+                             model=model, tok=SimpleNamespace(pad_token_id=0))
+    artifacts = perpcs.Artifacts(None, dict(zip("ab", sharers, strict=True)), dict(zip("ab", gates, strict=True)))
+    _, _, details = perpcs.part(engine, SimpleNamespace(history=history), artifacts, 5)
+    assert got == perpcs.assembly_pairs(task, history, 5) and (details["items"], details["sequences"]) == (4, 7)
 
 
 def test_assembly_under_bf16_autocast_chooses_and_averages_in_fp32():
@@ -342,3 +429,85 @@ def test_mixture_state_round_trips_and_refuses_another_model():
     bigger, _ = mixture_model(n_users=4)
     with pytest.raises(ValueError, match="shape"):
         proper.load_mixture_state(bigger, sd)
+
+
+def recipe(spec) -> tuple:
+    return (spec.rank, spec.alpha, spec.dropout, tuple(spec.targets), spec.lr, spec.schedule, spec.warmup_ratio,
+            spec.weight_decay, spec.max_grad_norm, spec.batch_size, spec.grad_accum, spec.epochs, spec.max_steps,
+            spec.group_by_length)
+
+
+def test_paper_recipes_of_both_baselines_are_the_release_scripts():
+    """Per-Pcs: task_LoRA.py, train_anchor_PEFT.py and train_anchor_gate.py defaults (clip 0.3, shuffled batches;
+    the step loops run max_step steps). PROPER: run_loramoe_stage1.sh under TRL's defaults (dropout 0.05, linear),
+    stage2.sh, stage3.1.sh and stage3.2.sh (lr 2e-4, cosine, warm-up 0.03, wd 0, dropout 0.05); none groups by
+    length."""
+    assert recipe(PAPER.perpcs_task) == (8, 8.0, 0.05, ATTENTION, 1e-4, "cosine", 0.0, 0.01, 0.3, 6, 1, 3, None, False)
+    assert recipe(PAPER.perpcs_sharer) == (8, 8.0, 0.05, ATTENTION, 2e-5, "cosine", 0.0, 0.01, 0.3, 6, 1, 1, 100, False)
+    assert recipe(PAPER.perpcs_gate)[4:] == (2e-5, "cosine", 0.0, 0.0, 0.3, 6, 1, 1, 200, False)
+    assert recipe(PAPER.proper_population) == \
+        (8, 16.0, 0.05, ATTENTION, 3e-4, "linear", 0.03, 0.1, 1.0, 2, 4, 3, None, False)
+    for spec, epochs in ((PAPER.proper_group, 2), (PAPER.proper_user, 1), (PAPER.proper_router, 1)):
+        assert recipe(spec) == (4, 8.0, 0.05, FFN, 2e-4, "cosine", 0.03, 0.0, 1.0, 1, 1, epochs, None, False)
+
+
+def test_mixture_dropout_masks_each_lora_path_input_in_training_only():
+    """The release (lora.py 396-414) calls its dropout once per LoRA path: each expert and the user LoRA see their
+    own mask of x, the routers see x itself; nothing is dropped in eval or with p = 0. Expert i and the user LoRA
+    write x_0 · mask into output 0, 1 and 2 alone, so a zero there is that path's dropped x_0."""
+    base = torch.nn.Linear(4, 6, bias=False)
+    torch.nn.init.zeros_(base.weight)
+    m = proper.MixtureLinear(base, n_experts=2, r=1, alpha=1.0, n_users=1)
+    m.add_user_lora(1, 1.0)
+    with torch.no_grad():
+        m.experts_A.zero_()[:, 0, 0] = 1.0
+        m.experts_B.zero_()[0, 0, 0] = m.experts_B[1, 1, 0] = 1.0
+        m.user_A.zero_()[0, 0] = 1.0
+        m.user_B.zero_()[2, 0] = 1.0
+    x, m.users = torch.ones(1, 400, 4), torch.tensor([0])
+    for stage in ("group", "user", "router"):
+        m.stage, m.dropout = stage, 0.5
+        paths = 2 if stage == "group" else 3
+        m.eval()
+        y_eval, routing_eval = m(x), m.mean_routing
+        assert (y_eval[..., :paths] != 0).all()
+        m.train()
+        torch.manual_seed(0)
+        dropped = m(x)[0, :, :paths] == 0  # (T, paths)
+        assert ((dropped.float().mean(0) - 0.5).abs() < 0.1).all(), stage  # p of each path's positions
+        assert (dropped[:, 0] != dropped[:, 1]).any() and (paths == 2 or (dropped[:, 0] != dropped[:, 2]).any())
+        if stage != "router":
+            torch.testing.assert_close(m.mean_routing, routing_eval)  # the routers saw x undropped
+        m.dropout = 0.0
+        torch.testing.assert_close(m(x), y_eval)
+
+
+@pytest.mark.parametrize("engine_kind", ["sequential", "batched"])
+def test_proper_user_and_router_stages_take_their_recipes_dropout_and_warm_up(monkeypatch, engine_kind):
+    """`part` (one user) and `parts` (many) train the user and router stages with the recipe's dropout set on every
+    mixture, and the recipe's warm-up reaches the schedule: with warm-up the first step's lr is 0."""
+    model, _ = mixture_model()
+    profile = PAPER.replace(rows_per_pass=4)
+    engine = SimpleNamespace(profile=profile, model=model, tok=SimpleNamespace(pad_token_id=0),
+                             examples=lambda history, seed: examples(3, seed % 7),
+                             train_config=lambda spec, seed, probe=False: spec.train_config(seed, probe=probe))
+    artifacts = proper.Artifacts(None, proper.mixture_state(model), ["a", "b", "c"])
+    seen = []
+    trainer = "train" if engine_kind == "sequential" else "train_many"
+    real = getattr(proper, trainer)
+
+    def spy(model, *args, **kwargs):
+        seen.append({(mix.stage, mix.dropout) for mix in proper.mixtures(model).values()})
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(proper, trainer, spy)
+    users = [SimpleNamespace(user_id=u, history=[]) for u in ("b", "c")]
+    if engine_kind == "sequential":
+        out = [proper.part(engine, users[0], artifacts, 11)]
+    else:
+        out = proper.parts(engine, users, artifacts, [11, 12])
+    assert seen == [{("user", 0.05)}, {("router", 0.05)}]
+    for _, _, details in out:
+        for stage in ("train", "train_router"):
+            lrs = details[stage]["lrs"]
+            assert len(lrs) == 3 and lrs[0] == 0.0 and lrs[1] == pytest.approx(2e-4)

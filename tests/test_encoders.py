@@ -34,7 +34,7 @@ CORPUS = [
     "A new study finds that coffee drinkers live longer.",
     "Senate passes the budget bill after a long debate.",
 ]
-TEXTS = ["Hello world!", "  Hello   world!  ", "Café “quotes” ½ x\tY\nZ", "unseenZQ tokens", "",
+TEXTS = ["Hello world!", "  Hello   world!  ", "Café “quotes” ½ x\tY\nZ", "unseenZQ tokens", "", "Title: x y\n",
          "a  [MASK] b [CLS]x", "The quick brown fox jumps over the lazy dog. " * 6]
 
 
@@ -225,15 +225,34 @@ def test_load_encoder_deberta_matches_transformers_mean_pooling(deberta_dir, deb
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-6)
 
 
-def test_user_embedding_helpers(deberta_encoder):
-    users = [CORPUS[:3], CORPUS[3:4], CORPUS[4:]]
-    items = deberta_encoder.encode(CORPUS)
+def select_anchor_user_vector(model, tok, items: list[str]) -> np.ndarray:
+    """select_anchor.py:70-93 (split_batch of 32, masked mean pooling, mean over items), on the CPU."""
+    pooled = []
+    for start in range(0, len(items), 32):
+        inputs = tok(items[start:start + 32], return_tensors="pt", padding=True, truncation=True, max_length=512)
+        with torch.no_grad():
+            last_hidden_states = model(**inputs).last_hidden_state
+        attention_mask = inputs["attention_mask"].unsqueeze(-1).expand(last_hidden_states.size()).float()
+        summed = torch.sum(last_hidden_states * attention_mask, 1)
+        pooled.append(summed / torch.clamp(attention_mask.sum(1), min=1e-9))
+    return torch.cat(pooled, dim=0).mean(dim=0).numpy()
+
+
+def test_eq2_is_the_mean_of_raw_mean_pooled_items_as_select_anchor(deberta_dir, deberta_encoder, spm_path):
+    ref = transformers.DebertaV2Model.from_pretrained(deberta_dir).eval()
+    tok = hf_deberta_tokenizer(spm_path, do_lower_case=False)
+    users = [CORPUS[:3], CORPUS[3:4], CORPUS[4:] + ["Paper Title: A study\n"]]
     eq2 = user_item_embeddings(deberta_encoder, users, batch_size=2)
-    np.testing.assert_allclose(eq2[0], items[:3].mean(0), atol=1e-6)
-    np.testing.assert_allclose(eq2[2], items[4:].mean(0), atol=1e-6)
-    np.testing.assert_allclose(user_item_embedding(deberta_encoder, users[1]), items[3], atol=1e-6)
-    docs = history_document_embeddings(deberta_encoder, users)
-    np.testing.assert_allclose(docs[0], deberta_encoder.encode(["\n".join(CORPUS[:3])])[0], atol=1e-6)
+    for u, items in enumerate(users):
+        np.testing.assert_allclose(eq2[u], select_anchor_user_vector(ref, tok, items), atol=1e-5)
+    unit = deberta_encoder.encode(CORPUS[:3])
+    assert not np.allclose(eq2[0], unit.mean(0), atol=1e-3)  # raw norms differ from 1
+    np.testing.assert_allclose(user_item_embeddings(deberta_encoder, users[:1], normalize=True)[0], unit.mean(0),
+                               atol=1e-6)
+    np.testing.assert_allclose(user_item_embedding(deberta_encoder, users[1]),
+                               deberta_encoder.encode(users[1], normalize=False)[0], atol=1e-6)
+    docs = history_document_embeddings(deberta_encoder, ["one document", "another"])
+    np.testing.assert_allclose(docs, deberta_encoder.encode(["one document", "another"]), atol=1e-6)
 
 
 def test_bad_inputs(deberta_encoder):

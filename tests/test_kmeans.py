@@ -69,3 +69,31 @@ def test_bad_inputs():
         kmeans(X, 2)
     with pytest.raises(ValueError, match="2-D"):
         kmeans(np.zeros(5), 2)
+
+
+def test_authors_call_is_one_kmeanspp_run_of_at_most_3000_iterations(monkeypatch):
+    """select_anchor.py:105 calls KMeans(n_clusters=k, random_state=0, max_iter=3000): under scikit-learn
+    >= 1.4 (the authors pinned 1.6.1) n_init "auto" is one k-means++ run. select_anchors runs the same."""
+    from mta.data.lamp import User, get_task
+    from mta.profiles import CPU, PAPER
+    from mta.stages import anchors
+
+    X = np.random.default_rng(3).normal(size=(40, 4)).astype(np.float32)
+    ref = sklearn_cluster.KMeans(n_clusters=5, random_state=0, max_iter=3000).fit(X)
+    assert (ref._n_init, ref.max_iter) == (1, 3000)
+    assert PAPER.kmeans_n_init == CPU.kmeans_n_init == 1
+
+    seedings, calls = [], []
+    real_seeding, real_kmeans = kmeans_plusplus, anchors.kmeans
+    monkeypatch.setattr("mta.stages.kmeans.kmeans_plusplus", lambda *a: seedings.append(1) or real_seeding(*a))
+    monkeypatch.setattr(anchors, "kmeans", lambda *a, **kw: calls.append(kw) or real_kmeans(*a, **kw))
+
+    class Fixed:  # an encoder that returns X row by row, one item per user
+        def encode(self, texts, batch_size, progress, normalize):
+            return X[: len(texts)]
+
+    users = [User(f"u{i}", [{"text": f"article {i}", "title": f"headline {i}"}]) for i in range(len(X))]
+    anchors.select_anchors(users, get_task("news_headline"), Fixed(), 5, 1, seed=0, progress=False)
+    assert calls[-1] == {"n_init": 1, "max_iter": 3000, "seed": 0} and len(seedings) == 1
+    anchors.select_anchors(users, get_task("news_headline"), Fixed(), 5, 1, seed=0, progress=False, kmeans_n_init=4)
+    assert calls[-1]["n_init"] == 4 and len(seedings) == 5

@@ -212,7 +212,7 @@ def test_bank_pairs_match_exactly(task):
 def test_bank_pairs_retrieve_rendered_items_with_the_bank_query():
     seen = []
 
-    def spy(query, docs, k):
+    def spy(query, docs, k, sep=" "):
         seen.append((query, list(docs)))
         return [len(docs) - 1]
 
@@ -241,7 +241,7 @@ def test_bank_fields_are_cut_to_368_words():
 def test_query_retrieval_text_per_task():
     seen = {}
 
-    def spy(query, docs, k):
+    def spy(query, docs, k, sep=" "):
         seen[task] = (query, list(docs))
         return [0]
 
@@ -266,7 +266,7 @@ def test_citation_targets_follow_option_order():
 def test_training_pairs_retrieve_leave_one_out():
     seen = []
 
-    def spy(query, docs, k):
+    def spy(query, docs, k, sep=" "):
         seen.append((query, list(docs), k))
         return [0]
 
@@ -316,8 +316,18 @@ def test_select_test_users_only_right_history_length_seeded_disjoint():
     assert len(picks) > 1
     _, test5 = lamp.select_test_users(users, "lamp5", n_test=1, seed=0)
     assert [u["user_id"] for u in test5] == ["u8"]
-    with pytest.raises(LampDataError, match="only 5 users have exactly 10"):
-        lamp.select_test_users(users, "lamp4", n_test=6)
+    with pytest.raises(LampDataError, match="no user has exactly 100"):
+        lamp.select_test_users(users, "lamp3", n_test=6)
+
+
+def test_select_test_users_takes_every_eligible_user_when_fewer_than_asked(capsys):
+    """The paper's LaMP-2 file holds 72 users: fewer eligible users than asked make all of them test users,
+    and the log says so."""
+    users = _users([10, 3, 10, 11, 10, 9, 10, 10, 50])
+    cands, test = lamp.select_test_users(users, "lamp4", n_test=6)
+    assert [u["user_id"] for u in test] == ["u0", "u2", "u4", "u6", "u7"]
+    assert [u["user_id"] for u in cands] == ["u1", "u3", "u5", "u8"]
+    assert "only 5 users have exactly 10 history items, 6 test users requested" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------- loading + errors

@@ -278,7 +278,8 @@ def test_round_trip_every_task(tmp_path, task):
         )
     for u in cands:
         assert (
-            u.query == []
+            [(q.id, q.input, q.gold) for q in u.query]
+            == [(u.user_id, release[u.user_id]["input"], release[u.user_id]["gold"])]
             and len(u.history) == 12
             and u.history == expected_profile(u.user_id)
         )
@@ -296,7 +297,7 @@ def test_round_trip_keeps_golds_as_release_strings(tmp_path):
     cands = json.loads(
         (tmp_path / "lamp" / "product_rating" / CANDIDATES_FILE).read_text()
     )
-    assert all(set(u) == {"user_id", "profile"} for u in cands)
+    assert all(set(u) == {"user_id", "profile", "query"} for u in cands)  # the population example
 
 
 def test_lamp1_items_with_citation_pass_through(tmp_path):
@@ -376,8 +377,12 @@ def test_test_users_seeded_among_exact_history_length(tmp_path):
     assert (again / "news_headline" / TEST_FILE).read_bytes() == (
         tmp_path / "out0" / "news_headline" / TEST_FILE
     ).read_bytes()
-    with pytest.raises(LampDataError, match="only 6 users have exactly 10"):
-        lamp_release.convert("lamp4", raw, tmp_path / "none", n_test=7)
+    short = lamp_release.convert("lamp4", raw, tmp_path / "short", n_test=7)  # fewer eligible than asked: all
+    assert short.n_test == 6 and short.n_requested == 7 and len(lamp.load_test_users(tmp_path / "short", "lamp4")) == 6
+    assert "6 test users (fewer than the 7 requested: only 6 eligible)" in short.summary()
+    assert "requested" not in lamp_release.convert("lamp4", raw, tmp_path / "six", n_test=6).summary()
+    with pytest.raises(LampDataError, match="no user has exactly 8"):
+        lamp_release.convert("lamp4", raw, tmp_path / "none", n_test=7, history_len=8)
     assert _files(tmp_path / "none") == []
 
 

@@ -3,6 +3,7 @@ import math
 import numpy as np
 import pytest
 
+from mta.data.lamp import parse_rating_authors
 from mta.eval.metrics import (
     betainc,
     bootstrap_ci,
@@ -107,7 +108,74 @@ def test_score_outputs_parses_per_task():
         score_outputs("lamp5", ["a", "b"], ["a"])
 
 
+# ----------------------------------------------------------------------------- the paper's scoring
+
+
+def _aggregate_results(outputs, golds):
+    """The authors' aggregate_results.py (zyj1214566/MTA, lines 140-178) on one pooled set of predictions, as
+    their eval scripts write them: prediction = the stripped raw output; pairs with an empty side are dropped."""
+    metrics = pytest.importorskip("sklearn.metrics")
+    kept = [(str(o).strip(), str(g).strip()) for o, g in zip(outputs, golds, strict=True)]
+    kept = [(o, g) for o, g in kept if o and g]
+    truth, preds = [g for _, g in kept], [o for o, _ in kept]
+    return {"accuracy_paper": metrics.accuracy_score(truth, preds),
+            "f1_paper": metrics.f1_score(truth, preds, average="macro", zero_division=0)}
+
+
+@pytest.mark.parametrize("task", ["citation", "movie_tagging"])
+def test_paper_style_classification_is_aggregate_results(task):
+    """Exact match of the raw output, empty outputs dropped, macro-F1 over the labels seen in the kept golds and
+    outputs (sklearn's default labels), unlike the official scoring of the parsed output over the task's labels."""
+    rng = np.random.default_rng(5)
+    labels = ["[1]", "[2]"] if task == "citation" else ["comedy", "action", "sci-fi", "romance", "classic"]
+    junk = ["", "  ", "[1].", "Comedy", "answer: [2]", "sci-fi\n"]
+    golds = [labels[i] for i in rng.integers(0, len(labels), 60)]
+    outputs = [labels[i] if i < len(labels) else junk[i - len(labels)]
+               for i in rng.integers(0, len(labels) + len(junk), 60)]
+    s = score_outputs(task, outputs, golds)
+    ref = _aggregate_results(outputs, golds)
+    assert s.summary["accuracy_paper"] == pytest.approx(ref["accuracy_paper"])
+    assert s.summary["f1_paper"] == pytest.approx(ref["f1_paper"])
+    assert s.summary["accuracy_paper"] != pytest.approx(s.summary["accuracy"])  # the two scorings do differ here
+    # by hand: the empty output is dropped, "[1]." is a label of its own with F1 0
+    s = score_outputs("citation", ["[1]", "", "[1].", "[2]"], ["[1]", "[2]", "[1]", "[2]"])
+    assert s.summary["accuracy_paper"] == pytest.approx(2 / 3)
+    assert s.summary["f1_paper"] == pytest.approx((2 / 3 + 1 + 0) / 3)
+    assert s.summary["accuracy"] == pytest.approx(3 / 4)  # the official parser reads "[1]." as [1]
+    lo, hi = s.ci("f1_paper", n=100)
+    assert 0 <= lo <= hi <= 1
+
+
+def test_paper_style_rating_is_evaluate_product_rating():
+    """float(stripped output), Python's round, clamped to 1..5; anything else the farthest rating."""
+    assert [parse_rating_authors(x) for x in ["4", " 4.6 ", "2.5", "3.5", "7", "-1", "0.4", "four", "", "nan", "inf"]] \
+        == ["4", "5", "2", "4", "5", "1", "1", None, None, None, None]
+    s = score_outputs("product_rating", ["4.6", "Score: 4", "2.5", "9"], ["5", "4", "3", "1"])
+    # paper: 5 (0), unreadable -> 1 (3), 2 (1), 5 (4); official: unreadable 4.6 -> 1 (4), 4 (0), 2.5 (0.5), 9 (8)
+    assert s.summary["mae_paper"] == pytest.approx(8 / 4)
+    assert s.summary["rmse_paper"] == pytest.approx(math.sqrt((0 + 9 + 1 + 16) / 4))
+    assert s.summary["mae"] != pytest.approx(s.summary["mae_paper"])
+
+
 # ----------------------------------------------------------------------------- statistics
+
+
+def test_bootstrap_resamples_users_with_all_their_queries():
+    """User 0 has four correct queries, user 1 one wrong: every replicate holds whole users (the count of
+    ones a multiple of 4, as many rows as its users' queries); without groups it resamples single queries."""
+    values, groups = np.array([1.0, 1, 1, 1, 0]), np.array([0, 0, 0, 0, 1])
+    drawn = []
+    bootstrap_ci(values, n=100, seed=0, groups=groups, statistic=lambda v: drawn.append(v) or 0.0)
+    assert all(np.sum(v == 1) % 4 == 0 and len(v) == 2 * 4 - 3 * np.sum(v == 0) for v in drawn)
+    assert {len(v) for v in drawn} == {2, 5, 8}
+    single = []
+    bootstrap_ci(values, n=100, seed=0, statistic=lambda v: single.append(v) or 0.0)
+    assert {len(v) for v in single} == {5} and any(np.sum(v == 1) % 4 for v in single)
+    s = score_outputs("citation", ["[1]"] * 4 + ["[2]"], ["[1]"] * 5, groups=groups)
+    assert s.ci("accuracy", n=200) == bootstrap_ci(s.per_example["accuracy"], n=200, groups=groups)
+    assert s.ci("accuracy", n=200) != bootstrap_ci(s.per_example["accuracy"], n=200)
+    with pytest.raises(ValueError, match="2 groups for 5"):
+        score_outputs("citation", ["[1]"] * 5, ["[1]"] * 5, groups=[0, 1])
 
 
 def test_bootstrap_ci_is_seeded_and_brackets_the_mean():

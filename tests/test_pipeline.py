@@ -40,6 +40,10 @@ def test_every_artifact_and_both_tables(tiny_run):
         assert r["ci95"][0] <= r["diff"] <= r["ci95"][1] and 0 <= r["outputs_differ"] <= N_USERS
     md = (run_dir / RESULTS_MD).read_text()
     assert "Table 1" in md and "Table 2" in md and "MTA against every other method" in md
+    lamp = run_dir / RESULTS_JSON.replace(".json", "-lamp")  # LaMP's official format, beside results.json
+    assert {f.name for f in lamp.iterdir()} == {f"{m}.json" for m in DEFAULT} | {"golds.json"}
+    golds = json.loads((lamp / "golds.json").read_text())
+    assert golds["task"] == "LaMP_4" and len(golds["golds"]) == result["n_queries"]
     assert json.loads((run_dir / "config.json").read_text())["profile"]["name"] == "tiny"
     assert not list(run_dir.rglob("*.tmp"))
 
@@ -55,7 +59,7 @@ def test_rerun_recomputes_only_the_deleted_unit(tiny_run, monkeypatch):
     main("test", pipeline.reproduce, argv)
     assert calls == [["mta"]]
     after = json.loads(victim.read_text())
-    assert after["output"] == before["output"]  # deterministic under the seed, whatever the order
+    assert after["queries"] == before["queries"]  # deterministic under the seed, whatever the order
 
 
 def test_perpcs_and_proper_artifacts_and_results(tiny_run):
@@ -110,7 +114,7 @@ def test_baselines_resume_like_every_unit(tiny_run, monkeypatch):
     assert calls == [["perpcs"], ["proper"]]
     after = load_file(gates), *(json.loads((user / f"{m}.json").read_text()) for m in ("perpcs", "proper"))
     assert all(torch.allclose(before[0][k], after[0][k], atol=1e-6) for k in before[0])
-    assert after[1]["output"] == before[1]["output"] and after[2]["output"] == before[2]["output"]
+    assert after[1]["queries"] == before[1]["queries"] and after[2]["queries"] == before[2]["queries"]
 
 
 def test_run_directory_keeps_its_profile(tiny_run):
@@ -166,8 +170,8 @@ def test_a_smaller_run_on_the_same_directory_keeps_the_larger_report(tiny_run):
     assert (run_dir / RESULTS_JSON).read_text() == before
     assert json.loads((run_dir / "results-1-users.json").read_text())["users"] == one["users"] == result["users"][:1]
     timings = json.loads((run_dir / "timings.json").read_text())
-    assert list(timings) == ["stage1a_select", "stage1b_bank", "stage1c_perpcs", "stage1c_proper",
-                             "stage2_match_anchors", "stage3"]
+    assert list(timings) == ["stage1a_select", "stage1b_bank", "stage1c_population", "stage1c_perpcs",
+                             "stage1c_proper", "stage2_match_anchors", "stage3"]
     assert "## Wall time" in (run_dir / RESULTS_MD).read_text()
 
 
@@ -276,7 +280,7 @@ def test_both_engines_give_the_same_outputs(tiny_run, tmp_path):
     assert result["methods"] and set(sequential["methods"]) == set(result["methods"])
     for uid, rows in result["per_user"].items():
         for m, row in rows.items():
-            assert sequential["per_user"][uid][m]["output"] == row["output"], (uid, m)
+            assert sequential["per_user"][uid][m]["queries"] == row["queries"], (uid, m)
     (seq_dir,) = (tmp_path / "runs" / "news_headline").iterdir()
     for log in (run_dir / "bank").glob("*/train_log.json"):
         batched, alone = json.loads(log.read_text()), json.loads((seq_dir / "bank" / log.parent.name /
@@ -310,3 +314,42 @@ def test_bf16_where_native_is_resolved_and_recorded(tiny_run, tmp_path):
     if not bf16_supported("cpu"):
         with pytest.raises(SystemExit, match="no native bf16"):
             main("test", pipeline.reproduce, [*here, "--set", "bf16=True"])
+
+
+def test_stage3_scores_every_query_of_a_user(tmp_path, monkeypatch):
+    """A user with 3 queries gets 3 rows, in order, each with its query id, output, prediction, gold and whether
+    the cap cut its prompt: one personalisation per user, all queries decoded in one batch, under its slot."""
+    from mta.data.lamp import Query, User
+    from mta.methods import get, units
+    from mta.stages import personalize
+    from tests.fixtures import make_engine
+
+    engine = make_engine(tmp_path / "llm", max_test_tokens=200)
+    item = {"title": "a cat sat on a mat", "text": "the cat sat on the mat"}
+    users = [User("u0", [item, {**item, "title": "rain in spain"}],
+                  [Query(f"u0-q{j}", f"Generate a headline for the following article: {t}", f"gold {j}")
+                   for j, t in enumerate(["cats sit", "rain falls " * 40, "dogs bark"])]),
+             User("u1", [item, item], [Query("u1-q0", "Generate a headline for the following article: x", "g")])]
+    calls, trained = [], []
+    real_generate, real_train = engine.generate, engine.personalize_many
+    monkeypatch.setattr(engine, "generate", lambda prompts, slots=None: calls.append((list(prompts), slots))
+                        or real_generate(prompts, slots))
+    monkeypatch.setattr(engine, "personalize_many", lambda *a, **k: trained.append(len(a[0])) or real_train(*a, **k))
+    style = engine.profile.prompt_style
+    (rag,) = [u for u in units(["base", "rag1"]) if u[0].name == "base"]
+    for out in (personalize.run_group(engine, users, rag, {}, {}, 0),
+                {"u0": personalize.run_unit(engine, users[0], rag, None, {}, 0)}):
+        rows = out["u0"]["rag1"]["queries"]
+        assert [r["query_id"] for r in rows] == ["u0-q0", "u0-q1", "u0-q2"]
+        assert [r["gold"] for r in rows] == ["gold 0", "gold 1", "gold 2"]
+        assert [r["prompt_cut"] for r in rows] == [False, True, False]
+        assert all(r["prediction"] == engine.task.parse(r["output"]) for r in rows)
+        assert len(out["u0"]["base"]["queries"]) == 3
+    assert sorted(calls[0][0]) == sorted(p for u in users for m in rag for p in
+                                         personalize.method_prompts(engine.task, u, m, style))
+    calls.clear()
+    out = personalize.run_group(engine, users, [get("adapt_only")], {}, {}, 0)
+    assert trained == [2] and len(calls) == 1 and calls[0][1] == [0, 0, 0, 1]
+    assert calls[0][0] == [p for u in users for p in personalize.method_prompts(engine.task, u, get("adapt_only"),
+                                                                                 style)]
+    assert [len(out[u]["adapt_only"]["queries"]) for u in ("u0", "u1")] == [3, 1]

@@ -310,7 +310,7 @@ def test_tiny_run_on_a_quantised_base_equals_the_run_on_its_dequantised_weights(
     assert set(results[0]["methods"]) == set(methods.split(","))
     for uid, rows in results[1]["per_user"].items():
         for m, row in rows.items():
-            assert results[0]["per_user"][uid][m]["output"] == row["output"], (uid, m)
+            assert results[0]["per_user"][uid][m]["queries"] == row["queries"], (uid, m)
     logs = sorted((dirs[0] / "bank").glob("*/train_log.json"))
     assert logs
     for log in logs:
@@ -345,3 +345,56 @@ def test_a_group_of_one_on_a_quantised_base_takes_the_batched_engine(tiny_run_in
     assert not any(again["failures"].values())
     methods = [{u: set(rows) for u, rows in r["per_user"].items()} for r in (first, again)]
     assert methods[0] == methods[1]
+
+
+# ---- NF4 (bitsandbytes' blockwise 4-bit NormalFloat, the authors' test-time base)
+
+def _nf4_reference(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """bitsandbytes' algorithm written out: blocks of 64 of the row-major flattened weight, absmax per block,
+    each value times 1/absmax (fp32) to the nearest of the 16 code values, a tie to the lower one."""
+    code = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+                         -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+                         0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+                         0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], dtype=torch.float64)
+    flat = weight.reshape(-1).float()
+    codes, absmax = [], []
+    for start in range(0, flat.numel(), 64):
+        block = flat[start:start + 64]
+        m = block.abs().max()
+        absmax.append(m)
+        scaled = (block * (1.0 / m)).double() if m > 0 else torch.zeros_like(block).double()
+        codes += [int((code - x).abs().argmin()) for x in scaled]  # argmin: the first (lower) of a tie
+    return torch.tensor(codes, dtype=torch.uint8), torch.stack(absmax)
+
+
+@pytest.mark.parametrize("shape", [(48, 80), (7, 9)])  # whole blocks; one partial block
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nf4_matches_the_blockwise_reference(shape, dtype):
+    torch.manual_seed(0)
+    w = (torch.randn(shape) * torch.linspace(0.01, 2.0, shape[1])).to(dtype)  # scales differ along a row
+    codes, absmax = quant.nf4_quantize(w)
+    ref_codes, ref_absmax = _nf4_reference(w)
+    assert torch.equal(codes, ref_codes) and torch.equal(absmax, ref_absmax)
+    back = quant.nf4_roundtrip(w)
+    assert back.dtype == dtype and back.shape == w.shape
+    code = torch.tensor(quant.NF4_CODE)
+    expected = (code[ref_codes.long()] * ref_absmax.repeat_interleave(64)[: w.numel()]).to(dtype).reshape(shape)
+    assert torch.equal(back, expected)
+    # error bound: half the widest code gap (-1 .. -0.6962) of the block's absmax, plus the dtype's rounding
+    bound = ref_absmax.repeat_interleave(64)[: w.numel()].reshape(shape) * (1 - 0.6961928009986877) / 2
+    eps = torch.finfo(dtype).eps
+    assert ((back.float() - w.float()).abs() <= bound * (1 + eps) + w.float().abs() * eps).all()
+
+
+def test_nf4_code_values_are_exact_and_blocks_are_64():
+    values = torch.tensor(quant.NF4_CODE)
+    assert len(values) == 16 and values[7] == 0 and values[0] == -1 and values[-1] == 1
+    w = torch.zeros(2, 64)
+    w[0, :16] = values * 3.0  # block 0: every code value times absmax 3
+    w[1, 0] = 0.5  # block 1 alone: its own absmax
+    back = quant.nf4_roundtrip(w)
+    assert torch.equal(back[0, :16], (values * 3.0).float()) and back[1, 0] == 0.5
+    assert torch.equal(quant.nf4_quantize(w)[1], torch.tensor([3.0, 0.5]))
+    # a value on a midpoint goes to the lower code, as the kernel's `x > 0.03979014977812767f` tree
+    tie = torch.tensor([[1.0, 0.03979014977812767, -0.8480964004993439] + [0.0] * 61])
+    assert quant.nf4_quantize(tie)[0][:3].tolist() == [15, 7, 0]

@@ -74,8 +74,8 @@ def test_alpha_reaches_the_merge(fresh_run, monkeypatch):
     main("test", lambda run: run_sweep(run, "k", (1,), methods=("merged_only",)), argv)
     alpha1, k1 = (json.loads((run_dir / "sweeps" / w / p / RESULTS_JSON).read_text())["per_user"]
                   for w, p in (("alpha", "1.0"), ("k", "1")))
-    assert {u: r["merged_only"]["output"] for u, r in alpha1.items()} == \
-        {u: r["merged_only"]["output"] for u, r in k1.items()}
+    assert {u: r["merged_only"]["queries"] for u, r in alpha1.items()} == \
+        {u: r["merged_only"]["queries"] for u, r in k1.items()}
 
 
 def anchors(root):

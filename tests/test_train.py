@@ -1,11 +1,14 @@
 """The SFT loop: response-only loss, schedules, accumulation, determinism, NaN stop."""
 import copy
+import math
 
 import pytest
 import torch
 
+from mta.data.lamp import TASKS
 from mta.peft.lora import LoRAConfig, inject_lora, lora_layers
-from mta.training.train import TrainConfig, lr_factor, make_batch, response_loss_sum, train
+from mta.profiles import PAPER
+from mta.training.train import TrainConfig, lr_factor, make_batch, response_loss_sum, step_batches, train
 
 transformers = pytest.importorskip("transformers")
 
@@ -148,23 +151,50 @@ def test_bad_input():
         TrainConfig(schedule="step")
 
 
-def test_group_by_length_pads_less_and_stays_deterministic(monkeypatch):
-    import mta.training.train as train_module
+def epoch_orders(data, cfg, n_epochs):
+    """The example indices step_batches visits, one list per epoch."""
+    position = {id(ex): i for i, ex in enumerate(data)}
+    steps = step_batches(data, cfg)
+    n_steps = math.ceil(math.ceil(len(data) / cfg.batch_size) / cfg.grad_accum)
+    return [[position[id(ex)] for _ in range(n_steps) for batch in next(steps) for ex in batch]
+            for _ in range(n_epochs)]
 
-    seen = []
-    real = train_module.make_batch
-    def recording_make_batch(batch, *args):
-        seen.append([sum(map(len, e)) for e in batch])
-        return real(batch, *args)
 
-    monkeypatch.setattr(train_module, "make_batch", recording_make_batch)
+@pytest.mark.parametrize("n,batch_size,grad_accum,max_len", [
+    (1, 1, 1, None), (5, 2, 1, None), (10, 2, 1, None), (10, 3, 2, None), (16, 1, 1, 9), (37, 4, 1, None),
+    (64, 2, 2, None), (250, 2, 1, 12), (260, 4, 2, None), (1000, 1, 1, None)])
+def test_group_by_length_is_transformers_sampler(n, batch_size, grad_accum, max_len):
+    """Each epoch: get_length_grouped_indices over the cut lengths, with the step's batch (micro-batch x
+    accumulation) as the Trainer passes it, drawing from one generator seeded with config.seed."""
+    get_length_grouped_indices = pytest.importorskip("transformers.trainer_pt_utils").get_length_grouped_indices
+    data = examples(n, seed=n)  # lengths 2..22 with many ties
+    cfg = TrainConfig(batch_size=batch_size, grad_accum=grad_accum, max_len=max_len, seed=n + 7,
+                      group_by_length=True, progress=False)
+    lengths = [min(len(p) + len(r), max_len or 10**9) for p, r in data]
+    g = torch.Generator().manual_seed(cfg.seed)
+    want = [get_length_grouped_indices(lengths, batch_size * grad_accum, generator=g) for _ in range(3)]
+    got = epoch_orders(data, cfg, 3)
+    assert got == want
+    if n >= 10:
+        assert got[0] != got[1] != got[2]  # a new order each epoch
+
+
+def test_group_by_length_training_is_deterministic():
     cfg = TrainConfig(lr=1e-3, epochs=2, batch_size=3, group_by_length=True, progress=False)
     data = examples(9)
-    train(lora_model(), data, cfg)
-    for epoch in (seen[:3], seen[3:]):
-        lengths = [n for batch in epoch for n in batch]
-        assert lengths == sorted(lengths, reverse=True)
     a, b = lora_model(), lora_model()
     train(a, data, cfg), train(b, data, cfg)
     assert all(torch.equal(x.lora_B.weight, y.lora_B.weight)
                for x, y in zip(lora_layers(a).values(), lora_layers(b).values(), strict=True))
+    with pytest.raises(ValueError, match="shuffle"):
+        TrainConfig(group_by_length=True, shuffle=False)
+
+def test_paper_stacked_lora_is_the_authors_run():
+    """run_experiment.sh:242-262: rank 4 on every linear, batch 2 x 4, cosine, and transformers' defaults for
+    the rest (no warm-up, no length grouping, no weight decay, clipping at 1, LLaMA-Factory's alpha 2r, no dropout)."""
+    for task in TASKS:
+        spec = PAPER.for_task(task).stack
+        cfg = spec.train_config(seed=0)
+        assert (spec.rank, spec.alpha, spec.dropout, spec.targets) == (4, 8.0, 0.0, "all")
+        assert (cfg.batch_size, cfg.grad_accum, cfg.schedule) == (2, 4, "cosine")
+        assert (cfg.warmup_ratio, cfg.group_by_length, cfg.weight_decay, cfg.max_grad_norm) == (0.0, False, 0.0, 1.0)

@@ -5,11 +5,12 @@ A piece is one sharer's (A, B) of one (layer, module). Each sharer LoRA gets one
 trained with the LoRA frozen while the LoRA's input is rescaled per token by sigmoid(x · g). For a target
 user, every module scores each sharer's gate on the user's own history (no gradients):
 
-    score_j = mean over the batch of [ mean over response positions t of LN(x_t) · LN(g_j) / √d ]
+    score_j = mean over the batch of [ mean over positions t predicting a response token of LN(x_t) · LN(g_j) / √d ]
     w = softmax(score_topk / τ),  A = Σ_j w_j A_j,  B = Σ_j w_j B_j        (top k sharers)
 
 module by module inside one forward, so deeper layers see the pieces already chosen, and the final
-factors are the uniform average over batches. LN is layer norm without affine parameters.
+factors are the uniform average over batches. LN is layer norm without affine parameters. The positions are the
+release's `scores[:, :-1]` under `label[:, 1:] > 0` (llama/model.py 80-100): x_t whose next token is a response token.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from mta.data.lamp import User
+from mta.data.lamp import TaskSpec, User, training_pairs
 from mta.errors import InputError
 from mta.files import atomic_path, id_folder
 from mta.log import log
@@ -73,13 +74,14 @@ def inject_gates(model: nn.Module) -> dict[str, GatedLoRALinear]:
 
 
 def gate_scores(x: Tensor, positions: Tensor, gates: Tensor) -> Tensor:
-    """x (B, T, d) a module's input, positions (B, T) bool (the response tokens), gates (S, d) -> scores (S,)."""
+    """x (B, T, d) a module's input, positions (B, T) bool (those predicting a response token: make_batch's mask),
+    gates (S, d) -> scores (S,)."""
     d = x.shape[-1]
     xn = F.layer_norm(x.float(), (d,))  # (B, T, d)
     gn = F.layer_norm(gates.float(), (d,))  # (S, d)
     per_token = xn @ gn.T / math.sqrt(d)  # (B, T, S)
     w = positions.float()[..., None]  # (B, T, 1)
-    per_row = (per_token * w).sum(1) / w.sum(1).clamp(min=1)  # (B, S): mean over each row's response positions
+    per_row = (per_token * w).sum(1) / w.sum(1).clamp(min=1)  # (B, S): mean over each row's scored positions
     return per_row.mean(0)  # (S,)
 
 
@@ -100,7 +102,7 @@ class PieceAssembly(nn.Module):
         super().__init__()
         self.base, self.A, self.B, self.gates = base, A, B, gates  # (S, r, in), (S, out, r), (S, in)
         self.scaling, self.k, self.tau = scaling, k, tau
-        self.positions: Tensor | None = None  # (B, T) response positions of the current batch
+        self.positions: Tensor | None = None  # (B, T) the current batch's positions predicting a response token
         self.chosen: list[tuple[list[int], list[float]]] = []  # per batch: sharer indices and weights
         self.factors: list[tuple[Tensor, Tensor]] = []  # per batch: the assembled (A, B)
 
@@ -113,11 +115,21 @@ class PieceAssembly(nn.Module):
         return (y + (x.to(A.dtype) @ A.T) @ B.T * self.scaling).to(y.dtype)
 
 
-def response_positions(predicts_response: Tensor) -> Tensor:
-    """make_batch's mask of positions *predicting* a response token -> the positions of the response tokens."""
-    out = torch.zeros_like(predicts_response)
-    out[:, 1:] = predicts_response[:, :-1]
-    return out
+def assembly_pairs(task: TaskSpec, history: Sequence[dict], seed: int, limit: int | None = None,
+                   style: str = "authors_code") -> list[tuple[str, str]]:
+    """The (prompt, target) pairs a target user's assembly scores the gates on, as the release's
+    `process_train_data` builds them (lora_composition.py 223-276): each item twice, first with the top BM25 item of
+    the items before it (not for the first item, nor at all for LaMP-1, whose release prompt has no history), then
+    plain (its instruction alone); all the history ones before all the plain ones. At most `limit` items (seeded);
+    an item's history may be any item before it."""
+    chosen = seeded_subset(range(len(history)), limit, derive_seed(seed, "assembly"))
+
+    def pairs(i: int, **how) -> list[tuple[str, str]]:  # item i's pair (LaMP-1's options drawn per item)
+        return training_pairs(task, history, seed=derive_seed(seed, "item", str(i)), style=style,
+                              items=slice(i, i + 1), **how)
+
+    with_history = [] if task.name == "citation" else [p for i in chosen if i > 0 for p in pairs(i, earlier_only=True)]
+    return with_history + [p for i in chosen for p in pairs(i, k=0)]
 
 
 @torch.no_grad()
@@ -150,7 +162,7 @@ def assemble_for_user(model: nn.Module, sharers: Sequence[Adapter], gates: Seque
         for i in range(0, len(order), batch_size):
             ids, predicts, _ = make_batch([examples[j] for j in order[i: i + batch_size]], None, pad_id)
             for m in modules.values():
-                m.positions = response_positions(predicts).to(device)
+                m.positions = predicts.to(device)
             (model.hidden_states if hasattr(model, "hidden_states") else model)(ids.to(device))
     finally:
         for name, m in modules.items():
@@ -266,8 +278,8 @@ def part(engine: Engine, user: User, artifacts: Artifacts, unit_seed: int) -> tu
     p = engine.profile
     tic = time.perf_counter()
     sharer_ids = sorted(artifacts.sharers)
-    examples = seeded_subset(engine.examples(user.history, unit_seed), p.perpcs_user_items,
-                             derive_seed(unit_seed, "assembly"))
+    examples = engine.tokenize(assembly_pairs(engine.task, user.history, unit_seed, p.perpcs_user_items,
+                                              p.prompt_style))
     sharers, gates = [artifacts.sharers[a] for a in sharer_ids], [artifacts.gates[a] for a in sharer_ids]
     with autocast(p.device, p.bf16, engine.model):  # its forward in the run's precision
         adapter, pieces = assemble_for_user(
@@ -275,8 +287,9 @@ def part(engine: Engine, user: User, artifacts: Artifacts, unit_seed: int) -> tu
             engine.tok.pad_token_id or 0, unit_seed)
     named = {m: [{"sharers": [sharer_ids[i] for i in b["sharers"]], "weights": b["weights"]} for b in batches]
              for m, batches in pieces.items()}
-    return adapter, {"assemble": time.perf_counter() - tic}, {"sharers": sharer_ids, "items": len(examples),
-                                                              "pieces": named}
+    items = min(len(user.history), p.perpcs_user_items or len(user.history))
+    return adapter, {"assemble": time.perf_counter() - tic}, {"sharers": sharer_ids, "items": items,
+                                                              "sequences": len(examples), "pieces": named}
 
 
 def install(engine: Engine, adapter: Adapter) -> None:

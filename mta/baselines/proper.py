@@ -7,7 +7,9 @@ Every FFN linear (gate/up/down) becomes a MixtureLinear with E experts E_i(x) = 
     user stage    the same, frozen, plus the user's LoRA u = s_u · B_u A_u x:  y = W x + c · Σ_i r_i E_i(x) + u
     router stage  r = softmax(W_l u), only W_l trains                 y = W x + c · Σ_i r_i E_i(x) + u
 
-with c = 0.2 (1/E for the release's 5 experts) and e_u the user's row of a learned embedding table. The
+with c = 0.2 (1/E for the release's 5 experts) and e_u the user's row of a learned embedding table. A stage's
+dropout (`set_stage`) acts in training on each LoRA path's input, a mask per expert and one for u, never on the
+routers' input (the release's lora.py 396-414 calls its dropout once per path). The
 router stage's form is also the one inference uses; `serve_users` holds many users' trained u and W_l as
 slots, so one batched decode serves them all (row n uses the slot `mta.peft.multi_lora.set_rows` gives it);
 `add_user_slots` makes such slots fresh, so many users' user and router stages train in one pass.
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -56,8 +59,7 @@ class MixtureLinear(nn.Module):
 
     is_wrapper = True
 
-    def __init__(self, base: nn.Linear, n_experts: int, r: int, alpha: float, n_users: int, mix: float = 0.2,
-                 dropout: float = 0.0):
+    def __init__(self, base: nn.Linear, n_experts: int, r: int, alpha: float, n_users: int, mix: float = 0.2):
         super().__init__()
         self.base = base.requires_grad_(False)
         d_in, d_out = base.in_features, base.out_features
@@ -71,7 +73,7 @@ class MixtureLinear(nn.Module):
         self.user_embedding = nn.Embedding(n_users, d_in, **kw)  # e_u
         self.router_l = nn.Linear(d_out, n_experts, bias=False, **kw)  # W_l: LoRA-aware router
         self.scaling, self.mix = alpha / r, mix
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()  # on the experts' input
+        self.dropout = 0.0  # p of the dropout on each LoRA path's input in training (`set_stage`)
         self.user_A: nn.Parameter | None = None  # (r_u, in)
         self.user_B: nn.Parameter | None = None  # (out, r_u)
         self.user_scaling = 0.0
@@ -114,16 +116,22 @@ class MixtureLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x (B, T, in). The experts and the user LoRA share one GEMM on their narrow sides,
         [c s r_1 h_1, .., c s r_E h_E, s_u h_u] @ [B_1, .., B_E, B_u]^T with h_i = A_i x, h_u = A_u x, and the
-        router stage's logits W_l u are (W_l B_u) s_u h_u: the same function, without a (B, T, out) tensor per term."""
+        router stage's logits W_l u are (W_l B_u) s_u h_u: the same function, without a (B, T, out) tensor per term.
+        With dropout in training, A_i and A_u each see their own dropout of x."""
         y = self.base(x)  # (B, T, out)
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.experts_A.dtype)  # fp32 adapters on a half-precision base; autocast casts per GEMM
         E, r, d_in = self.experts_A.shape
-        h = self.dropout(x) @ self.experts_A.reshape(E * r, d_in).T  # (B, T, E*r): every A_i x
+        drop = self.training and self.dropout > 0
+        if drop:
+            xs = F.dropout(x.unsqueeze(-2).expand(*x.shape[:-1], E, d_in), self.dropout)  # (B, T, E, in): a mask each
+            h = torch.einsum("...ei,eri->...er", xs, self.experts_A).flatten(-2)  # (B, T, E*r)
+        else:
+            h = x @ self.experts_A.reshape(E * r, d_in).T  # (B, T, E*r): every A_i x
         B_cat = self.experts_B.permute(1, 0, 2).reshape(-1, E * r)  # (out, E*r): [B_1 .. B_E]
         if self.stage != "group":
             A_u, B_u, W_l = self.user_factors()
-            h_u = x @ A_u.transpose(-1, -2) * self.user_scaling  # (B, T, r_u)
+            h_u = (F.dropout(x, self.dropout) if drop else x) @ A_u.transpose(-1, -2) * self.user_scaling  # (B, T, r_u)
             B_cat = torch.cat([B_cat.expand(*B_u.shape[:-1], -1), B_u], dim=-1)  # ((B,) out, E*r + r_u)
         if self.stage == "router":
             routing = torch.softmax(h_u @ (W_l @ B_u).transpose(-1, -2), dim=-1)  # (B, T, E): softmax(W_l u)
@@ -149,13 +157,13 @@ class MixtureLinear(nn.Module):
 
 
 def inject_mixture(model: nn.Module, targets: tuple[str, ...], n_experts: int, r: int, alpha: float,
-                   n_users: int, dropout: float = 0.0) -> dict[str, MixtureLinear]:
+                   n_users: int) -> dict[str, MixtureLinear]:
     """Wrap every targeted linear (PROPER: gate/up/down) in a MixtureLinear; everything else frozen."""
     model.requires_grad_(False)
     modules = {}
     for name in find_targets(model, targets):
         parent, _, child = name.rpartition(".")
-        modules[name] = MixtureLinear(model.get_submodule(name), n_experts, r, alpha, n_users, dropout=dropout)
+        modules[name] = MixtureLinear(model.get_submodule(name), n_experts, r, alpha, n_users)
         setattr(model.get_submodule(parent), child, modules[name])
     return modules
 
@@ -164,13 +172,13 @@ def mixtures(model: nn.Module) -> dict[str, MixtureLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, MixtureLinear)}
 
 
-def set_stage(model: nn.Module, stage: str) -> None:
-    """Route as `stage` does and train only its parameters."""
+def set_stage(model: nn.Module, stage: str, dropout: float = 0.0) -> None:
+    """Route as `stage` does, train only its parameters, with `dropout` on the LoRA paths' input in training."""
     if stage not in STAGES:
         raise ValueError(f"PROPER stage must be one of {STAGES}, got {stage!r}")
     model.requires_grad_(False)
     for m in mixtures(model).values():
-        m.stage = stage
+        m.stage, m.dropout = stage, dropout
         for p in m.stage_parameters(stage):
             p.requires_grad_(True)
 
@@ -290,10 +298,10 @@ def train_group(engine: Engine, population: Adapter, users: Sequence[User], seed
     fold_population(engine, population)
     torch.manual_seed(seed)  # the experts' and routers' initialisation
     inject_mixture(model, tuple(p.proper_group.targets), p.proper_experts, p.proper_group.rank,
-                          p.proper_group.alpha, len(users), p.proper_group.dropout)
+                   p.proper_group.alpha, len(users))
     examples = [UserExample(ex, row) for row, u in enumerate(users)
                 for ex in engine.examples(u.history, derive_seed(seed, u.user_id), limit=p.proper_group_items)]
-    set_stage(model, "group")
+    set_stage(model, "group", p.proper_group.dropout)
 
     def rows(batch):
         set_users(model, torch.tensor([ex.row for ex in batch], device=model.device))
@@ -379,10 +387,10 @@ def part(engine: Engine, user: User, artifacts: Artifacts, unit_seed: int) -> tu
     def same_user(batch):
         set_users(engine.model, row.expand(len(batch)))
 
-    set_stage(engine.model, "user")
+    set_stage(engine.model, "user", p.proper_user.dropout)
     user_log = train(engine.model, user_examples, engine.train_config(p.proper_user, unit_seed, probe=True), pad,
                      before_forward=same_user)
-    set_stage(engine.model, "router")
+    set_stage(engine.model, "router", p.proper_router.dropout)
     router_log = train(engine.model, router_examples, engine.train_config(p.proper_router, unit_seed, probe=True), pad)
     engine.model.eval()
     return (user_part(engine.model), {"adapt": user_log.seconds + router_log.seconds},
@@ -416,7 +424,7 @@ def parts(engine: Engine, users: Sequence[User], artifacts: Artifacts, unit_seed
     logs = {}
     for stage, spec, examples in (("user", p.proper_user, [ex for _, _, ex, _ in slots]),
                                   ("router", p.proper_router, [ex for _, _, _, ex in slots])):
-        set_stage(model, stage)
+        set_stage(model, stage, spec.dropout)
         params = [t for m in mixtures(model).values() for t in m.stage_parameters(stage)]
         logs[stage] = train_many(model, examples, [engine.train_config(spec, s, probe=True) for s in seeds], pad,
                                  p.rows_per_pass, params, slot_users)

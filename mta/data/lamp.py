@@ -30,9 +30,11 @@ from mta.data import paper_prompts
 from mta.data.bm25 import top_k as bm25_top_k
 from mta.errors import InputError
 from mta.files import read_json
+from mta.log import log
 
-# retrieve(query, docs, k) -> indices of the k best docs, best first (default: mta.data.bm25.top_k).
-Retriever = Callable[[str, Sequence[str], int], list[int]]
+# retrieve(query, docs, k, sep=...) -> indices of the k best docs, best first (default: mta.data.bm25.top_k), each
+# text split by `sep` into tokens (a str, or None for any whitespace).
+Retriever = Callable[..., list[int]]
 
 MOVIE_TAGS = (
     "sci-fi", "based on a book", "comedy", "action", "twist ending", "dystopia", "dark comedy",
@@ -52,6 +54,7 @@ SHORT_GAP = "\n\n"
 # k > 1 query prompt but movie_tagging's create_eval_data.py (k_history), which joins with "\n".
 RAG_SEPARATOR = "\n\n"
 BANK_MAX_WORDS = 368  # select_anchor.py: get_first_k_tokens(value, 368) on every anchor item field
+STAGE_TEXTS = ("authors_code", "ours")  # how stages 1 and 2 show history items to their encoders
 
 CANDIDATES_FILE = "user_anchor_candidate.json"
 TEST_FILE = os.path.join("test_100", "test_100.json")
@@ -90,6 +93,42 @@ def parse_rating(output: str) -> str | None:
     return m.group(1) if m else None
 
 
+def parse_rating_authors(output: str) -> str | None:
+    """LaMP-3 as evaluate_product_rating.py:66-71 parses: the whole output as a Python float, rounded (half to
+    even) and clamped to 1..5; None (the penalty of `mta.eval.metrics.rating_scores`) where float() fails or
+    the value cannot be rounded (nan, inf)."""
+    try:
+        return str(max(1, min(5, round(float(output.strip())))))
+    except (ValueError, OverflowError):
+        return None
+
+
+@dataclass(frozen=True)
+class EvalConditions:
+    """How a test query is decoded and parsed: the base's precision (`nf4`: the weights as a 4-bit NF4 base
+    computes with them), whether the prompt takes the chat template, the repetition penalty, the most new
+    tokens (None: the profile's `max_new_tokens`) and the parser that replaces the task's own (None: keep it)."""
+
+    nf4: bool = False
+    chat_template: bool = True
+    repetition_penalty: float = 1.0
+    max_new_tokens: int | None = None
+    parse: Callable[[str], str | None] | None = None
+
+
+# The released evaluation scripts (zyj1214566/MTA eval/<task>/evaluate_<task>.py): LaMP-1, 2, 3 and 5 load the
+# merged base in 4-bit NF4 (bf16 compute, no double quantisation) with the stacked LoRA unmerged on it, LaMP-4
+# in bf16; LaMP-1, 2 and 3 apply the chat template, LaMP-4 and 5 tokenize the bare instruction; LaMP-3 decodes
+# with repetition_penalty=1.1 and parses with float(); each script has its own max_new_tokens.
+AUTHORS_EVAL = {
+    "citation": EvalConditions(nf4=True, max_new_tokens=5),
+    "movie_tagging": EvalConditions(nf4=True, max_new_tokens=10),
+    "product_rating": EvalConditions(nf4=True, repetition_penalty=1.1, max_new_tokens=3, parse=parse_rating_authors),
+    "news_headline": EvalConditions(chat_template=False, max_new_tokens=50),
+    "scholarly_title": EvalConditions(nf4=True, chat_template=False, max_new_tokens=30),
+}
+
+
 def parse_first_line(output: str) -> str:
     """First non-empty line, stripped ('' if there is none)."""
     for line in output.splitlines():
@@ -121,6 +160,9 @@ class TaskSpec:
     query_retrieval / query_instruction: a test query's BM25 query and instruction, filled with the
         fields of `query_fields` plus `question`; the instruction defaults to `instruction`.
     train_gap / query_gap: between history and instruction in adaptation / test prompts.
+    cluster_item: an item as stage 1 embeds it in the authors' code (prompt.json `retrieval_history`,
+        select_anchor.py:68; the file is Per-Pcs's prompt/prompt.json, MTA ships none).
+    match_fields: the fields of an item stage 2 joins in the authors' code (dense_retrieval_matcher.py:56-116).
     """
 
     name: str
@@ -140,8 +182,13 @@ class TaskSpec:
     metric: str  # "classification" | "rating" | "generation"
     metric_names: tuple[str, ...]
     test_history_len: int  # Appendix B: test users have exactly this many history items
+    cluster_item: str
+    match_fields: tuple[str, ...]
     labels: tuple[str, ...] | None = None
     query_instruction: str | None = None
+    # How the released scripts tokenise history and query for BM25: split(" ") for LaMP-1/3/4/5 and the bank, split()
+    # for LaMP-2 (movie_tagging/create_*_data.py) and for LaMP-1's hard negatives (`citation_options`).
+    bm25_sep: str | None = " "
 
     @property
     def profile_fields(self) -> tuple[str, str]:
@@ -190,6 +237,7 @@ TASKS: dict[str, TaskSpec] = {
             query_retrieval="{title}", train_gap=SHORT_GAP, query_gap=SHORT_GAP,
             parse=parse_citation, metric="classification", metric_names=("accuracy", "f1"),
             test_history_len=50, labels=CITATION_LABELS,
+            cluster_item="Paper Title: {title}\n", match_fields=("title", "abstract", "citation"),
         ),
         TaskSpec(
             name="movie_tagging", lamp_id="LaMP-2", input_field="description", label_field="tag",
@@ -203,10 +251,11 @@ TASKS: dict[str, TaskSpec] = {
             retrieval_doc="{description} {tag}",
             bank_query="Which tag does this movie relate to among the following tags? Just answer with the tag "
                        "name without further explanation.\n Description: {description}",
-            query_retrieval="{question}", query_instruction="{question} Tag:",
+            query_retrieval="{question}", query_instruction="{question} Tag:", bm25_sep=None,
             train_gap=SHORT_GAP, query_gap=SHORT_GAP,
             parse=parse_movie_tag, metric="classification", metric_names=("accuracy", "f1"),
             test_history_len=10, labels=MOVIE_TAGS,
+            cluster_item="Description: {description} Tag: {tag}\n", match_fields=("tag", "description"),
         ),
         TaskSpec(
             name="product_rating", lamp_id="LaMP-3", input_field="text", label_field="score",
@@ -222,6 +271,7 @@ TASKS: dict[str, TaskSpec] = {
             train_gap=SHORT_GAP, query_gap=LONG_GAP,
             parse=parse_rating, metric="rating", metric_names=("mae", "rmse"),
             test_history_len=100, labels=RATING_LABELS,
+            cluster_item="Review: {text} Score: {score}\n", match_fields=("text",),
         ),
         TaskSpec(
             name="news_headline", lamp_id="LaMP-4", input_field="text", label_field="title",
@@ -235,6 +285,7 @@ TASKS: dict[str, TaskSpec] = {
             parse=parse_first_line, metric="generation",
             metric_names=("rouge-1", "rouge-L", "rouge-1_stem", "rouge-L_stem"),
             test_history_len=10,
+            cluster_item="Article: {text} Headline: {title}\n", match_fields=("title", "text"),
         ),
         TaskSpec(
             name="scholarly_title", lamp_id="LaMP-5", input_field="abstract", label_field="title",
@@ -248,6 +299,7 @@ TASKS: dict[str, TaskSpec] = {
             parse=parse_title, metric="generation",
             metric_names=("rouge-1", "rouge-L", "rouge-1_stem", "rouge-L_stem"),
             test_history_len=50,
+            cluster_item="abstract: {abstract} title: {title}\n", match_fields=("title", "abstract"),
         ),
     )
 }
@@ -293,7 +345,8 @@ def default_lamp_dir() -> Path:
 
 
 def load_candidates(lamp_dir: str | os.PathLike, task: str, errors: dict[str, str] | None = None) -> list[User]:
-    """Bank candidates of `task` (profile only). See `load_test_users` for `errors`."""
+    """Bank candidates of `task`: a profile each, and the user's LaMP query with its gold where the file keeps it
+    (`mta.data.lamp_release` does). See `load_test_users` for `errors`."""
     spec = get_task(task)
     return _load_users(Path(lamp_dir) / spec.name / CANDIDATES_FILE, spec, with_query=False, errors=errors)
 
@@ -331,7 +384,8 @@ def _load_users(path: Path, spec: TaskSpec, with_query: bool, errors: dict[str, 
 
 
 def validate_user(row: dict, spec: TaskSpec, with_query: bool, source: str = "<data>") -> User:
-    """A User from one JSON row, or LampDataError naming `source`, the user id and the field."""
+    """A User from one JSON row, or LampDataError naming `source`, the user id and the field. `with_query`: the
+    row must hold queries; without it a `query` there is optional but checked the same."""
     if not isinstance(row, dict) or row.get("user_id") in (None, ""):
         raise LampDataError(f"{source}: missing field 'user_id'")
     where = f"{source}: user {row['user_id']!s}"
@@ -344,8 +398,8 @@ def validate_user(row: dict, spec: TaskSpec, with_query: bool, source: str = "<d
                 raise LampDataError(f"{where}: profile[{j}] missing field {f!r} ({spec.lamp_id} items need "
                                     f"{' and '.join(map(repr, spec.profile_fields))})")
     queries = []
-    if with_query:
-        raw = row.get("query")
+    raw = row.get("query")
+    if with_query or raw is not None:  # a bank candidate's query is optional (its population example)
         if isinstance(raw, dict):
             raw = [raw]
         if not isinstance(raw, list) or not raw:
@@ -365,14 +419,17 @@ def validate_user(row: dict, spec: TaskSpec, with_query: bool, source: str = "<d
 def select_test_users(users: Sequence[dict], task: str, n_test: int = 100, seed: int = 0
                       ) -> tuple[list[dict], list[dict]]:
     """Appendix B split: `n_test` users drawn (seeded) among those with exactly the task's
-    history length become test users; every other user becomes a bank candidate.
-    Returns (candidates, test_users), disjoint, each in input order."""
+    history length become test users; every other user becomes a bank candidate. Where fewer
+    users are eligible, all of them are test users, and a log line says so (the paper's LaMP-2
+    file has 72 users). Returns (candidates, test_users), disjoint, each in input order."""
     spec = get_task(task)
     eligible = [i for i, u in enumerate(users) if len(u["profile"]) == spec.test_history_len]
+    if not eligible:
+        raise LampDataError(f"{spec.name}: no user has exactly {spec.test_history_len} history items")
     if len(eligible) < n_test:
-        raise LampDataError(f"{spec.name}: only {len(eligible)} users have exactly {spec.test_history_len} "
-                            f"history items, {n_test} test users requested")
-    chosen = set(random.Random(seed).sample(eligible, n_test))
+        log(f"{spec.name}: only {len(eligible)} users have exactly {spec.test_history_len} history items, "
+            f"{n_test} test users requested: all {len(eligible)} become test users")
+    chosen = set(random.Random(seed).sample(eligible, min(n_test, len(eligible))))
     test = [users[i] for i in sorted(chosen)]
     candidates = [u for i, u in enumerate(users) if i not in chosen]
     return candidates, test
@@ -403,7 +460,7 @@ def retrieve_history(spec: TaskSpec, query_text: str, items: Sequence[dict], k: 
                      retrieve: Retriever = bm25_top_k) -> list[str]:
     """Rendered top-k history items for `query_text` among `items`, BM25 over `retrieval_doc`."""
     docs = [spec.retrieval_doc.format(**_as_text(it)) for it in items]
-    return [spec.render_history(items[i]) for i in retrieve(query_text, docs, min(k, len(items)))]
+    return [spec.render_history(items[i]) for i in retrieve(query_text, docs, min(k, len(items)), sep=spec.bm25_sep)]
 
 
 def bank_history(spec: TaskSpec, fields: dict, items: Sequence[dict], k: int,
@@ -419,6 +476,35 @@ def first_words(item: dict, n: int = BANK_MAX_WORDS) -> dict:
     return {key: " ".join(v.split()[:n]) if isinstance(v, str) else v for key, v in item.items()}
 
 
+def cluster_texts(spec: TaskSpec, history: Sequence[dict], style: str) -> list[str]:
+    """Stage 1: each history item as the clustering encoder sees it. "authors_code": select_anchor.py:62-68,
+    every text field cut to its first 368 words, then `cluster_item` (LaMP-1: the title alone);
+    "ours": the item as prompts show it."""
+    _check_stage_text(style)
+    if style == "ours":
+        return [spec.render_history(item) for item in history]
+    return [spec.cluster_item.format(**_as_text(first_words(item))) for item in history]
+
+
+def match_document(spec: TaskSpec, history: Sequence[dict], style: str) -> str:
+    """Stage 2: a user's whole history as one text. "authors_code": `extract_user_text` of
+    dense_retrieval_matcher.py:56-116, per item its `match_fields` joined by spaces (a field the item lacks
+    is empty) and stripped, a lone field as it is, the items joined by spaces; "ours": the items as prompts
+    show them, one per line."""
+    _check_stage_text(style)
+    if style == "ours":
+        return "\n".join(spec.render_history(item) for item in history)
+    texts = [" ".join(_as_text(item).get(f, "") for f in spec.match_fields) for item in history]
+    if len(spec.match_fields) > 1:
+        texts = [t.strip() for t in texts]
+    return " ".join(texts).strip()
+
+
+def _check_stage_text(style: str) -> None:
+    if style not in STAGE_TEXTS:
+        raise ValueError(f"stage text must be one of {STAGE_TEXTS}; got {style!r}")
+
+
 def citation_options(item: dict, others: Sequence[dict], retrieve: Retriever, rng: random.Random
                      ) -> tuple[dict, str] | None:
     """(option1/option2 fields, target) of a LaMP-1 training example: the item's citation against
@@ -428,15 +514,15 @@ def citation_options(item: dict, others: Sequence[dict], retrieve: Retriever, rn
     negatives = [p for p in others if p["citation"] != target]
     if not negatives:
         return None
-    neg = negatives[retrieve(item["title"], [p["title"] for p in negatives], 1)[0]]["citation"]
+    neg = negatives[retrieve(item["title"], [p["title"] for p in negatives], 1, sep=None)[0]]["citation"]
     if rng.random() >= 0.5:
         return {"option1": neg, "option2": target}, "[2]"
     return {"option1": target, "option2": neg}, "[1]"
 
 
 def training_pairs(spec: TaskSpec | str, history: Sequence[dict], retrieve: Retriever = bm25_top_k,
-                   k: int = 1, seed: int = 0, bank: bool = False, style: str = "authors_code"
-                   ) -> list[tuple[str, str]]:
+                   k: int = 1, seed: int = 0, bank: bool = False, style: str = "authors_code",
+                   earlier_only: bool = False, items: slice = slice(None)) -> list[tuple[str, str]]:
     """(prompt, target) per profile item: the item's instruction, with history taken
     leave-one-out from the user's other items, and the item's label as target.
 
@@ -446,16 +532,23 @@ def training_pairs(spec: TaskSpec | str, history: Sequence[dict], retrieve: Retr
     select_anchor.py stores them. LaMP-1 items are (paper title, a cited title) and become
     a choice between two citations (`citation_options`, seeded); items without a usable
     negative are skipped, so LaMP-1 may return fewer pairs than items.
+    earlier_only: item i's history comes from items 0..i-1 only, and the first item has the
+    instruction alone (OPPU.py:224-245). items: which items become examples (all by default).
+    k = 0: every item's instruction alone (Per-Pcs's plain examples).
     """
     spec = get_task(spec)
     if len(history) < 2:
         raise LampDataError(f"{spec.name}: leave-one-out training needs at least 2 profile items, got {len(history)}")
     if bank:
         history = [first_words(item) for item in history]
+    chosen = set(range(len(history))[items])
     rng = random.Random(seed)
     pairs = []
     for i, item in enumerate(history):
+        if i not in chosen:
+            continue
         others = [p for j, p in enumerate(history) if j != i]
+        visible = history[:i] if earlier_only else others
         fields = {spec.input_field: str(item[spec.input_field])}
         target = str(item[spec.label_field])
         if spec.name == "citation":
@@ -464,12 +557,17 @@ def training_pairs(spec: TaskSpec | str, history: Sequence[dict], retrieve: Retr
                 continue
             fields.update(choice[0])
             target = choice[1]
+        if not visible or k == 0:
+            instruction = paper_prompts.instruction(spec.name, fields) if style == "paper" \
+                else spec.render_instruction(fields)
+            pairs.append((instruction, target))
+            continue
         if bank:
-            shown, gap = bank_history(spec, fields, others, k, retrieve), LONG_GAP
+            shown, gap = bank_history(spec, fields, visible, k, retrieve), LONG_GAP
         elif spec.name == "citation":
-            shown, gap = [spec.render_history(p) for p in others[:k]], spec.train_gap
+            shown, gap = [spec.render_history(p) for p in visible[:k]], spec.train_gap
         else:
-            shown, gap = retrieve_history(spec, fields[spec.input_field], others, k, retrieve), spec.train_gap
+            shown, gap = retrieve_history(spec, fields[spec.input_field], visible, k, retrieve), spec.train_gap
         pairs.append((render_prompt(spec, shown, fields, spec.render_instruction(fields), gap, style), target))
     return pairs
 

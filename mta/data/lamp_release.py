@@ -8,7 +8,7 @@ movie tagging under LaMP_2/new/):
         {"task": "LaMP_<n>", "golds": [{"id", "output"}, ...]}
 Processed layout (what `mta.data.lamp.load_candidates` / `load_test_users` read):
     <out>/<task>/user_anchor_candidate.json
-        bank candidates: [{"user_id", "profile"}]
+        bank candidates: [{"user_id", "profile", "query"}] (the query: the population LoRAs' example)
     <out>/<task>/test_100/test_100.json
         test users: [{"user_id", "profile", "query": [{"id", "input", "gold"}]}]
 
@@ -497,7 +497,7 @@ def check_disjoint(
 
 @dataclass
 class Split:
-    candidates: list[dict]  # [{user_id, profile}]
+    candidates: list[dict]  # [{user_id, profile, query}]
     test: list[dict]  # [{user_id, profile, query}]
     # ids of the candidates dropped for holding a test answer
     dropped: list[str] = field(default_factory=list)
@@ -545,7 +545,7 @@ def split_users(
         dropped = [str(candidates[i]["user_id"]) for i in sorted(leaks)]
         candidates = [u for i, u in enumerate(candidates) if i not in leaks]
     return Split(
-        [{"user_id": u["user_id"], "profile": u["profile"]} for u in candidates],
+        [{"user_id": u["user_id"], "profile": u["profile"], "query": u["query"]} for u in candidates],
         list(test),
         dropped,
     )
@@ -598,6 +598,7 @@ class Converted:
     n_candidates: int
     n_test: int
     dropped: list[str]  # candidate ids dropped for holding a test answer
+    n_requested: int  # test users asked for; more than n_test when fewer were eligible
 
     def summary(self) -> str:
         extra = (
@@ -605,9 +606,14 @@ class Converted:
             if self.dropped
             else ""
         )
+        short = (
+            f" (fewer than the {self.n_requested} requested: only {self.n_test} eligible)"
+            if self.n_test < self.n_requested
+            else ""
+        )
         return (
             f"{self.task}: {self.n_candidates} candidates, {self.n_test} test users"
-            f"{extra} -> {self.candidates_path.parent}"
+            f"{short}{extra} -> {self.candidates_path.parent}"
         )
 
 
@@ -647,4 +653,5 @@ def convert(
         len(split.candidates),
         len(split.test),
         split.dropped,
+        n_test if test_file is None else len(split.test),
     )

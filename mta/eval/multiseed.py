@@ -1,5 +1,6 @@
 """Several seeds of one run: every method's metrics as mean and standard deviation across seeds, and MTA
-against every other method paired over (seed, user), as the ACL version reports three seeds.
+against every other method paired over (seed, query), its interval resampling (seed, user), as the ACL
+version reports three seeds.
 
     runs/<task>/<profile>-seeds<a>-<b>-<c>/summary.json, summary.md
 """
@@ -34,10 +35,12 @@ def summarize(results: Sequence[dict], seeds: Sequence[int]) -> dict:
         per_example = [report.score_methods(r["task"], {m: {u: r["per_user"][u][m] for u in r["users"]}
                                                         for m in methods}, r["users"]) for r in results]
         mta = np.concatenate([s["mta"].per_example[metric] for s in per_example])
+        offsets = np.cumsum([0] + [len(r["users"]) for r in results])[:-1]
+        groups = np.concatenate([s["mta"].groups + k for s, k in zip(per_example, offsets, strict=True)])
         for m in methods:
             if m != "mta":
                 other = np.concatenate([s[m].per_example[metric] for s in per_example])
-                pooled[m] = report.paired(mta, other)
+                pooled[m] = report.paired(mta, other, groups=groups)
     return {"task": task.name, "seeds": list(seeds), "metric": metric, "metric_names": results[0]["metric_names"],
             "users_per_seed": [len(r["users"]) for r in results], "methods": table, "mta_vs_pooled": pooled}
 
@@ -50,7 +53,8 @@ def render_markdown(summary: dict) -> str:
     for m, row in summary["methods"].items():
         out.append(f"| {label(m)} | " + " | ".join(f"{row[n]['mean']:.4f} ± {row[n]['std']:.4f}" for n in names) + " |")
     if summary["mta_vs_pooled"]:
-        out += ["", f"MTA against every method on {summary['metric']}, paired over (seed, user) pooled across seeds:",
+        out += ["", f"MTA against every method on {summary['metric']}, paired over (seed, query) pooled across seeds, "
+                f"interval over (seed, user):",
                 "", "| Method | MTA − method (95% CI) | t | p |", "|---|---|---|---|"]
         for m, r in summary["mta_vs_pooled"].items():
             out.append(f"| {label(m)} | {r['diff']:+.4f} [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}] | "

@@ -25,20 +25,45 @@ def primary_metric(spec: TaskSpec) -> tuple[str, bool]:
     return PRIMARY[spec.metric], spec.metric != "rating"
 
 
+def queries(result: dict) -> list[dict]:
+    """The query rows of one (user, method) result; a result without them (written when only a user's first
+    query was scored) is refused, so old and new results never mix."""
+    if "queries" not in result:
+        raise ValueError(f"user {result.get('user_id', '?')}, {result.get('method', '?')}: a result without "
+                         f"'queries' (from before every query was scored); delete it and rerun stage 3")
+    return result["queries"]
+
+
+def outputs(result: dict) -> list[str]:
+    return [q["output"] for q in queries(result)]
+
+
 def score_methods(task: str, rows: dict[str, dict[str, dict]], users: Sequence[str]) -> dict[str, TaskScores]:
-    """Score every method on the users that every method finished (so comparisons are paired)."""
-    return {
-        method: score_outputs(task, [by_user[u]["output"] for u in users], [by_user[u]["gold"] for u in users])
-        for method, by_user in rows.items()
-    }
+    """Score every method over every query of the users that every method finished (so comparisons are
+    paired); the intervals resample users."""
+    out = {}
+    for method, by_user in rows.items():
+        flat = [(n, q) for n, u in enumerate(users) for q in queries(by_user[u])]
+        out[method] = score_outputs(task, [q["output"] for _, q in flat], [q["gold"] for _, q in flat],
+                                    groups=[n for n, _ in flat])
+    return out
+
+
+def check_same_queries(rows: dict[str, dict[str, dict]], users: Sequence[str]) -> None:
+    """Every method answered the same queries of each user, in the same order (so scores pair query by query)."""
+    for u in users:
+        ids = {m: [q["query_id"] for q in queries(by_user[u])] for m, by_user in rows.items()}
+        if len({tuple(v) for v in ids.values()}) > 1:
+            raise ValueError(f"user {u}: the methods answered different queries: {ids}")
 
 
 def build_results(task: str, rows: dict[str, dict[str, dict]], meta: dict, n_boot: int = 1000) -> dict:
-    """rows: method -> user_id -> per-user result (as run_experiment writes it)."""
+    """rows: method -> user_id -> per-user result (as stage 3 writes it, a row per query in `queries`)."""
     spec = get_task(task)
     failed = {m: {u: r["error"] for u, r in by_user.items() if r.get("error")} for m, by_user in rows.items()}
     ok = {m: {u: r for u, r in by_user.items() if not r.get("error")} for m, by_user in rows.items()}
     users = sorted(set.intersection(*(set(v) for v in ok.values()))) if ok else []
+    check_same_queries(ok, users)
     scores = score_methods(spec.name, ok, users) if users else {}
     metric, higher = primary_metric(spec)
     methods = {}
@@ -46,7 +71,9 @@ def build_results(task: str, rows: dict[str, dict[str, dict]], meta: dict, n_boo
         methods[m] = {
             "label": label(m),
             "n": s.n,
+            "n_users": len(users),
             "n_unparsable": s.n_unparsable,
+            "prompts_cut": sum(q["prompt_cut"] for u in users for q in queries(ok[m][u])),
             "metrics": s.summary,
             "ci95": {k: s.ci(k, n=n_boot) for k in s.summary},
         }
@@ -59,35 +86,44 @@ def build_results(task: str, rows: dict[str, dict[str, dict]], meta: dict, n_boo
                         "p": comparisons[best]["p"], "mta": scores["mta"].summary[metric],
                         "baseline": scores[best].summary[metric]}
     per_user = {
-        u: {m: {k: ok[m][u][k] for k in ("output", "prediction", "gold", "seconds") if k in ok[m][u]}
-            for m in ok}
+        u: {m: {k: ok[m][u][k] for k in ("queries", "seconds") if k in ok[m][u]} for m in ok}
         for u in users
     }
-    return {"task": spec.name, "meta": meta, "metric_names": list(spec.metric_names), "users": users,
-            "methods": methods, "significance": significance, "mta_vs": comparisons, "failures": failed,
-            "per_user": per_user}
+    n_queries = next(iter(scores.values())).n if scores else 0
+    return {"task": spec.name, "meta": meta, "metric_names": metric_names(spec), "users": users,
+            "n_users": len(users), "n_queries": n_queries, "methods": methods, "significance": significance,
+            "mta_vs": comparisons, "failures": failed, "per_user": per_user}
 
 
-def paired(a: Sequence[float], b: Sequence[float], n_boot: int = 1000) -> dict:
-    """mean(a - b) over paired examples, its 95% bootstrap interval, and a paired two-sided t-test."""
+def metric_names(spec: TaskSpec) -> list[str]:
+    """The task's LaMP metrics, then the paper-style ones (`mta.eval.metrics.paper_style`)."""
+    return list(spec.metric_names) + [f"{n}_paper" for n in spec.metric_names if spec.metric != "generation"]
+
+
+def paired(a: Sequence[float], b: Sequence[float], n_boot: int = 1000, groups: Sequence[int] | None = None) -> dict:
+    """mean(a - b) over paired examples, its 95% bootstrap interval (resampling `groups`, the users, where
+    given), and a paired two-sided t-test over the examples."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     t, p = paired_t_test(a, b) if len(a) >= 2 else (float("nan"), float("nan"))
-    return {"diff": float((a - b).mean()), "ci95": bootstrap_ci(a - b, n=n_boot), "t": t, "p": p}
+    return {"diff": float((a - b).mean()), "ci95": bootstrap_ci(a - b, n=n_boot, groups=groups), "t": t, "p": p}
 
 
 def compare_with_mta(scores: dict[str, TaskScores], rows: dict[str, dict[str, dict]], users: Sequence[str],
                      metric: str, n_boot: int) -> dict[str, dict]:
-    """MTA against every other method on the same users (`paired`, MTA - method), and for how many
-    users the outputs differ."""
-    return {m: {**paired(scores["mta"].per_example[metric], s.per_example[metric], n_boot),
-                "outputs_differ": sum(rows["mta"][u]["output"] != rows[m][u]["output"] for u in users)}
+    """MTA against every other method on the same queries (`paired`, MTA - method; the interval resamples
+    users), and for how many queries the outputs differ."""
+    return {m: {**paired(scores["mta"].per_example[metric], s.per_example[metric], n_boot, s.groups),
+                "outputs_differ": sum(x != y for u in users
+                                      for x, y in zip(outputs(rows["mta"][u]), outputs(rows[m][u]), strict=True))}
             for m, s in scores.items() if m != "mta"}
 
 
 def cross_check(a: dict, b: dict) -> dict:
     """Two runs' results.json on the same task: the primary metric, the shared users, and method by method
     each run's score and interval, whether each score lies inside the other's interval, and on how many
-    shared users the outputs are equal."""
+    queries of the shared users the outputs are equal. A results.json from before every query was scored
+    (per-user `output`, its first query's) compares where each shared user has one query, and fails naming the
+    user where not."""
     if a["task"] != b["task"]:
         raise ValueError(f"cross_check: the runs are on different tasks ({a['task']} and {b['task']})")
     metric, _ = primary_metric(get_task(a["task"]))
@@ -97,10 +133,17 @@ def cross_check(a: dict, b: dict) -> dict:
     for m in [m for m in a["methods"] if m in b["methods"]]:
         (sa, (alo, ahi)), (sb, (blo, bhi)) = ((r["methods"][m]["metrics"][metric], r["methods"][m]["ci95"][metric])
                                               for r in (a, b))
+        same = []
+        for u in users:
+            x, y = (r["per_user"][u][m] for r in (a, b))
+            x, y = ([row["output"]] if "queries" not in row else outputs(row) for row in (x, y))
+            if len(x) != len(y):
+                raise ValueError(f"cross_check: user {u}, {m}: {len(x)} and {len(y)} scored queries")
+            same += [p == q for p, q in zip(x, y, strict=True)]
         methods[m] = {"a": sa, "a_ci95": [alo, ahi], "b": sb, "b_ci95": [blo, bhi],
-                      "a_inside_b": blo <= sa <= bhi, "b_inside_a": alo <= sb <= ahi,
-                      "identical": sum(a["per_user"][u][m]["output"] == b["per_user"][u][m]["output"] for u in users)}
-    return {"metric": metric, "users": len(users), "methods": methods}
+                      "a_inside_b": blo <= sa <= bhi, "b_inside_a": alo <= sb <= ahi, "identical": sum(same)}
+        queries_compared = len(same)
+    return {"metric": metric, "users": len(users), "queries": queries_compared if methods else 0, "methods": methods}
 
 
 def paper_results() -> dict:
@@ -120,16 +163,25 @@ def _cell(result: dict, method: str, metric: str) -> str:
     return f"{r['metrics'][metric]:.4f} [{lo:.3f}, {hi:.3f}]"
 
 
+def paper_match(spec: TaskSpec) -> dict[str, str]:
+    """Our metric -> the paper's published metric scored the same way (the paper-style scoring:
+    `accuracy_paper` for the paper's accuracy, ...; LaMP-4/5: the stemmed ROUGE)."""
+    keys = paper_results().get("metric_keys", {}).get(spec.name, [])
+    return {(k if spec.metric == "generation" else f"{k}_paper"): k for k in keys}
+
+
 def _table(result: dict, methods: Sequence[str], paper: dict) -> list[str]:
-    """Our value with its interval beside the paper's, metric by metric; a method only the paper ran
-    (or only we did) gets its row all the same."""
-    names = result["metric_names"]
-    head = ["Method"] + [f"{n} {side}" for n in names for side in ("(ours, 95% CI)", "(paper)")]
+    """Our value with its interval, metric by metric, and the paper's published value beside the metric that
+    scores as the paper did (`paper_match`); a method only the paper ran (or only we did) gets its row all
+    the same."""
+    names, match = result["metric_names"], paper_match(get_task(result["task"]))
+    head = ["Method"] + [c for n in names for c in (f"{n} (ours, 95% CI)", *([f"{n} (paper)"] if n in match else []))]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in methods:
         if m not in result["methods"] and m not in paper:
             continue
-        cells = [c for n in names for c in (_cell(result, m, n), _fmt(paper.get(m, {}).get(n)))]
+        cells = [c for n in names
+                 for c in (_cell(result, m, n), *([_fmt(paper.get(m, {}).get(match[n]))] if n in match else []))]
         lines.append("| " + " | ".join([label(m), *cells]) + " |")
     return lines
 
@@ -141,7 +193,8 @@ def _fmt(v) -> str:
 def ranking_lines(result: dict, spec: TaskSpec) -> list[str]:
     """The paper's order of the methods beside ours, on the paper's first metric, over the methods both ran."""
     paper = paper_numbers(spec.name)
-    metric = next((n for n in result["metric_names"] if any(n in v for v in paper.values())), None)
+    metric, key = next(((n, k) for n, k in paper_match(spec).items() if any(k in v for v in paper.values())),
+                       (None, None))
     shared = [m for m in paper if m in result["methods"]]
     if metric is None or len(shared) < 2:
         return []
@@ -152,7 +205,7 @@ def ranking_lines(result: dict, spec: TaskSpec) -> list[str]:
 
     return ["", f"Ranking on {metric} ({'higher' if reverse else 'lower'} is better), over the {len(shared)} "
                 f"methods both ran:", "",
-            f"- paper: {order(lambda m: paper[m][metric])}",
+            f"- paper: {order(lambda m: paper[m][key])}",
             f"- ours:  {order(lambda m: result['methods'][m]['metrics'][metric])}"]
 
 
@@ -161,15 +214,16 @@ def _comparison_table(result: dict, spec: TaskSpec) -> list[str]:
     if not rows:
         return []
     metric, higher = primary_metric(spec)
-    lines = ["", f"## MTA against every other method ({metric}, paired over the same users)", "",
-             "| Method | MTA − method (95% CI) | t | p | at 0.05 | users whose output differs |",
+    lines = ["", f"## MTA against every other method ({metric}, paired over the same queries; t-test over "
+                 f"queries, interval over users)", "",
+             "| Method | MTA − method (95% CI) | t | p | at 0.05 | queries whose output differs |",
              "|---|---|---|---|---|---|"]
     for m in [m for m in dict.fromkeys(TABLE1 + TABLE2 + CONTROLS) if m in rows]:
         r = rows[m]
         better = (r["diff"] > 0) == higher
         verdict = "within noise" if not r["p"] < 0.05 else ("MTA better" if better else "MTA worse")
         lines.append(f"| {label(m)} | {r['diff']:+.4f} [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}] | "
-                     f"{r['t']:.2f} | {r['p']:.3f} | {verdict} | {r['outputs_differ']} of {len(result['users'])} |")
+                     f"{r['t']:.2f} | {r['p']:.3f} | {verdict} | {r['outputs_differ']} of {result['n_queries']} |")
     return lines
 
 
@@ -178,11 +232,14 @@ def render_markdown(result: dict) -> str:
     paper = paper_numbers(spec.name)
     meta = result["meta"]
     out = [f"# {spec.lamp_id} ({spec.name}): {meta.get('profile', '')} profile, seed {meta.get('seed', '')}", ""]
-    out += [f"{len(result['users'])} test users scored on every method. Metrics: "
-            + ", ".join(result["metric_names"])
+    out += [f"{result['n_queries']} queries of {len(result['users'])} test users scored on every method, "
+            f"pooled over queries. Metrics: " + ", ".join(result["metric_names"])
             + (" (`_stem`: with the Porter stemmer, as the authors' evaluation; without: LaMP's convention)"
-               if spec.metric == "generation" else "")
-            + ". Intervals: 95% percentile bootstrap over users.", ""]
+               if spec.metric == "generation" else
+               " (`_paper`: the authors' scoring of the raw output, aggregate_results.py and their eval scripts; "
+               "without: LaMP's official evaluation of the parsed output)")
+            + ". The paper's published values stand beside the metric scored as the paper did. "
+              "Intervals: 95% percentile bootstrap over users (each with all its queries).", ""]
     for note in meta.get("notes", []):
         out.append(f"- {note}")
     setup = paper_results().get("setup")
@@ -203,6 +260,8 @@ def render_markdown(result: dict) -> str:
                     f"{sig['mta']:.4f} vs {sig['baseline']:.4f}, paired two-sided t-test t = {sig['t']:.3f}, "
                     f"p = {sig['p']:.4f} ({verdict})."]
     out += _comparison_table(result, spec)
+    out += ["", "## Prompts cut by the test-time cap", "", "| Method | prompts cut |", "|---|---:|"]
+    out += [f"| {label(m)} | {r['prompts_cut']} of {r['n']} |" for m, r in result["methods"].items()]
     timing = meta.get("mta_latency_median_s")
     if timing is not None:
         out += ["", f"Median per-user MTA latency (match + fuse + adapt + generate): {timing:.1f} s."]
@@ -231,3 +290,20 @@ def render_markdown(result: dict) -> str:
 
 def median(values: Sequence[float]) -> float | None:
     return float(np.median(values)) if len(values) else None
+
+
+def lamp_files(result: dict) -> dict[str, dict]:
+    """LaMP's official output format for its evaluation script (LaMP-Benchmark/LaMP eval/eval_task.py):
+    file name -> {"task": "LaMP_<n>", "golds": [{"id": query id, "output": text}]}, one file per method with
+    its parsed predictions (what the official metric here scores; unparsable: "") and `golds.json` with the
+    golds, over the queries of the users scored on every method."""
+    task = get_task(result["task"]).lamp_id.replace("-", "_")
+    rows = {m: [q for u in result["users"] for q in queries(result["per_user"][u][m])] for m in result["methods"]}
+
+    def file(pairs) -> dict:
+        return {"task": task, "golds": [{"id": str(i), "output": "" if o is None else str(o)} for i, o in pairs]}
+
+    files = {f"{m}.json": file((q["query_id"], q["prediction"]) for q in qs) for m, qs in rows.items()}
+    if rows:
+        files["golds.json"] = file((q["query_id"], q["gold"]) for q in next(iter(rows.values())))
+    return files

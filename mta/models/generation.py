@@ -25,6 +25,7 @@ def generate(
     generator: torch.Generator | None = None,
     compile: bool = False,
     prefill_rows: int | None = None,
+    repetition_penalty: float = 1.0,
 ) -> torch.Tensor:
     """New tokens (B, n <= max_new_tokens) for left-padded prompts input_ids (B, T).
 
@@ -34,6 +35,10 @@ def generate(
     compile=True runs each one-token step through torch.compile (compiled once per model, dynamic
     shapes; worth it for long or many generations, as in gpt-fast): same tokens, less overhead per step.
     prefill_rows: prompts per prefill forward (`prefill`); None: all at once.
+    repetition_penalty: transformers' `RepetitionPenaltyLogitsProcessor` (CTRL's): the logit of every token
+    already in the row, prompt included, divided by it where positive and multiplied where negative; a row's
+    left padding does not count (transformers counts it in a padded batch; the authors decode one prompt at
+    a time, unpadded).
     """
     B, T = input_ids.shape
     device = input_ids.device
@@ -55,11 +60,19 @@ def generate(
     logits = prefill(model, input_ids, attention_mask if padded else None, cache, positions, prefill_rows)
     step_logits = compiled_next_logits(model) if compile else functools.partial(next_logits, model)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
+    seen = None
+    if repetition_penalty != 1.0:
+        seen = torch.zeros(B, logits.shape[-1], dtype=torch.long, device=device)  # (B, vocab)
+        seen.scatter_add_(1, input_ids, attention_mask.long())
     out = []
     for step in range(max_new_tokens):
+        if seen is not None:
+            logits = penalize_repetition(logits, seen > 0, repetition_penalty)
         token = sample_next_token(logits, temperature, top_k, top_p, generator) if do_sample else logits.argmax(-1)
         token = token.masked_fill(finished, pad_token_id)
         out.append(token)
+        if seen is not None:
+            seen.scatter_add_(1, token[:, None], (~finished).long()[:, None])
         finished |= torch.isin(token, stop) | (limits <= step + 1)
         if step == max_new_tokens - 1 or bool(finished.all()):
             break
@@ -102,6 +115,12 @@ def compiled_next_logits(model: LlamaForCausalLM):
     if getattr(model, "compiled_next_logits", None) is None:
         model.compiled_next_logits = torch.compile(functools.partial(next_logits, model), dynamic=True)
     return model.compiled_next_logits
+
+
+def penalize_repetition(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """(B, vocab) logits with those of the `seen` (B, vocab) tokens divided by `penalty` where positive and
+    multiplied by it elsewhere, as transformers' `RepetitionPenaltyLogitsProcessor`."""
+    return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
 
 
 def sample_next_token(

@@ -43,6 +43,10 @@ autocast, which the layer follows as F.linear does (the profile's `bf16`, `mta.p
 
 Backward: W is frozen; the gradient with respect to x is grad @ W through the same chunked dequantisation
 (torch's kernels have no derivative), so LoRA trains on a quantised base.
+
+NF4 (`nf4_quantize`, `nf4_dequantize`, `nf4_roundtrip`) is bitsandbytes' blockwise 4-bit NormalFloat, the base
+the authors' evaluation scripts load: it serves as a round-trip of a float W at decode time
+(`mta.peft.fusion.nf4_base`), not as a stored layer.
 """
 from __future__ import annotations
 
@@ -283,6 +287,46 @@ def _safe(d: Tensor) -> Tensor:
     return torch.where(d == 0, torch.ones_like(d), d)
 
 
+# QLoRA's NormalFloat4 code (bitsandbytes `get_4bit_type("nf4")`, the table its kernels hard-code).
+NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+            -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+            0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+            0.7229568362236023, 1.0)
+NF4_BLOCK = 64  # bitsandbytes' default blocksize for 4-bit weights
+
+
+def nf4_quantize(weight: Tensor, blocksize: int = NF4_BLOCK) -> tuple[Tensor, Tensor]:
+    """bitsandbytes' blockwise NF4 (`quantize_4bit(quant_type="nf4")`, no double quantisation): the weight
+    flattened row-major in blocks of `blocksize`, each scaled by 1/absmax (fp32) and mapped to the code of the
+    nearest NF4 value, a value on a midpoint going to the lower one (the kernel's `x > midpoint` tree).
+    Returns codes (numel,) uint8 in 0..15 and absmax (blocks,) fp32."""
+    flat = weight.detach().reshape(-1).float()
+    n = flat.numel()
+    blocks = F.pad(flat, (0, -n % blocksize)).view(-1, blocksize)  # (blocks, blocksize), zeros pad the last
+    absmax = blocks.abs().amax(1)  # (blocks,)
+    scaled = blocks * torch.where(absmax == 0, torch.zeros_like(absmax), 1.0 / absmax)[:, None]
+    code = torch.tensor(NF4_CODE, dtype=torch.float64)
+    midpoints = ((code[1:] + code[:-1]) / 2).float().to(weight.device)  # (15,)
+    codes = torch.bucketize(scaled, midpoints)  # number of midpoints below each value: `x > m` goes up
+    return codes.reshape(-1)[:n].to(torch.uint8), absmax
+
+
+def nf4_dequantize(codes: Tensor, absmax: Tensor, shape: torch.Size | tuple[int, ...], dtype: torch.dtype,
+                   blocksize: int = NF4_BLOCK) -> Tensor:
+    """bitsandbytes' `dequantize_4bit`: NF4 value times its block's absmax in fp32, rounded once to `dtype`."""
+    code = torch.tensor(NF4_CODE, dtype=torch.float32, device=codes.device)
+    n = codes.numel()
+    values = code[F.pad(codes.long(), (0, -n % blocksize)).view(-1, blocksize)] * absmax[:, None]
+    return values.reshape(-1)[:n].reshape(shape).to(dtype)
+
+
+def nf4_roundtrip(weight: Tensor) -> Tensor:
+    """The weight a bitsandbytes NF4 layer (blocks of 64, no double quantisation) multiplies by: dequantise(
+    quantise(W)) in W's dtype. Its error per element is at most the block's absmax times half the widest gap
+    of the code (0.152, between -1 and -0.696), plus the rounding to the dtype."""
+    return nf4_dequantize(*nf4_quantize(weight), weight.shape, weight.dtype)
+
+
 def linear_dtype_device(layer: nn.Module) -> tuple[torch.dtype, torch.device]:
     """The compute dtype and the device of a frozen base layer, an nn.Linear or a QuantLinear."""
     if isinstance(layer, QuantLinear):
@@ -302,4 +346,5 @@ def quantize_model_linears(model: nn.Module, kind: str, skip: tuple[str, ...] = 
     return names
 
 
-__all__ = ["GGUF_KINDS", "GROUP", "KINDS", "QuantLinear", "kernel_for", "linear_dtype_device", "quantize_model_linears"]
+__all__ = ["GGUF_KINDS", "GROUP", "KINDS", "NF4_BLOCK", "NF4_CODE", "QuantLinear", "kernel_for", "linear_dtype_device",
+           "nf4_dequantize", "nf4_quantize", "nf4_roundtrip", "quantize_model_linears"]

@@ -5,13 +5,14 @@ default (Eq. 5 literally, `param`), so every function here takes the mode as an 
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 
 from mta.ops.merge import check_weights, combine_factors, default_chunk, fold_, uses_workspace
-from mta.ops.quant import QuantLinear
+from mta.ops.quant import QuantLinear, nf4_roundtrip
 from mta.ops.rowlora import RowLoRALinear
 from mta.peft.adapter import Adapter, check_modules
 from mta.peft.lora import LLAMA_TARGETS, LoRAConfig, LoRALinear, inject_lora, is_target, refuse_quantized_fold
@@ -106,6 +107,26 @@ class BaseWeights:
         for m, lin in self.linears.items():
             if m not in skip:
                 lin.weight.copy_(self.weights[m])
+
+
+@contextmanager
+def nf4_base(model: nn.Module) -> Iterator[None]:
+    """Inside the block the model computes on a 4-bit NF4 base as transformers loads one through bitsandbytes
+    (`BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")`): every linear but lm_head (which
+    transformers leaves unquantised) multiplies by the NF4 round-trip of the weight it holds now
+    (`mta.ops.quant.nf4_roundtrip`, what bitsandbytes dequantises to the compute dtype before its matmul), with
+    whatever is folded into W quantised with it and the LoRA layers unmerged on top. W comes back after."""
+    linears = [lin for lin in _linears(model).values() if not isinstance(lin, QuantLinear)]
+    saved = [lin.weight.detach().clone() for lin in linears]
+    try:
+        with torch.no_grad():
+            for lin in linears:
+                lin.weight.copy_(nf4_roundtrip(lin.weight))
+        yield
+    finally:
+        with torch.no_grad():
+            for lin, weight in zip(linears, saved, strict=True):
+                lin.weight.copy_(weight)
 
 
 def stack_lora(model: nn.Module, adapters: Sequence[Adapter], weights: Sequence[float], config: LoRAConfig,

@@ -41,8 +41,10 @@ finished adapters are skipped."""
 MATCH_ANCHORS = """Stage 2: embed each test user's whole history and its cosine similarity to every anchor (Eq. 4).
 Writes <run>/stage2/matches.json; stage 3 takes the top K and alpha_i = sim_i / sum(sim) (Eq. 6) from it."""
 
-TRAIN_BASELINES = """Stage 1c: the population-level parts of Per-Pcs and PROPER, for those of the two the run's methods
+TRAIN_BASELINES = """Stage 1c: the population-level parts of OPPU, Per-Pcs and PROPER, for those the run's methods
 include.
+
+OPPU: its task LoRA, <run>/population/oppu_task/ (one query with its gold per bank candidate).
 
 Per-Pcs: <run>/perpcs/task_lora/, then per sharer (the stage-1 anchors) perpcs/sharers/<anchor>/ and
 perpcs/gates/<anchor>.safetensors. PROPER: <run>/proper/population_lora/, then proper/group/ (the expert
@@ -96,8 +98,8 @@ COMMANDS = {
                                 stage1_bank),
     "match-anchors": stage_command("stage 2: each test user's similarity to every anchor", MATCH_ANCHORS,
                                    stage2_match_anchors),
-    "train-baselines": stage_command("stage 1c: the population-level parts of Per-Pcs and PROPER", TRAIN_BASELINES,
-                                     stage1c_baselines),
+    "train-baselines": stage_command("stage 1c: the population-level parts of OPPU, Per-Pcs and PROPER",
+                                     TRAIN_BASELINES, stage1c_baselines),
     "run-experiment": stage_command("stage 3: every test user and method, then results.json/.md",
                                     RUN_EXPERIMENT, run_and_report),
     "sweep": stage_command("one analysis: alpha, k, rank, bank, adapt or efficiency", SWEEP, sweep,

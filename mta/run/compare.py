@@ -19,17 +19,17 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     ap.add_argument("b", type=Path)
     args = ap.parse_args(argv)
     check = cross_check(read_json(args.a), read_json(args.b))
-    rows, n = check["methods"], check["users"]
+    rows, n, q = check["methods"], check["users"], check["queries"]
     if not rows:
         raise SystemExit(f"compare-runs: {args.a} and {args.b} share no method")
-    print(f"A = {args.a}\nB = {args.b}\n{check['metric']}, {n} shared users\n")
+    print(f"A = {args.a}\nB = {args.b}\n{check['metric']}, {n} shared users, {q} of their queries\n")
     print("| method | A [95 % CI] | B [95 % CI] | A in B's CI | B in A's CI | identical outputs |")
     print("|---|---|---|---|---|---|")
     for m, r in rows.items():
         print(f"| {label(m)} | {r['a']:.3f} [{r['a_ci95'][0]:.3f}, {r['a_ci95'][1]:.3f}] | "
               f"{r['b']:.3f} [{r['b_ci95'][0]:.3f}, {r['b_ci95'][1]:.3f}] | {'yes' if r['a_inside_b'] else 'NO'} | "
-              f"{'yes' if r['b_inside_a'] else 'NO'} | {r['identical']} of {n} |")
+              f"{'yes' if r['b_inside_a'] else 'NO'} | {r['identical']} of {q} |")
     same = sum(r["identical"] for r in rows.values())
     inside = all(r["a_inside_b"] and r["b_inside_a"] for r in rows.values())
-    print(f"\n{same} of {n * len(rows)} (user, method) outputs identical; "
+    print(f"\n{same} of {q * len(rows)} (query, method) outputs identical; "
           f"every score inside the other's interval: {'yes' if inside else 'no'}")

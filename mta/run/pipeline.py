@@ -32,7 +32,7 @@ from mta.stages.bank import train_adapter, train_adapters
 from mta.stages.engine import Engine
 from mta.stages.matching import match_anchors
 from mta.stages.personalize import refuse_on_quantised_base, run_group, run_unit
-from mta.stages.procedure import Baseline
+from mta.stages.procedure import Baseline, build_population_loras, load_population_loras
 
 
 @dataclass
@@ -111,9 +111,7 @@ class Run:
         p = self.profile
         log(f"loading {p.llm} ({p.dtype}, {p.device})")
         model, tok = load_llm(p.llm, dtype=p.torch_dtype, device=p.device, quant=p.base_quant)
-        if not p.chat_template:
-            tok.chat_format = "plain"
-        return Engine(p, self.task_spec, model, tok)
+        return Engine(p, self.task_spec, model, tok)  # the templates of training and test prompts: `Engine`
 
     def check_inputs(self) -> None:
         """Read and check the data before anything is written: a missing or malformed file, a user id twice
@@ -153,7 +151,8 @@ def stage1_select(run: Run) -> dict:
     log(f"stage 1a: embedding {len(run.candidates)} candidates with {p.stage1_encoder}, K-Means into V={p.n_anchors}")
     encoder = load_encoder(p.stage1_encoder, device=p.device)
     vectors, doc = select_anchors(run.candidates, run.task_spec, encoder, p.n_anchors, p.min_anchor_items, run.seed,
-                                  p.encoder_batch_size, run.progress, p.empty_cluster)
+                                  p.encoder_batch_size, run.progress, p.empty_cluster, p.stage1_text, p.item_norm,
+                                  p.kmeans_n_init)
     for empty in doc["clusters_without_anchor"]:
         log(f"cluster {empty['cluster']} ({empty['size']} users) has no anchor: {empty['reason']}")
     write_npy(run.dir.stage1 / "user_vectors.npy", vectors)
@@ -204,13 +203,20 @@ def stage2_match_anchors(run: Run) -> dict:
     log(f"stage 2: matching {len(run.test_users)} users to {len(anchor_ids)} anchors with {p.stage2_encoder}")
     encoder = load_encoder(p.stage2_encoder, device=p.device)
     matches = match_anchors(run.test_users, [by_id[a] for a in anchor_ids], run.task_spec, encoder,
-                          p.encoder_batch_size, run.progress)
+                          p.encoder_batch_size, run.progress, p.stage2_text)
     write_json(path, matches)
     return matches
 
 
+def stage1c_population(run: Run) -> None:
+    """The population LoRAs the run's fuse-then-train methods fold (`Method.population`: OPPU's task LoRA)."""
+    build_population_loras(run, [get(m) for m in run.methods])
+
+
 def stage1c_baselines(run: Run) -> None:
-    """The population-level artifacts of the baselines the run includes (`Procedure.build`)."""
+    """The population LoRAs the run's methods fold, and the population-level artifacts of the baselines the run
+    includes (`Procedure.build`)."""
+    stage1c_population(run)
     for name in run.procedures:
         BASELINES[name].build(run)
 
@@ -266,6 +272,7 @@ def stage3_group(run: Run, user_ids: Sequence[str], unit: Sequence, cache: dict)
     if "bank" not in cache:  # once per process: the driver's, or a Ray worker's
         cache["matches"] = read_json(run.dir.matches) if run.dir.matches.exists() else {}
         cache["bank"], _ = load_bank(run)
+        cache["bank"].update(load_population_loras(run, [get(m) for m in run.methods]))  # `method_setup` reads both
         cache["baselines"] = load_baselines(run)
     matches, bank, baselines = cache["matches"], cache["bank"], cache["baselines"]
     by_id = {u.user_id: u for u in run.test_users}
@@ -322,8 +329,13 @@ def results(run: Run) -> dict:
 
 
 def write_results(run: Run) -> dict:
+    """results.json, results.md, and beside them in results-lamp/ each method's predictions and the golds in
+    LaMP's official format (`report.lamp_files`), for LaMP's own evaluation script."""
     result = results(run)
-    write_json(run.dir.results_json(run.subset), result)
+    path = run.dir.results_json(run.subset)
+    write_json(path, result)
+    for name, content in report.lamp_files(result).items():
+        write_json(path.with_name(f"{path.stem}-lamp") / name, content)
     with atomic_path(run.dir.results_md(run.subset)) as tmp:
         tmp.write_text(report.render_markdown(result))
     return result
@@ -342,6 +354,7 @@ def reproduce(run: Run) -> dict:
     torch.manual_seed(run.seed)
     timings = read_json(run.dir.timings) if run.dir.timings.exists() else {}
     stages = [("stage1a_select", stage1_select), ("stage1b_bank", stage1_bank),
+              ("stage1c_population", stage1c_population),
               *((f"stage1c_{name}", _if_included(name)) for name in BASELINES),
               ("stage2_match_anchors", stage2_match_anchors), ("stage3", stage3_run)]
     for name, stage in stages:

@@ -34,9 +34,10 @@ ADAPTER_FIELDS = ("llm", "dtype", "base_quant", "bank", "bank_data", "max_items_
                   "chat_template", "prompt_style")
 # Profile fields that stage 1, the bank, stage 2 and the baselines' stage 1c depend on: a point that keeps them
 # shares all of these artifacts.
-ARTIFACT_FIELDS = (*ADAPTER_FIELDS, "stage1_encoder", "stage2_encoder", "n_anchors", "min_anchor_items",
-                   "empty_cluster", "population_items", "perpcs_task", "perpcs_sharer", "perpcs_gate",
-                   "perpcs_sharer_items", "proper_population", "proper_group", "proper_experts", "proper_group_items")
+ARTIFACT_FIELDS = (*ADAPTER_FIELDS, "stage1_encoder", "stage2_encoder", "stage1_text", "stage2_text", "item_norm",
+                   "n_anchors", "min_anchor_items", "empty_cluster", "population_items", "oppu_task", "perpcs_task",
+                   "perpcs_sharer", "perpcs_gate", "perpcs_sharer_items", "proper_population", "proper_group",
+                   "proper_experts", "proper_group_items")
 
 
 @dataclass(frozen=True)
@@ -178,18 +179,19 @@ def _reuse_meta_loras(point: Run, run: Run) -> None:
 
 
 def _changed(result: dict, untrained: dict[str, dict], method: str, versus: str) -> dict:
-    """For how many users training changed the output (vs the same prompt on the starting weights)."""
+    """For how many queries training changed the output (vs the same prompt on the starting weights)."""
     users = [u for u in result["per_user"] if u in untrained and not untrained[u].get("error")]
-    n = sum(result["per_user"][u][method]["output"] != untrained[u]["output"] for u in users)
-    return {"versus": versus, "changed": n, "of": len(users)}
+    pairs = [(x, y) for u in users for x, y in zip(report.outputs(result["per_user"][u][method]),
+                                                   report.outputs(untrained[u]), strict=True)]
+    return {"versus": versus, "changed": sum(x != y for x, y in pairs), "of": len(pairs)}
 
 
 def _paired(a: dict, b: dict, method: str, metric: str) -> dict:
     """One method between two sweep points, paired on the users both scored (`report.paired`)."""
     users = sorted(set(a["per_user"]) & set(b["per_user"]))
     x, y = (report.score_methods(r["task"], {method: {u: r["per_user"][u][method] for u in users}}, users)[method]
-            .per_example[metric] for r in (a, b))
-    out = report.paired(x, y)
+            for r in (a, b))
+    out = report.paired(x.per_example[metric], y.per_example[metric], groups=x.groups)
     return {**out, "within_noise": not out["p"] < 0.05}
 
 
@@ -334,16 +336,19 @@ def efficiency(run: Run) -> dict:
     engine_shapes = [(any_anchor.B[m].shape[0], any_anchor.A[m].shape[1]) for m in any_anchor.A]
     p = run.profile
     bytes_per = 4  # adapters are saved in fp32 here
-    ours = {"oppu_adapter_bytes": lora_parameters(engine_shapes, p.oppu.rank) * bytes_per,
+    oppu_shapes = [(any_anchor.B[m].shape[0], any_anchor.A[m].shape[1]) for m in any_anchor.A
+                   if p.oppu.targets == "all" or m.rsplit(".", 1)[-1] in p.oppu.targets]
+    ours = {"oppu_adapter_bytes": lora_parameters(oppu_shapes, p.oppu.rank) * bytes_per,
             "stack_adapter_bytes": lora_parameters(engine_shapes, p.stack.rank) * bytes_per,
             "bank_bytes": sum(f.stat().st_size for f in bank_files),
             "bank_seconds": sum(log["seconds"] for log in bank_logs),
             "oppu_seconds_per_user": sum(oppu) / len(oppu), "mta_seconds_per_user": sum(mta) / len(mta)}
     shapes = llama3_8b_shapes()
-    paper = {"oppu_adapter_bytes_bf16": lora_parameters(shapes, 8) * 2,
+    paper = {"oppu_adapter_bytes_bf16": lora_parameters([s for i, s in enumerate(shapes) if i % 7 in (0, 2)], 8) * 2,
              "stack_adapter_bytes_bf16": lora_parameters(shapes, 4) * 2,
              "bank_bytes_bf16": 50 * lora_parameters(shapes, 8) * 2,
-             "note": "Llama-3-8B, all linear layers, bf16; V = 50 rank-8 meta-LoRAs, rank-4 stacked LoRA"}
+             "note": "Llama-3-8B, bf16; V = 50 rank-8 meta-LoRAs and the rank-4 stacked LoRA on all linear layers, "
+                     "OPPU's rank-8 user LoRA on q and v"}
     baselines = baseline_costs(run, rows)
     for name, cost in baselines.items():
         ours.update({f"{name}_{k}": v for k, v in cost.items() if k != "stores"})

@@ -7,26 +7,24 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mta.data.lamp import TaskSpec, User
+from mta.data.lamp import TaskSpec, User, cluster_texts
 from mta.models.encoders import Encoder, user_item_embeddings
 from mta.stages.kmeans import kmeans
 
 
-def item_texts(task: TaskSpec, user: User) -> list[str]:
-    """How a user's history items are shown to the encoders."""
-    return [task.render_history(item) for item in user.history]
-
-
 def select_anchors(
     candidates: Sequence[User], task: TaskSpec, encoder: Encoder, n_anchors: int, min_items: int, seed: int,
-    batch_size: int = 32, progress: bool = True, empty_cluster: str = "most_active",
+    batch_size: int = 32, progress: bool = True, empty_cluster: str = "most_active", text: str = "authors_code",
+    item_norm: bool = False, kmeans_n_init: int = 1,
 ) -> tuple[np.ndarray, dict]:
-    """(user vectors (U, D), anchors document). The anchor of a cluster is its most active member with at
-    least `min_items` items (the authors' code); in a cluster without one, its most active member (Eq. 3 as
-    the paper states it), or none with `empty_cluster="none"`. Each anchor records the rule that chose it.
-    Ties in activity go to the smallest user id."""
-    vectors = user_item_embeddings(encoder, [item_texts(task, u) for u in candidates], batch_size, progress)
-    result = kmeans(vectors, n_anchors, seed=seed)
+    """(user vectors (U, D), anchors document). A user's vector is Eq. 2 over its items shown as `text` says
+    (`mta.data.lamp.cluster_texts`), their embeddings L2-normalised first with `item_norm`. The anchor of a
+    cluster is its most active member with at least `min_items` items (the authors' code); in a cluster
+    without one, its most active member (Eq. 3 as the paper states it), or none with `empty_cluster="none"`.
+    Each anchor records the rule that chose it. Ties in activity go to the smallest user id."""
+    texts = [cluster_texts(task, u.history, text) for u in candidates]
+    vectors = user_item_embeddings(encoder, texts, batch_size, progress, normalize=item_norm)  # (U, D)
+    result = kmeans(vectors, n_anchors, n_init=kmeans_n_init, max_iter=3000, seed=seed)  # select_anchor.py:105
     anchors, empty = [], []
     for c in range(n_anchors):
         members = [candidates[i] for i in np.flatnonzero(result.labels == c)]

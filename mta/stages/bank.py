@@ -8,10 +8,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mta.peft.adapter import Adapter, save_adapter
-from mta.stages.engine import Engine, summarize
+from mta.stages.engine import Engine, Examples, summarize
 
 
-def train_adapter(engine: Engine, path: Path, examples, recipe, seed: int, on: Sequence[Adapter] = (),
+def train_adapter(engine: Engine, path: Path, examples: Examples, recipe, seed: int, on: Sequence[Adapter] = (),
                   probe: bool = False) -> None:
     """One fresh LoRA on W0 (plus the folded `on`) trained on `examples`, saved as a PEFT adapter with its
     train_log.json: a meta-LoRA of the bank, a population LoRA, a Per-Pcs sharer (these two `probe`d)."""
@@ -19,10 +19,11 @@ def train_adapter(engine: Engine, path: Path, examples, recipe, seed: int, on: S
     train_log, _ = engine.personalize(on, [1.0] * len(on), recipe, examples, seed, probe=probe)
     adapter = engine.trained_adapter()
     engine.reset()
-    save_trained(adapter, path, len(examples), train_log)
+    save_trained(adapter, path, examples, train_log)
 
 
-def train_adapters(engine: Engine, paths: Sequence[Path], examples: Sequence, recipe, seeds: Sequence[int]) -> None:
+def train_adapters(engine: Engine, paths: Sequence[Path], examples: Sequence[Examples], recipe,
+                   seeds: Sequence[int]) -> None:
     """`train_adapter` for a group of LoRAs on W0 in one pass (the batched engine), each saved as it would be
     alone; a killed run loses the group in flight."""
     engine.reset()
@@ -32,9 +33,10 @@ def train_adapters(engine: Engine, paths: Sequence[Path], examples: Sequence, re
     finally:
         engine.reset()
     for path, adapter, ex, train_log in zip(paths, adapters, examples, logs, strict=True):
-        save_trained(adapter, path, len(ex), train_log, group=len(paths))
+        save_trained(adapter, path, ex, train_log, group=len(paths))
 
 
-def save_trained(adapter: Adapter, path: Path, n_examples: int, log, group: int = 1) -> None:
-    train_log = {"examples": n_examples, **summarize(log), **({"group": group} if group > 1 else {})}
+def save_trained(adapter: Adapter, path: Path, examples: Examples, log, group: int = 1) -> None:
+    train_log = {"examples": len(examples), "prompts_cut": examples.cut, **summarize(log),
+                 **({"group": group} if group > 1 else {})}
     save_adapter(adapter, path, extra={"train_log.json": json.dumps(train_log, indent=2)})

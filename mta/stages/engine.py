@@ -3,17 +3,20 @@ user's, or a group's as per-row adapters), trains the LoRA on top and generates.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
-from mta.data.lamp import TaskSpec, User, training_pairs
+from mta.data.lamp import TaskSpec, User, query_prompt, training_pairs
 from mta.models.generation import generate
 from mta.models.tokenizer import Tokenizer
 from mta.peft.adapter import Adapter, get_adapter
-from mta.peft.fusion import BaseWeights, fold_adapters, stack_lora
+from mta.peft.fusion import BaseWeights, fold_adapters, nf4_base, stack_lora
 from mta.peft.lora import unload_lora
 from mta.peft.multi_lora import generate_many, get_row_adapter, stack_many, unload_row_lora
 from mta.precision import autocast
@@ -29,6 +32,23 @@ def fit_text(tok: Tokenizer, text: str, max_tokens: int) -> str:
     return text if len(ids) <= max_tokens else tok.decode(ids[-max_tokens:])
 
 
+def templated(tok: Tokenizer, chat_template: bool) -> Tokenizer:
+    """`tok`, or without its chat template (the instruction as it is) a copy whose `chat_format` is "plain"."""
+    if chat_template:
+        return tok
+    plain = copy.copy(tok)
+    plain.chat_format = "plain"
+    return plain
+
+
+class Examples(list):
+    """Tokenized (prompt, response) training examples, and how many prompts the cap cut (`cut`)."""
+
+    def __init__(self, items: Sequence[tuple[list[int], list[int]]], cut: int):
+        super().__init__(items)
+        self.cut = cut
+
+
 def summarize(log: TrainLog) -> dict:
     probe = {"probe_before": log.probe[0], "probe_after": log.probe[1], "probe_seconds": log.probe_seconds} \
         if log.probe else {}
@@ -39,7 +59,9 @@ def summarize(log: TrainLog) -> dict:
 @dataclass
 class Engine:
     """The base model, its tokenizer and a pristine copy of W0: everything that trains and generates.
-    `profile.bf16` is the bool its Run resolved."""
+    `profile.bf16` is the bool its Run resolved. `tok` is the model's own tokenizer: training prompts take its
+    chat template when `profile.chat_template` says so (`tok` becomes that tokenizer), test prompts when the
+    task's test conditions do (`test_tok`, `Profile.test_conditions_for`)."""
 
     profile: Profile
     task: TaskSpec
@@ -50,35 +72,63 @@ class Engine:
         self.base = BaseWeights(self.model, targets=self.profile.bank.targets, device="cpu")
         self.folded = False  # whether W differs from W0
         self.lora_config = None  # of the LoRA `personalize` last trained
-        self.prompt_budget = self.profile.max_prompt_tokens - len(self.tok.chat_prompt(""))
+        self.conditions = self.profile.test_conditions_for(self.task.name)
+        if self.conditions.parse is not None:
+            self.task = dataclasses.replace(self.task, parse=self.conditions.parse)
+        self.test_tok = templated(self.tok, self.conditions.chat_template)
+        self.tok = templated(self.tok, self.profile.chat_template)
 
-    def examples(self, history: list[dict], seed: int, limit: int | None = None, bank: bool = False
-                 ) -> list[tuple[list[int], list[int]]]:
+    def train_budget(self, recipe: LoRASpec | None) -> int:
+        """Tokens left to a training prompt under `recipe`'s cap (None: the profile's) after the template."""
+        cap = recipe.max_tokens if recipe is not None and recipe.max_tokens is not None \
+            else self.profile.max_prompt_tokens
+        return cap - len(self.tok.chat_prompt(""))
+
+    def test_budget(self) -> int | None:
+        """Tokens left to a test prompt under the test-time cap after the template; None: no cap."""
+        cap = self.profile.max_test_tokens
+        return None if cap is None else cap - len(self.test_tok.chat_prompt(""))
+
+    def prompt_cut(self, prompt: str) -> bool:
+        """Whether the test-time cap cuts this prompt (`generate` drops its oldest tokens)."""
+        budget = self.test_budget()
+        return budget is not None and len(self.test_tok.encode(prompt)) > budget
+
+    def examples(self, history: list[dict], seed: int, limit: int | None = None, bank: bool = False,
+                 earlier_only: bool = False, recipe: LoRASpec | None = None) -> Examples:
         """Tokenized (prompt, response) training examples; `bank` builds a meta-LoRA's in the format
-        the profile's `bank_data` names."""
+        the profile's `bank_data` names; `earlier_only` retrieves each one's history from earlier items only;
+        prompts are cut to the cap of `recipe` (the bank's with `bank`; `tokenize`)."""
         pairs = training_pairs(self.task, history, seed=seed, bank=bank and self.profile.bank_data == "authors_code",
-                               style=self.profile.prompt_style)
-        return self.tokenize(seeded_subset(pairs, limit, seed))
+                               style=self.profile.prompt_style, earlier_only=earlier_only)
+        return self.tokenize(seeded_subset(pairs, limit, seed), self.profile.bank if bank else recipe)
 
-    def population_examples(self, users: Sequence[User], seed: int, limit: int | None = None
-                            ) -> list[tuple[list[int], list[int]]]:
-        """The population's training examples (Per-Pcs's task LoRA, PROPER's population LoRA): every user's
-        history items in the adaptation format, at most `limit` of them drawn at random (seeded)."""
-        slots = [(i, j) for i, u in enumerate(users) for j in range(len(u.history)) if len(u.history) >= 2]
-        slots = seeded_subset(slots, limit, seed)
+    def population_examples(self, users: Sequence[User], seed: int, limit: int | None = None,
+                            recipe: LoRASpec | None = None) -> Examples:
+        """The population's training examples (the task LoRAs of Per-Pcs and OPPU, PROPER's population LoRA), one
+        per user as the releases build them (task_LoRA.py:180-227 of Per-Pcs and OPPU): the user's LaMP query
+        with its gold, prompted as a test query with one BM25 item of the history. A user whose row keeps no
+        query holds out its last history item as one, retrieving from the items before it. At most `limit`
+        users, drawn at random (seeded); prompts cut to `recipe`'s cap."""
+        style = self.profile.prompt_style
         pairs = []
-        for i in sorted({i for i, _ in slots}):
-            mine = training_pairs(self.task, users[i].history, seed=derive_seed(seed, users[i].user_id),
-                                  style=self.profile.prompt_style)
-            pairs += [mine[j] for ii, j in slots if ii == i and j < len(mine)]
-        return self.tokenize(pairs)
+        for u in seeded_subset([u for u in users if u.query or len(u.history) >= 2], limit, seed):
+            if u.query:
+                pairs += [(query_prompt(self.task, u.history, q, style=style), q.gold) for q in u.query]
+            else:
+                pairs += training_pairs(self.task, u.history, seed=derive_seed(seed, u.user_id), style=style,
+                                        items=slice(-1, None))
+        return self.tokenize(pairs, recipe)
 
-    def tokenize(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
-        out = []
+    def tokenize(self, pairs: Sequence[tuple[str, str]], recipe: LoRASpec | None = None) -> Examples:
+        """Training examples with the training template, each prompt cut to `recipe`'s cap (`train_budget`)."""
+        budget, out, cut = self.train_budget(recipe), [], 0
         for prompt, target in pairs:
-            ids, start = self.tok.chat_example(fit_text(self.tok, prompt, self.prompt_budget), target)
+            fitted = fit_text(self.tok, prompt, budget)
+            cut += fitted is not prompt
+            ids, start = self.tok.chat_example(fitted, target)
             out.append((ids[:start], ids[start:]))
-        return out
+        return Examples(out, cut)
 
     def personalize(self, adapters: Sequence[Adapter], weights: Sequence[float], recipe: LoRASpec | None,
                     examples=(), seed: int = 0, probe: bool = False) -> tuple[TrainLog | None, dict]:
@@ -139,16 +189,19 @@ class Engine:
 
     def generate(self, prompts: Sequence[str], slots: Sequence[int] | None = None) -> list[str]:
         """Greedy outputs for left-padded prompts; with `slots`, prompt n uses slot `slots[n]`'s adapters."""
-        seqs = [self.tok.chat_prompt(fit_text(self.tok, p, self.prompt_budget)) for p in prompts]
-        ids, mask = self.tok.pad(seqs, side="left")
+        budget, tok = self.test_budget(), self.test_tok
+        seqs = [tok.chat_prompt(p if budget is None else fit_text(tok, p, budget)) for p in prompts]
+        ids, mask = tok.pad(seqs, side="left")
         ids, mask = ids.to(self.profile.device), mask.to(self.profile.device)
-        kw = dict(max_new_tokens=self.profile.max_new_tokens, stop_token_ids=self.tok.eos_token_ids,
-                  pad_token_id=self.tok.pad_token_id)
-        if slots is None:  # on shared weights the prompts (sorted by length) prefill a pass of rows at a time
-            with autocast(self.profile.device, self.profile.bf16, self.model):
-                new = generate(self.model, ids, mask, prefill_rows=self.profile.rows_per_pass, **kw)
-        else:
-            new = generate_many(self.model, ids, mask, slots, self.profile.bf16, **kw)
+        kw = dict(max_new_tokens=self.conditions.max_new_tokens or self.profile.max_new_tokens,
+                  stop_token_ids=tok.eos_token_ids,
+                  pad_token_id=tok.pad_token_id, repetition_penalty=self.conditions.repetition_penalty)
+        with nf4_base(self.model) if self.conditions.nf4 else nullcontext():
+            if slots is None:  # on shared weights the prompts (sorted by length) prefill a pass of rows at a time
+                with autocast(self.profile.device, self.profile.bf16, self.model):
+                    new = generate(self.model, ids, mask, prefill_rows=self.profile.rows_per_pass, **kw)
+            else:
+                new = generate_many(self.model, ids, mask, slots, self.profile.bf16, **kw)
         return [self.tok.decode(row.tolist()).strip() for row in new]
 
     def reset(self) -> None:

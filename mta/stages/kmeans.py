@@ -1,6 +1,7 @@
 """K-Means in numpy: greedy k-means++ seeding, Lloyd iterations, `n_init` restarts.
 
-Follows scikit-learn's `KMeans(algorithm="lloyd")` semantics: `tol` is relative to the mean
+Follows scikit-learn's `KMeans(algorithm="lloyd")` semantics and defaults (n_init "auto", one k-means++ run
+since scikit-learn 1.4; max_iter 300): `tol` is relative to the mean
 per-feature variance of the data and bounds the squared shift of all centers between iterations;
 k-means++ is the greedy variant (2 + log k candidate centers per step, keep the one that lowers
 the potential most); a cluster left empty is moved to the point farthest from its center.
@@ -26,7 +27,7 @@ class KMeansResult:
 def kmeans(
     X: np.ndarray,
     k: int,
-    n_init: int = 10,
+    n_init: int = 1,
     max_iter: int = 300,
     tol: float = 1e-4,
     seed: int = 0,

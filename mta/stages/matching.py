@@ -9,11 +9,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mta.data.lamp import TaskSpec, User
+from mta.data.lamp import TaskSpec, User, first_words, match_document
 from mta.errors import InputError
 from mta.models.encoders import Encoder, history_document_embeddings
 from mta.profiles import Profile
-from mta.stages.anchors import item_texts
 
 
 def fusion_weights(sims: Sequence[float], fusion: str) -> list[float]:
@@ -34,14 +33,18 @@ def fusion_weights(sims: Sequence[float], fusion: str) -> list[float]:
 
 def match_anchors(
     users: Sequence[User], anchors: Sequence[User], task: TaskSpec, encoder: Encoder,
-    batch_size: int = 32, progress: bool = True,
+    batch_size: int = 32, progress: bool = True, text: str = "authors_code",
 ) -> dict[str, dict]:
-    """Per user: cosine of whole-history embeddings to every anchor (Eq. 4), most similar first.
+    """Per user: cosine of whole-history embeddings to every anchor (Eq. 4), most similar first; the documents
+    as `text` says (`mta.data.lamp.match_document`). With "authors_code" an anchor's items are cut to their
+    first 368 words first, as select_anchor.py stores the anchors the matcher reads.
     Top-K and the fusion weights are taken at use time (`fused_anchors`), so one match serves every K."""
     start = time.perf_counter()
-    anchor_emb = history_document_embeddings(encoder, [item_texts(task, a) for a in anchors], batch_size=batch_size)
-    user_emb = history_document_embeddings(encoder, [item_texts(task, u) for u in users],
-                                           batch_size=batch_size, progress=progress)
+    anchor_items = [[first_words(it) for it in a.history] if text == "authors_code" else a.history for a in anchors]
+    anchor_emb = history_document_embeddings(encoder, [match_document(task, h, text) for h in anchor_items],
+                                             batch_size=batch_size)  # (V, D)
+    user_emb = history_document_embeddings(encoder, [match_document(task, u.history, text) for u in users],
+                                           batch_size=batch_size, progress=progress)  # (U, D)
     sims = user_emb @ anchor_emb.T  # (U, V), embeddings are unit-norm
     seconds = (time.perf_counter() - start) / max(len(users), 1)
     out = {}

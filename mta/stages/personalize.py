@@ -21,12 +21,12 @@ from mta.stages.matching import fused_anchors
 from mta.stages.procedure import Baseline, Procedure
 
 
-def method_prompt(task: TaskSpec, user: User, method: Method, style: str) -> str:
-    """The query prompt with the method's number of BM25-retrieved history items (none: the instruction)."""
-    query = user.query[0]
+def method_prompts(task: TaskSpec, user: User, method: Method, style: str) -> list[str]:
+    """Each query's prompt, in order, with the method's number of BM25-retrieved history items (none: the
+    instruction)."""
     if method.history_items == 0:
-        return instruction_only(task, query, style)
-    return query_prompt(task, user.history, query, k=method.history_items, style=style)
+        return [instruction_only(task, q, style) for q in user.query]
+    return [query_prompt(task, user.history, q, k=method.history_items, style=style) for q in user.query]
 
 
 @dataclass
@@ -57,8 +57,15 @@ def method_setup(engine: Engine, user: User, method: Method, match: dict | None,
         adapters = [bank[a] for a in anchors]
         seconds["match"] = match["seconds"]
         extra.update(anchors=anchors, weights=weights)
+    if method.population != "none":  # `bank` holds the run's population LoRAs under their recipe's name too
+        if method.population not in bank:
+            raise InputError(f"no {method.population} LoRA (stage 1c; rerun tools/reproduce.py)")
+        adapters, weights = [bank[method.population]], [1.0]
     recipe = None if method.recipe == "none" else getattr(p, method.recipe)
-    examples = engine.examples(user.history, unit_seed) if recipe else []
+    examples = engine.examples(user.history, unit_seed, earlier_only=recipe.earlier_only, recipe=recipe) \
+        if recipe else []
+    if recipe:
+        extra["train_prompts_cut"] = examples.cut  # training prompts the recipe's cap cut
     return Setup(adapters, weights, recipe, examples, seconds, extra)
 
 
@@ -73,13 +80,23 @@ def prepare_weights(engine: Engine, user: User, method: Method, match: dict | No
     return {**setup.seconds, **phases}, extra
 
 
-def unit_results(task: TaskSpec, user: User, unit: Sequence[Method], outputs: Sequence[str], seconds: dict,
-                 extra: dict) -> dict[str, dict]:
-    """Method name -> the result row of one user (its first query)."""
-    query = user.query[0]
-    return {m.name: {"user_id": user.user_id, "method": m.name, "query_id": query.id, "output": output,
-                     "prediction": task.parse(output), "gold": query.gold, "seconds": seconds, **extra}
-            for m, output in zip(unit, outputs, strict=True)}
+def unit_results(engine: Engine, user: User, unit: Sequence[Method], prompts: Sequence[Sequence[str]],
+                 outputs: Sequence[Sequence[str]], seconds: dict, extra: dict) -> dict[str, dict]:
+    """Method name -> the result of one user: a row per query (`queries`, in the user's order), each with its
+    output, the parsed prediction, the gold, and whether the test-time cap cut its prompt."""
+    task = engine.task
+    return {m.name: {"user_id": user.user_id, "method": m.name,
+                     "queries": [{"query_id": q.id, "output": o, "prediction": task.parse(o), "gold": q.gold,
+                                  "prompt_cut": engine.prompt_cut(p)}
+                                 for q, p, o in zip(user.query, ps, outs, strict=True)],
+                     "seconds": seconds, **extra}
+            for m, ps, outs in zip(unit, prompts, outputs, strict=True)}
+
+
+def split_outputs(outputs: Sequence[str], sizes: Sequence[int]) -> list[list[str]]:
+    """A flat list of outputs back into consecutive pieces of `sizes` items."""
+    ends = [sum(sizes[:i + 1]) for i in range(len(sizes))]
+    return [list(outputs[end - n: end]) for n, end in zip(sizes, ends, strict=True)]
 
 
 def error_results(user: User, unit: Sequence[Method], error: Exception) -> dict[str, dict]:
@@ -88,21 +105,23 @@ def error_results(user: User, unit: Sequence[Method], error: Exception) -> dict[
 
 def run_unit(engine: Engine, user: User, unit: Sequence[Method], match: dict | None,
              bank: dict[str, Adapter], seed: int, baselines: Mapping[str, Baseline] | None = None) -> dict[str, dict]:
-    """One unit of stage 3 (`mta.methods.units`) for one user's first query -> method name: {output,
-    prediction, gold, seconds, ...}. A unit's methods share its weights and one batched generation.
-    Bad input (InputError) gives the unit's error rows."""
+    """One unit of stage 3 (`mta.methods.units`) for one user, every query -> method name: {queries: [{output,
+    prediction, gold, ...}], seconds, ...}. A unit's methods share its weights (one personalisation) and one
+    batched generation of all their queries. Bad input (InputError) gives the unit's error rows."""
     engine.reset()
     try:
         seconds, extra = ({}, {}) if unit[0].on_base_weights else prepare_weights(
             engine, user, unit[0], match, bank, derive_seed(seed, user.user_id, unit[0].name), baselines)
+        prompts = [method_prompts(engine.task, user, m, engine.profile.prompt_style) for m in unit]
         tic = time.perf_counter()
-        outputs = engine.generate([method_prompt(engine.task, user, m, engine.profile.prompt_style) for m in unit])
+        outputs = engine.generate([p for ps in prompts for p in ps])
         generate = (time.perf_counter() - tic) / len(unit)
     except InputError as e:
         return error_results(user, unit, e)
     finally:
         engine.reset()
-    return unit_results(engine.task, user, unit, outputs, {**seconds, "generate": generate}, extra)
+    return unit_results(engine, user, unit, prompts, split_outputs(outputs, [len(ps) for ps in prompts]),
+                        {**seconds, "generate": generate}, extra)
 
 
 def run_group(engine: Engine, users: Sequence[User], unit: Sequence[Method], matches: dict,
@@ -118,17 +137,20 @@ def run_group(engine: Engine, users: Sequence[User], unit: Sequence[Method], mat
     task, style, size = engine.task, engine.profile.prompt_style, engine.profile.group_size
     method = unit[0]
     if method.on_base_weights:
-        prompts = [(u, m, method_prompt(task, u, m, style)) for u in users for m in unit]
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i][2]))
-        outputs = [""] * len(prompts)
+        prompts = [method_prompts(task, u, m, style) for u in users for m in unit]  # user-major, then method
+        flat = [p for ps in prompts for p in ps]
+        order = sorted(range(len(flat)), key=lambda i: len(flat[i]))
+        outputs = [""] * len(flat)
         tic = time.perf_counter()
         for i in range(0, len(order), size * len(unit)):
             chunk = order[i: i + size * len(unit)]
-            for j, out in zip(chunk, engine.generate([prompts[j][2] for j in chunk]), strict=True):
+            for j, out in zip(chunk, engine.generate([flat[j] for j in chunk]), strict=True):
                 outputs[j] = out
         generate = (time.perf_counter() - tic) / len(prompts)
-        return {u.user_id: unit_results(task, u, unit, outputs[n * len(unit): (n + 1) * len(unit)],
-                                        {"generate": generate}, {"group": len(users)})
+        pieces = split_outputs(outputs, [len(ps) for ps in prompts])
+        return {u.user_id: unit_results(engine, u, unit, prompts[n * len(unit): (n + 1) * len(unit)],
+                                        pieces[n * len(unit): (n + 1) * len(unit)], {"generate": generate},
+                                        {"group": len(users)})
                 for n, u in enumerate(users)}
     if method.procedure != "fuse_then_train":
         return run_procedure_group(engine, users, unit, seed, baselines)
@@ -148,15 +170,18 @@ def run_group(engine: Engine, users: Sequence[User], unit: Sequence[Method], mat
         logs, phases = engine.personalize_many([s.adapters for s in chosen], [s.weights for s in chosen],
                                                chosen[0].recipe, [s.examples for s in chosen],
                                                [derive_seed(seed, u.user_id, method.name) for u in ok])
+        prompts = [method_prompts(task, u, method, style) for u in ok]
         tic = time.perf_counter()
-        outputs = engine.generate([method_prompt(task, u, method, style) for u in ok], slots=range(len(ok)))
+        outputs = engine.generate([p for ps in prompts for p in ps],
+                                  slots=[n for n, ps in enumerate(prompts) for _ in ps])
         phases["generate"] = time.perf_counter() - tic
     finally:
         engine.reset()
+    pieces = split_outputs(outputs, [len(ps) for ps in prompts])
     for n, (u, s) in enumerate(zip(ok, chosen, strict=True)):
         seconds = {**s.seconds, **{k: v / len(ok) for k, v in phases.items()}}
         extra = {**s.extra, "group": len(ok), **({"train": summarize(logs[n])} if logs else {})}
-        out[u.user_id] = unit_results(task, u, unit, [outputs[n]], seconds, extra)
+        out[u.user_id] = unit_results(engine, u, unit, [prompts[n]], [pieces[n]], seconds, extra)
     return out
 
 
@@ -170,7 +195,7 @@ def refuse_on_quantised_base(profile: Profile, methods: Sequence[Method]) -> Non
             raise ValueError(f"method {m.name}: its {m.procedure!r} procedure folds a population LoRA into W0, "
                              f"which a quantised base (base_quant={profile.base_quant!r}) cannot take; leave it "
                              f"out (--methods) or set base_quant='none'")
-        if m.anchors != "none" and profile.engine == "sequential":
+        if (m.anchors, m.population) != ("none", "none") and profile.engine == "sequential":
             raise ValueError(f"method {m.name}: the sequential engine folds the fused LoRA into W, which a "
                              f"quantised base (base_quant={profile.base_quant!r}) cannot take; engine='batched' "
                              f"applies it unmerged")
@@ -229,14 +254,18 @@ def run_procedure_group(engine: Engine, users: Sequence[User], unit: Sequence[Me
             return out
         procedure.serve(engine, parts)
         engine.model.eval()
+        prompts = [method_prompts(task, u, method, style) for u, _, _ in done]
         tic = time.perf_counter()
-        outputs = engine.generate([method_prompt(task, u, method, style) for u, _, _ in done], slots=range(len(done)))
+        outputs = engine.generate([p for ps in prompts for p in ps],
+                                  slots=[n for n, ps in enumerate(prompts) for _ in ps])
         generate = time.perf_counter() - tic
     except InputError as e:
         return {u.user_id: error_results(u, unit, e) for u in users}
     finally:
         engine.reset()
-    for (u, seconds, extra), output in zip(done, outputs, strict=True):
+    for (u, seconds, extra), ps, piece in zip(done, prompts, split_outputs(outputs, [len(ps) for ps in prompts]),
+                                              strict=True):
         shared = {"setup": setup / len(done), "generate": generate / len(done)}
-        out[u.user_id] = unit_results(task, u, unit, [output], {**seconds, **shared}, {**extra, "group": len(done)})
+        out[u.user_id] = unit_results(engine, u, unit, [ps], [piece], {**seconds, **shared},
+                                      {**extra, "group": len(done)})
     return out

@@ -1,6 +1,7 @@
 """How a Table-1 baseline that is not fuse-then-train plugs into the stages: a `Procedure` of its own
-(`Method.procedure` names it), the run it reads its population-level inputs from, and the population LoRA
-both Per-Pcs and PROPER start from. The baselines themselves live in `mta.baselines`."""
+(`Method.procedure` names it), the run it reads its population-level inputs from, and the population LoRAs
+Per-Pcs and PROPER start from and OPPU folds (`Method.population`). The baselines themselves live in
+`mta.baselines`."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ from typing import NamedTuple, Protocol
 
 from mta.data.lamp import TaskSpec, User
 from mta.log import log
+from mta.methods import Method
+from mta.peft.adapter import Adapter, load_adapter
 from mta.profiles import LoRASpec, Profile
+from mta.seeding import derive_seed
 from mta.stages.bank import train_adapter
 from mta.stages.engine import Engine
 
@@ -68,9 +72,28 @@ class Baseline(NamedTuple):
 
 
 def train_population_lora(run: RunContext, path: Path, spec: LoRASpec, seed: int, what: str) -> None:
-    """A LoRA on the population (the bank candidates' history items), saved as a PEFT adapter."""
+    """A LoRA on the population (one query with its gold per bank candidate, `Engine.population_examples`), saved
+    as a PEFT adapter."""
     if path.exists():
         return
-    examples = run.engine.population_examples(run.candidates, seed, run.profile.population_items)
+    examples = run.engine.population_examples(run.candidates, seed, run.profile.population_items, spec)
     log(f"stage 1c: {what} on {len(examples)} population examples (rank {spec.rank})")
     train_adapter(run.engine, path, examples, spec, seed, probe=True)
+
+
+def population_path(run: RunContext, name: str) -> Path:
+    return run.artifacts / "population" / name
+
+
+def build_population_loras(run: RunContext, methods: Sequence[Method]) -> None:
+    """Stage 1c for the fuse-then-train methods that fold a population LoRA (`Method.population`, OPPU's task
+    LoRA): each named recipe of the profile trained once, shared by every user and method that names it."""
+    for name in dict.fromkeys(m.population for m in methods if m.population != "none"):
+        train_population_lora(run, population_path(run, name), getattr(run.profile, name),
+                              derive_seed(run.seed, name), name)
+
+
+def load_population_loras(run: RunContext, methods: Sequence[Method]) -> dict[str, Adapter]:
+    """Recipe name -> the population LoRA of that name, for those the methods fold and stage 1c made."""
+    names = dict.fromkeys(m.population for m in methods if m.population != "none")
+    return {n: load_adapter(population_path(run, n)) for n in names if population_path(run, n).exists()}

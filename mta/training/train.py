@@ -40,7 +40,7 @@ class TrainConfig:
     max_len: int | None = None  # prompt is cut from the left first, then the response from the right
     seed: int = 0
     shuffle: bool = True
-    group_by_length: bool = False  # as transformers' Trainer: batch similar lengths together, less padding
+    group_by_length: bool = False  # transformers' LengthGroupedSampler order (`length_grouped_order`)
     progress: bool = True
     probe: bool = False  # score the first step's batch before and after training (TrainLog.probe)
     bf16: bool = False  # bf16 autocast (mta.precision); parameters, AdamW state and loss stay fp32
@@ -52,6 +52,8 @@ class TrainConfig:
             raise ValueError("TrainConfig.batch_size, grad_accum and epochs must be >= 1")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"TrainConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.group_by_length and not self.shuffle:
+            raise ValueError("TrainConfig.group_by_length draws a random order each epoch; it needs shuffle=True")
 
 
 @dataclass
@@ -141,17 +143,34 @@ def schedule_length(config: TrainConfig, n_examples: int) -> tuple[int, int]:
     return total, math.ceil(config.warmup_ratio * total)
 
 
+def length_grouped_order(lengths: Sequence[int], batch_size: int, generator: torch.Generator) -> list[int]:
+    """transformers' `get_length_grouped_indices`: a random permutation cut into mega-batches of
+    max(1, min(n // (4 * batch_size), 50)) batches, each sorted longest first (stable), then the first item of
+    the mega-batch with the longest first item swapped to the front. Small sets are a random order."""
+    n = len(lengths)
+    size = max(1, min(n // (4 * batch_size), 50)) * batch_size
+    perm = torch.randperm(n, generator=generator).tolist()
+    megas = [sorted(perm[i: i + size], key=lambda j: lengths[j], reverse=True) for i in range(0, n, size)]
+    longest = int(torch.argmax(torch.tensor([lengths[m[0]] for m in megas])))
+    megas[0][0], megas[longest][0] = megas[longest][0], megas[0][0]
+    return [j for m in megas for j in m]
+
+
 def step_batches(examples: Sequence[Example], config: TrainConfig) -> Iterator[list[list[Example]]]:
-    """Yield, per optimizer step, the micro-batches it accumulates over: each epoch a permutation drawn
-    from a generator seeded with config.seed (or the data order), grouped by length if asked."""
+    """Yield, per optimizer step, the micro-batches it accumulates over. Each epoch draws a new order from a
+    generator seeded with config.seed: a permutation or, with group_by_length, the Trainer's length-grouped
+    order over optimizer-step batches (`length_grouped_order`, lengths as cut to max_len); without shuffle
+    the data order."""
     order_gen = torch.Generator().manual_seed(config.seed)
+    lengths = [sum(map(len, cut_example(p, r, config.max_len))) for p, r in examples] \
+        if config.group_by_length else None
     while True:
-        perm = torch.randperm(len(examples), generator=order_gen).tolist() if config.shuffle \
-            else list(range(len(examples)))
-        if config.group_by_length:  # longest first within mega-batches of 50 micro-batches
-            mega = 50 * config.batch_size
-            perm = [j for i in range(0, len(perm), mega)
-                    for j in sorted(perm[i: i + mega], key=lambda j: -sum(map(len, examples[j])))]
+        if config.group_by_length:
+            perm = length_grouped_order(lengths, config.batch_size * config.grad_accum, order_gen)
+        elif config.shuffle:
+            perm = torch.randperm(len(examples), generator=order_gen).tolist()
+        else:
+            perm = list(range(len(examples)))
         micro = [[examples[j] for j in perm[i: i + config.batch_size]]
                  for i in range(0, len(examples), config.batch_size)]
         for i in range(0, len(micro), config.grad_accum):

