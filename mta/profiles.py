@@ -423,19 +423,20 @@ CPU = PAPER.replace(
     # Per-Pcs and PROPER: caps by a time rule fixed before any score was seen (docs/defaults/baseline-caps.md):
     # both together at most 40 % of the cold 50-user run. Parts with at least 40 optimizer
     # steps keep the release's lr; parts with fewer take the CPU adaptation recipe's 1e-3. No dropout, as in
-    # every CPU recipe. PROPER's group, user and router stages run without the release's 0.03 warm-up: it rounds
-    # up to a whole step at lr 0, which is all of a one-step user or router part.
+    # every CPU recipe; schedules, warm-ups and clipping as released, except that PROPER's user and router parts
+    # run without the release's 0.03 warm-up: it rounds up to a whole step at lr 0, all of a one-step part.
     population_items=58,
     perpcs_task=LoRASpec(rank=8, alpha=8.0, targets=ATTENTION, lr=1e-4, epochs=1, batch_size=1, weight_decay=0.01,
                          warmup_ratio=0.0, max_grad_norm=0.3),
     perpcs_sharer=LoRASpec(rank=8, alpha=8.0, targets=ATTENTION, lr=1e-3, epochs=1, batch_size=2, weight_decay=0.01,
-                           warmup_ratio=0.0),
-    perpcs_gate=LoRASpec(rank=8, alpha=8.0, targets=ATTENTION, lr=1e-3, epochs=1, batch_size=2, warmup_ratio=0.0),
+                           warmup_ratio=0.0, max_grad_norm=0.3),
+    perpcs_gate=LoRASpec(rank=8, alpha=8.0, targets=ATTENTION, lr=1e-3, epochs=1, batch_size=2, warmup_ratio=0.0,
+                         max_grad_norm=0.3),
     perpcs_sharer_items=6,
     perpcs_user_items=6,
     proper_population=LoRASpec(rank=8, alpha=16.0, targets=ATTENTION, lr=3e-4, epochs=1, batch_size=1,
-                               weight_decay=0.1, warmup_ratio=0.03),
-    proper_group=LoRASpec(rank=4, alpha=8.0, targets=FFN, lr=2e-4, epochs=1, batch_size=1, warmup_ratio=0.0),
+                               weight_decay=0.1, warmup_ratio=0.03, schedule="linear"),
+    proper_group=LoRASpec(rank=4, alpha=8.0, targets=FFN, lr=2e-4, epochs=1, batch_size=1, warmup_ratio=0.03),
     proper_group_items=1,
     proper_user=LoRASpec(rank=4, alpha=8.0, targets=FFN, lr=1e-3, epochs=1, batch_size=2, warmup_ratio=0.0),
     proper_router=LoRASpec(rank=4, alpha=8.0, targets=FFN, lr=1e-3, epochs=1, batch_size=2, warmup_ratio=0.0),

@@ -1,4 +1,4 @@
-"""Sequence caps per role (issue 30, item 3): a training cap per LoRA recipe (None: the profile's) and a
+"""Sequence caps per role: a training cap per LoRA recipe (None: the profile's) and a
 test-time cap, the authors' values in `paper`; prompts each cap cut are counted."""
 
 import pytest

@@ -1,10 +1,11 @@
-"""The authors' test conditions as one setting (issue 30, item 4) and LaMP-3 ratings parsed as the authors do
-(item 11): a 4-bit NF4 base at decode, the chat template apart for training and test, the repetition penalty
-as transformers applies it, each evaluation script's max_new_tokens."""
+"""The authors' test conditions as one setting, LaMP-3 ratings parsed as the authors do: a 4-bit NF4 base at
+decode, the chat template apart for training and test, the repetition penalty as transformers applies it,
+each evaluation script's max_new_tokens."""
 
 import pytest
 import torch
 
+from mta.baselines.proper import inject_mixture
 from mta.data import lamp
 from mta.models.generation import generate, penalize_repetition
 from mta.ops.quant import nf4_roundtrip
@@ -135,7 +136,7 @@ def test_nf4_base_at_decode_only_with_the_lora_unmerged(llm_dir, monkeypatch):
     assert torch.equal(layer.base.weight, w0) and torch.equal(layer.lora_A.weight, lora_a)  # back after decoding
     assert seen["kw"]["max_new_tokens"] == 5 and seen["kw"]["repetition_penalty"] == 1.0
     head = engine.model.lm_head.weight.detach().clone()
-    with nf4_base(engine.model):
+    with nf4_base(engine.nf4_linears):
         assert torch.equal(engine.model.lm_head.weight, head)  # lm_head stays unquantised
         assert torch.equal(layer.base.weight, nf4_roundtrip(w0))
     # LaMP-4 keeps a bf16 base in the authors' script; ours never rounds
@@ -145,6 +146,16 @@ def test_nf4_base_at_decode_only_with_the_lora_unmerged(llm_dir, monkeypatch):
         w0 = layer.weight.detach().clone()
         engine.generate(["Team coach season."])
         assert torch.equal(seen["weight"], w0)
+
+
+def test_nf4_rounds_the_base_not_an_adapters_own_linears(llm_dir):
+    """PROPER's routers are linears of the adapter, trained in full precision: only the base is rounded."""
+    engine = make_engine(llm_dir, task="citation", test_conditions="authors_code")
+    mixture = next(iter(inject_mixture(engine.model, ("up_proj",), n_experts=2, r=2, alpha=4.0, n_users=1).values()))
+    router, base = mixture.router_x.weight.detach().clone(), mixture.base.weight.detach().clone()
+    with nf4_base(engine.nf4_linears):
+        assert torch.equal(mixture.router_x.weight, router)
+        assert torch.equal(mixture.base.weight, nf4_roundtrip(base))
 
 
 def test_product_rating_decodes_and_parses_as_the_authors(llm_dir, monkeypatch):

@@ -109,14 +109,19 @@ class BaseWeights:
                 lin.weight.copy_(self.weights[m])
 
 
+def base_linears(model: nn.Module) -> list[nn.Linear]:
+    """The model's own linears but lm_head, a wrapped layer's base counted as itself (taken before any
+    adapter adds linears of its own, these are what a quantised checkpoint holds in 4 bits)."""
+    return [lin for lin in _linears(model).values() if not isinstance(lin, QuantLinear)]
+
+
 @contextmanager
-def nf4_base(model: nn.Module) -> Iterator[None]:
-    """Inside the block the model computes on a 4-bit NF4 base as transformers loads one through bitsandbytes
-    (`BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")`): every linear but lm_head (which
-    transformers leaves unquantised) multiplies by the NF4 round-trip of the weight it holds now
-    (`mta.ops.quant.nf4_roundtrip`, what bitsandbytes dequantises to the compute dtype before its matmul), with
-    whatever is folded into W quantised with it and the LoRA layers unmerged on top. W comes back after."""
-    linears = [lin for lin in _linears(model).values() if not isinstance(lin, QuantLinear)]
+def nf4_base(linears: Sequence[nn.Linear]) -> Iterator[None]:
+    """Inside the block `linears` (`base_linears`) compute on a 4-bit NF4 base as transformers loads one through
+    bitsandbytes (`BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")`, lm_head left
+    unquantised): each multiplies by the NF4 round-trip of the weight it holds now (`mta.ops.quant.nf4_roundtrip`,
+    what bitsandbytes dequantises to the compute dtype before its matmul), with whatever is folded into W
+    quantised with it and the LoRA layers unmerged on top. W comes back after."""
     saved = [lin.weight.detach().clone() for lin in linears]
     try:
         with torch.no_grad():

@@ -35,9 +35,9 @@ ADAPTER_FIELDS = ("llm", "dtype", "base_quant", "bank", "bank_data", "max_items_
 # Profile fields that stage 1, the bank, stage 2 and the baselines' stage 1c depend on: a point that keeps them
 # shares all of these artifacts.
 ARTIFACT_FIELDS = (*ADAPTER_FIELDS, "stage1_encoder", "stage2_encoder", "stage1_text", "stage2_text", "item_norm",
-                   "n_anchors", "min_anchor_items", "empty_cluster", "population_items", "oppu_task", "perpcs_task",
-                   "perpcs_sharer", "perpcs_gate", "perpcs_sharer_items", "proper_population", "proper_group",
-                   "proper_experts", "proper_group_items")
+                   "n_anchors", "min_anchor_items", "kmeans_n_init", "empty_cluster", "population_items", "oppu_task",
+                   "perpcs_task", "perpcs_sharer", "perpcs_gate", "perpcs_sharer_items", "proper_population",
+                   "proper_group", "proper_experts", "proper_group_items")
 
 
 @dataclass(frozen=True)

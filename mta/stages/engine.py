@@ -16,7 +16,7 @@ from mta.data.lamp import TaskSpec, User, query_prompt, training_pairs
 from mta.models.generation import generate
 from mta.models.tokenizer import Tokenizer
 from mta.peft.adapter import Adapter, get_adapter
-from mta.peft.fusion import BaseWeights, fold_adapters, nf4_base, stack_lora
+from mta.peft.fusion import BaseWeights, base_linears, fold_adapters, nf4_base, stack_lora
 from mta.peft.lora import unload_lora
 from mta.peft.multi_lora import generate_many, get_row_adapter, stack_many, unload_row_lora
 from mta.precision import autocast
@@ -73,6 +73,7 @@ class Engine:
         self.folded = False  # whether W differs from W0
         self.lora_config = None  # of the LoRA `personalize` last trained
         self.conditions = self.profile.test_conditions_for(self.task.name)
+        self.nf4_linears = base_linears(self.model) if self.conditions.nf4 else []  # the base's, not an adapter's
         if self.conditions.parse is not None:
             self.task = dataclasses.replace(self.task, parse=self.conditions.parse)
         self.test_tok = templated(self.tok, self.conditions.chat_template)
@@ -196,7 +197,7 @@ class Engine:
         kw = dict(max_new_tokens=self.conditions.max_new_tokens or self.profile.max_new_tokens,
                   stop_token_ids=tok.eos_token_ids,
                   pad_token_id=tok.pad_token_id, repetition_penalty=self.conditions.repetition_penalty)
-        with nf4_base(self.model) if self.conditions.nf4 else nullcontext():
+        with nf4_base(self.nf4_linears) if self.conditions.nf4 else nullcontext():
             if slots is None:  # on shared weights the prompts (sorted by length) prefill a pass of rows at a time
                 with autocast(self.profile.device, self.profile.bf16, self.model):
                     new = generate(self.model, ids, mask, prefill_rows=self.profile.rows_per_pass, **kw)
