@@ -1,9 +1,12 @@
 """Sequence caps per role: a training cap per LoRA recipe (None: the profile's) and a
 test-time cap, the authors' values in `paper`; prompts each cap cut are counted."""
 
+import json
+
 import pytest
 
 from mta.profiles import CPU, PAPER, LoRASpec
+from mta.stages.bank import train_adapter
 from tests.fixtures import make_engine
 
 LONG = " ".join(["Team coach season match goal players league win score stadium fans final."] * 30)
@@ -62,3 +65,11 @@ def test_prompt_cut_follows_the_test_cap_and_generate_cuts_the_same_prompts(llm_
     engine.generate([LONG, SHORT])
     lengths = seen[0].tolist()
     assert lengths[0] <= 48 and lengths[1] == len(engine.test_tok.chat_prompt(SHORT))
+
+
+def test_a_saved_loras_train_log_counts_the_prompts_its_cap_cut(llm_dir, tmp_path):
+    engine = make_engine(llm_dir, max_prompt_tokens=64)
+    examples = engine.tokenize([(LONG, "Goal."), (SHORT, "Win."), (LONG, "Final.")])
+    train_adapter(engine, tmp_path / "lora", examples, LoRASpec(rank=2, epochs=1, batch_size=3), seed=0)
+    log = json.loads((tmp_path / "lora" / "train_log.json").read_text())
+    assert (log["examples"], log["prompts_cut"]) == (3, 2)
