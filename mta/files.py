@@ -1,14 +1,16 @@
-"""Atomic file writes, the one JSON reader, and ids as folder names: every artifact is written under a
-temporary name in its folder and renamed into place, so a reader sees a whole file or none."""
+"""Durable atomic file writes, the one JSON reader, and ids as folder names: every artifact is written under a
+temporary name in its folder, flushed to disk and renamed into place, so a reader sees a whole file or none,
+and a finished artifact survives an OS crash where the filesystem honours fsync."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,25 +20,80 @@ import numpy as np
 from mta.errors import InputError
 
 
+def _fsync_path(path: Path, is_dir: bool = False) -> None:
+    """fsync one file or folder. A folder that cannot be opened or synced (some platforms and filesystems
+    refuse) is skipped: the rename is then as durable as the OS makes it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if is_dir else 0))
+    except OSError:
+        if not is_dir:
+            raise
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if not is_dir or e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file and folder under `root`, then `root` itself."""
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in files:
+            if not os.path.islink(os.path.join(folder, name)):
+                _fsync_path(Path(folder, name))
+        _fsync_path(Path(folder), is_dir=True)
+
+
+def _make_parents(folder: Path) -> None:
+    """`mkdir -p folder` (modes from the umask), each new folder's entry synced into its parent."""
+    missing = []
+    while not folder.is_dir():
+        missing.append(folder)
+        folder = folder.parent
+    for new in reversed(missing):
+        new.mkdir(exist_ok=True)
+        _fsync_path(new.parent, is_dir=True)
+
+
+def _temporary(path: Path, is_dir: bool) -> Path:
+    """A new, empty sibling `.<name>.<random>.tmp` of `path`, created with mode 0666 (a folder 0777) less the
+    umask, as an ordinary file or folder would be."""
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            if is_dir:
+                os.mkdir(tmp, 0o777)
+            else:
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path.parent}: no free temporary name for {path.name}")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, is_dir: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling of `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary sibling of `path` (a file, or a folder with `is_dir`) to write; only if the block
+    succeeds: fsync what it wrote (every file and folder inside a folder), rename it onto `path`, fsync
+    the parent folder. On failure `path` is untouched and the temporary is removed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if is_dir:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    else:
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        tmp = Path(name)
+    _make_parents(path.parent)
+    tmp = _temporary(path, is_dir)
     try:
         yield tmp
+        _fsync_tree(tmp) if is_dir else _fsync_path(tmp)
         if is_dir and path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
+        _fsync_path(path.parent, is_dir=True)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+        if not is_dir:
+            tmp.unlink(missing_ok=True)
+        elif tmp.exists():
+            shutil.rmtree(tmp)
 
 
 def write_json(path: str | Path, obj: Any) -> None:

@@ -1,6 +1,7 @@
 """id_folder: user and anchor ids as folder names, one per id, inside their parent."""
 
 import json
+import os
 import random
 import re
 
@@ -137,3 +138,28 @@ def test_paths_stay_inside_and_one_file_per_id(tmp_path):
     for i, uid in enumerate(IDS):
         assert json.loads(run.user_result(uid, "mta").read_text()) == {"i": i}
         assert json.loads((run.adapter(uid) / "train_log.json").read_text()) == {"i": i}
+
+
+def test_stale_temporaries_are_removed_without_following_links(tmp_path):
+    """A killed run's temporaries go, a `.tmp` link goes without its target, and nothing outside the run
+    directory is touched, even under a linked folder."""
+    outside = tmp_path / "outside"
+    (outside / "linked").mkdir(parents=True)
+    (outside / "keep.txt").write_text("keep")
+    (outside / "linked" / ".x.json.ab.tmp").write_text("not ours")
+    root = tmp_path / "run"
+    (root / "users" / "u").mkdir(parents=True)
+    (root / ".to-folder.tmp").symlink_to(outside, target_is_directory=True)
+    (root / "users" / ".to-file.tmp").symlink_to(outside / "keep.txt")
+    (root / "users" / ".dangling.tmp").symlink_to(tmp_path / "missing")
+    (root / "bank" / ".a.cd.tmp").mkdir(parents=True)
+    (root / "bank" / ".a.cd.tmp" / "link").symlink_to(outside / "keep.txt")
+    (root / "users" / "u" / ".mta.json.ef.tmp").write_text("{")
+    (root / "users" / "u" / "mta.json").write_text("{}")
+    (root / "shared").symlink_to(outside / "linked", target_is_directory=True)
+    removed = RunDir(root).remove_stale_temporaries()
+    assert {p.relative_to(root).as_posix() for p in removed} == {
+        ".to-folder.tmp", "users/.to-file.tmp", "users/.dangling.tmp", "bank/.a.cd.tmp", "users/u/.mta.json.ef.tmp"}
+    assert not any(os.path.lexists(p) for p in removed)
+    assert (outside / "keep.txt").read_text() == "keep" and (outside / "linked" / ".x.json.ab.tmp").exists()
+    assert (root / "users" / "u" / "mta.json").exists() and (root / "shared").is_symlink()

@@ -14,7 +14,16 @@ from pathlib import Path
 import torch
 
 from mta.baselines import BASELINES
-from mta.data.lamp import LampDataError, TaskSpec, User, get_task, load_candidates, load_test_users
+from mta.data.lamp import (
+    CANDIDATES_FILE,
+    TEST_FILE,
+    LampDataError,
+    TaskSpec,
+    User,
+    get_task,
+    load_candidates,
+    load_test_users,
+)
 from mta.eval import multiseed, report
 from mta.files import atomic_path, read_json, write_json, write_npy
 from mta.log import log
@@ -25,6 +34,7 @@ from mta.peft.adapter import load_adapter
 from mta.precision import resolve_bf16
 from mta.profiles import Profile, profile_from_dict
 from mta.run.executor import Executor, Job, run_jobs
+from mta.run.provenance import provenance
 from mta.run.rundir import RunDir
 from mta.seeding import derive_seed
 from mta.stages.anchors import select_anchors
@@ -125,15 +135,19 @@ class Run:
 
     def write_config(self) -> None:
         """Record the settings that key this directory (which users and methods ran is in results.json),
-        refusing a directory made with others, and clear what a killed run left under temporary names."""
+        refusing a directory made with others, and clear what a killed run left under temporary names.
+        `provenance` lists what each command on the directory ran with, the first one's first."""
+        task_dir = Path(self.lamp_dir) / self.task_spec.name
+        made_with = provenance(self.profile.device, [task_dir / CANDIDATES_FILE, task_dir / TEST_FILE])
         config = {"task": self.task_spec.name, "seed": self.seed, "lamp_dir": str(self.lamp_dir),
-                  "profile": json.loads(json.dumps(dataclasses.asdict(self.profile)))}
+                  "profile": json.loads(json.dumps(dataclasses.asdict(self.profile))), "provenance": [made_with]}
         if self.dir.config.exists():
             # notes change no result
             old = stored_profile(self.dir.config)
             if old.replace(notes=()) != self.profile.replace(notes=()):
                 raise ValueError(f"{self.dir.config}: this run directory was made with another profile; "
                                  f"use another --runs folder or delete it")
+            config["provenance"] = read_json(self.dir.config).get("provenance", []) + [made_with]
         write_json(self.dir.config, config)
         self.dir.remove_stale_temporaries()
 

@@ -80,10 +80,15 @@ class RunDir:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     def remove_stale_temporaries(self) -> list[Path]:
-        """Delete what a killed run left under a temporary name (`.<name>.*.tmp`, never read as an artifact)."""
-        stale = sorted(self.root.rglob(".*.tmp"), reverse=True) if self.root.is_dir() else []
+        """Delete what a killed run left under a temporary name (`.<name>.*.tmp`, never read as an artifact).
+        Symbolic links are removed, never followed, so nothing outside the run directory is touched."""
+        stale = []
+        for folder, dirs, files in os.walk(self.root):  # does not descend into linked folders
+            here = {name for name in [*dirs, *files] if name.startswith(".") and name.endswith(".tmp")}
+            stale += sorted(Path(folder, name) for name in here)
+            dirs[:] = [d for d in dirs if d not in here]
         for path in stale:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
         return stale
 
     @property
