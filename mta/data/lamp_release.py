@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import http.client
 import json
 import os
 import re
@@ -68,10 +69,11 @@ LAMP_NUMBER = {
 DEFAULT_SPLITS = ("train", "dev")  # the official splits with public outputs
 # release fields `citation_from` may copy into LaMP-1's missing `citation`
 CITATION_SOURCES = ("abstract",)
+TIMEOUT_S = 60.0  # seconds without an answer before a request fails
 
 
 class FetchError(RuntimeError):
-    """An official file is missing, cannot be downloaded, or fails its checksum."""
+    """A file to fetch is missing, cannot be downloaded, or fails its checksum."""
 
 
 # ------------------------------------------------------------------ release files
@@ -101,8 +103,50 @@ def sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def download(url: str, dest: Path, timeout: float = 60.0) -> None:
-    """Fetch `url` to `dest`, resuming a previous `.part` with an HTTP Range request."""
+@dataclass(frozen=True)
+class Remote:
+    """A file to fetch: its URL, where it goes, and its sha256 where it is published
+    (pinned); without one, the sha256 seen first is recorded and checked later."""
+
+    url: str
+    path: Path
+    sha256: str | None = None
+
+
+def release_files(
+    task: str, splits: Sequence[str], raw_dir: str | os.PathLike
+) -> list[Remote]:
+    """The official question and output files of `task`'s `splits`."""
+    return [
+        Remote(official_url(task, split, kind), raw_path(raw_dir, task, split, kind))
+        for split in splits
+        for kind in ("questions", "outputs")
+    ]
+
+
+def remote_size(url: str) -> int | None:
+    """Bytes of `url` from an HTTP HEAD request's Content-Length (None: not given)."""
+    req = urllib.request.Request(url, method="HEAD")
+    with urllib.request.urlopen(req, timeout=TIMEOUT_S) as resp:
+        length = resp.headers.get("Content-Length")
+    return int(length) if length else None
+
+
+def by_hand(files: Sequence[Remote], task: str) -> str:
+    """One line: where to put `files` by hand, or which LAMP_DIR to set instead."""
+    where = "; ".join(f"{f.url} at {f.path}" for f in files)
+    name = get_task(task).name
+    return (
+        f"put {where}, then rerun; or set LAMP_DIR to a directory that already holds "
+        f"{name}/{CANDIDATES_FILE} and {name}/{TEST_FILE}"
+    )
+
+
+def download(url: str, dest: Path, expected: str | None = None) -> None:
+    """Fetch `url` to `dest` through `<dest>.part`, resuming a previous `.part` with an
+    HTTP Range request. A transfer cut short keeps the `.part` for the next try; a
+    file whose sha256 is not `expected` is deleted. Only a whole (and, with
+    `expected`, verified) file is renamed to `dest`."""
     from tqdm import tqdm
 
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -111,63 +155,76 @@ def download(url: str, dest: Path, timeout: float = 60.0) -> None:
     req = urllib.request.Request(
         url, headers={"Range": f"bytes={have}-"} if have else {}
     )
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
+    with urllib.request.urlopen(req, timeout=TIMEOUT_S) as resp:
         if have and resp.status != 206:  # server ignored the range: start over
             have = 0
-        total = int(resp.headers.get("Content-Length", 0)) + have or None
+        length = resp.headers.get("Content-Length")
+        total = int(length) + have if length else None
         with (
             open(part, "ab" if have else "wb") as f,
             tqdm(
                 total=total, initial=have, unit="B", unit_scale=True, desc=dest.name
             ) as bar,
         ):
-            for block in iter(lambda: resp.read(1 << 20), b""):
-                f.write(block)
-                bar.update(len(block))
+            try:
+                for block in iter(lambda: resp.read(1 << 20), b""):
+                    f.write(block)
+                    bar.update(len(block))
+            except (OSError, http.client.HTTPException) as e:
+                raise FetchError(
+                    f"{url}: download interrupted ({e!r}); rerun to resume it from {part}"
+                ) from None
+    got = part.stat().st_size
+    if total is not None and got != total:
+        raise FetchError(
+            f"{url}: connection closed after {got} of {total} bytes; rerun to resume "
+            f"it from {part}"
+        )
+    if expected is not None:
+        digest = sha256(part)
+        if digest != expected:
+            part.unlink()
+            raise FetchError(
+                f"{url}: sha256 {digest} is not the pinned {expected}; nothing was "
+                f"written to {dest}"
+            )
     os.replace(part, dest)
 
 
 def fetch(
-    task: str, splits: Sequence[str], raw_dir: str | os.PathLike, offline: bool = False
+    files: Sequence[Remote],
+    raw_dir: str | os.PathLike,
+    task: str,
+    offline: bool = False,
 ) -> dict:
-    """Make sure every official file of `task` is under `raw_dir` and matches its
-    checksum in <raw_dir>/checksums.json (recorded on first sight); returns those."""
+    """Make sure every one of `files` (of `task`) is under `raw_dir` and matches its
+    pinned sha256, or the one in <raw_dir>/checksums.json (recorded on first sight,
+    after each file); returns those records."""
     raw_dir = Path(raw_dir)
     sums_path = raw_dir / "checksums.json"
     sums = read_json(sums_path) if sums_path.exists() else {}
-    for split in splits:
-        for kind in ("questions", "outputs"):
-            path, url = (
-                raw_path(raw_dir, task, split, kind),
-                official_url(task, split, kind),
-            )
-            key = path.relative_to(raw_dir).as_posix()
-            if not path.exists():
-                if offline:
-                    raise FetchError(
-                        f"{path}: missing; download {url} there by hand, or point "
-                        f"LAMP_DIR at a directory already holding "
-                        f"<task>/{CANDIDATES_FILE} and <task>/{TEST_FILE}"
-                    )
-                try:
-                    download(url, path)
-                except (urllib.error.URLError, OSError) as e:
-                    raise FetchError(
-                        f"cannot download {url} ({e}).\nNo network? Either place the "
-                        f"official files by hand at {raw_dir}/LaMP_<n>/"
-                        f"<split>_questions.json and <split>_outputs.json and rerun "
-                        f"with --offline, or set LAMP_DIR to a directory already in "
-                        f"the processed layout (<task>/{CANDIDATES_FILE}, "
-                        f"<task>/{TEST_FILE}), e.g. LAMP_DIR=../shared/lamp."
-                    ) from e
-            digest = sha256(path)
-            if key in sums and sums[key]["sha256"] != digest:
+    for i, f in enumerate(files):
+        key = f.path.relative_to(raw_dir).as_posix()
+        if not f.path.exists():
+            missing = [g for g in files[i:] if not g.path.exists()]
+            if offline:
+                raise FetchError(f"{f.path}: missing; {by_hand(missing, task)}")
+            try:
+                download(f.url, f.path, f.sha256)
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
                 raise FetchError(
-                    f"{path}: sha256 {digest} differs from the recorded "
-                    f"{sums[key]['sha256']}; delete it to download again"
-                )
-            sums[key] = {"url": url, "sha256": digest, "bytes": path.stat().st_size}
-    write_json(sums_path, sums)
+                    f"cannot download {f.url} ({getattr(e, 'reason', e)}); "
+                    f"{by_hand(missing, task)}"
+                ) from None
+        digest = sha256(f.path)
+        want = f.sha256 or sums.get(key, {}).get("sha256")
+        if want is not None and want != digest:
+            raise FetchError(
+                f"{f.path}: sha256 {digest} differs from the "
+                f"{'pinned' if f.sha256 else 'recorded'} {want}; delete it to download again"
+            )
+        sums[key] = {"url": f.url, "sha256": digest, "bytes": f.path.stat().st_size}
+        write_json(sums_path, sums)
     return sums
 
 

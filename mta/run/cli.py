@@ -20,7 +20,8 @@ def parser(description: str, prog: str | None = None) -> argparse.ArgumentParser
     ap = argparse.ArgumentParser(prog=prog, description=description,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", default="lamp4", help="lamp1..lamp5 or a task directory name (default lamp4)")
-    ap.add_argument("--lamp-dir", type=Path, default=None, help="processed LaMP data (default: $LAMP_DIR)")
+    ap.add_argument("--lamp-dir", type=Path, default=None,
+                    help="processed LaMP data (default: $LAMP_DIR, else data/lamp)")
     ap.add_argument("--profile", default="auto", help="cpu, paper, or auto (paper on a GPU, else cpu)")
     ap.add_argument("--seed", default="0", help="a seed, or several ('0,1,2' or '0 1 2'): one run each")
     ap.add_argument("--users", default="all", help="'all' or the number of test users to run")
@@ -89,10 +90,11 @@ def run_from_args(args: argparse.Namespace, seed: int | None = None) -> Run:
 
 
 def main(description: str, stage, argv: list[str] | None = None, add_args=None, across_seeds=None,
-         prog: str | None = None):
+         prog: str | None = None, first_use=None):
     """Parse the shared arguments and return `stage(run)`, or `stage(run, args)` for a tool whose
     `add_args(parser)` adds its own; a bad input ends with one clear line. With several seeds, every
-    seed's run is checked before the first starts, and `across_seeds(runs, outputs)` gets them all."""
+    seed's run is checked before the first starts, and `across_seeds(runs, outputs)` gets them all.
+    `first_use(run)`, where given, makes the run's data before it is checked (mta.run.download)."""
     ap = parser(description, prog)
     if add_args:
         add_args(ap)
@@ -101,6 +103,8 @@ def main(description: str, stage, argv: list[str] | None = None, add_args=None, 
         runs = [run_from_args(args, seed) for seed in seeds_from_args(args)]
         if len(runs) > 1 and across_seeds is None:
             raise ValueError("this tool runs one seed at a time")
+        if first_use:
+            first_use(runs[0])
         for run in runs:
             run.check_inputs()
         outputs = []

@@ -25,6 +25,9 @@ REPRODUCE = """Reproduce the paper's Table 1 and Table 2 rows for one LaMP task:
 
     mta reproduce --task lamp4 --lamp-dir ../shared/lamp --profile cpu [--seed "0 1 2"]
 
+Without --lamp-dir or $LAMP_DIR the data is data/lamp in the repository; when the task is not there yet, it is
+downloaded and converted first (mta download-lamp --authors-test-users).
+
 Every finished unit is kept in runs/<task>/<profile>-seed<k>/, so a rerun resumes. With several seeds,
 each runs in its own directory and runs/<task>/<profile>-seeds<a>-<b>-.../summary.md gathers them."""
 
@@ -91,7 +94,8 @@ def stage_command(summary: str, doc: str, stage, **kwargs) -> Command:
 
 COMMANDS = {
     "reproduce": stage_command("every stage and method for one task: the paper's Tables 1 and 2",
-                               REPRODUCE, reproduce, across_seeds=reproduce_seeds),
+                               REPRODUCE, reproduce, across_seeds=reproduce_seeds,
+                               first_use=download.first_use),
     "select-anchors": stage_command("stage 1a: cluster the bank candidates, one anchor per cluster",
                                     SELECT_ANCHORS, stage1_select),
     "train-bank": stage_command("stage 1b: one meta-LoRA per anchor (the Meta-LoRA bank)", TRAIN_BANK,
