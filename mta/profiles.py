@@ -146,6 +146,10 @@ class Profile:
     stage1_text: str = "authors_code"
     stage2_text: str = "authors_code"
     item_norm: bool = False  # L2-normalise the item embeddings before Eq. 2's mean (select_anchor.py does not)
+    # Stage 1a's pool: a seeded sample of at most `max_candidates` bank candidates, each embedded for Eq. 2 on a seeded
+    # sample of at most `max_items_embedded` of its items (the bank still trains on all of an anchor's); None: all.
+    max_candidates: int | None = None
+    max_items_embedded: int | None = None
     # Batch 1 for the bank: the paper gives no batch size, and with 8 the meta-LoRAs barely move in
     # 3 epochs; 1 reproduces the independent cross-check of Merged-only (docs/defaults/bank-batch.md).
     bank: LoRASpec = LoRASpec(batch_size=1)
@@ -276,10 +280,13 @@ class Profile:
                      "encoder_batch_size", "perpcs_top_k", "perpcs_assembly_batch", "proper_experts", "group_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{owner}: {name} must be at least 1; got {getattr(self, name)}")
-        for name in ("rows_per_pass", "max_items_per_anchor", "population_items", "perpcs_sharer_items",
-                     "perpcs_user_items", "proper_group_items", "proper_user_items", "proper_router_items"):
+        for name in ("rows_per_pass", "max_candidates", "max_items_embedded", "max_items_per_anchor",
+                     "population_items", "perpcs_sharer_items", "perpcs_user_items", "proper_group_items",
+                     "proper_user_items", "proper_router_items"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{owner}: {name} must be at least 1 or None")
+        if self.max_candidates is not None and self.max_candidates < self.n_anchors:
+            raise ValueError(f"{owner}: max_candidates = {self.max_candidates} is below n_anchors = {self.n_anchors}")
         if self.perpcs_tau <= 0:
             raise ValueError(f"{owner}: perpcs_tau must be positive; got {self.perpcs_tau}")
         for task in self.per_task:
@@ -404,6 +411,10 @@ CPU = PAPER.replace(
     group_size=16,
     rows_per_pass=8,
     max_items_per_anchor=48,
+    # Stage 1a within 5 minutes on 2 cores on the official LaMP-4 pool; the 263 dev candidates (at most 206 items)
+    # stay whole (docs/defaults/candidate-pool.md).
+    max_candidates=1500,
+    max_items_embedded=256,
     # One cap of 384 tokens for every prompt, training and test (results count the prompts it cut).
     max_prompt_tokens=384,
     max_test_tokens=384,

@@ -22,7 +22,11 @@ def test_sweep_writes_json_and_png(tiny_run, what, monkeypatch):
     path = run_dir / "sweeps" / f"{what}.json"
     assert json.loads(path.read_text())["what"] == what
     assert path.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
-    if what != "efficiency":
+    if what == "efficiency":  # a group's training time counts once, though each of its anchors logs it
+        logs = [json.loads(f.read_text()) for f in run_dir.glob("bank/*/train_log.json")]
+        assert out["measured"]["bank_seconds"] == pytest.approx(sum(lg["seconds"] / lg.get("group", 1) for lg in logs))
+        assert out["measured"]["bank_seconds"] < sum(lg["seconds"] for lg in logs)
+    else:
         assert len(out["points"]) == len(POINTS[what])
         ref = out["reference_point"]
         others = [p for p in out["points"] if p != ref]

@@ -18,6 +18,8 @@ PAPER_RESULTS = Path(__file__).with_name("paper_results.json")  # package data (
 
 # For paired tests: the per-example metric that stands for the task (lower is better for MAE).
 PRIMARY = {"classification": "accuracy", "rating": "mae", "generation": "rouge-1"}
+# What made a stage-3 unit fail: an InputError (bad or missing input), or any other exception or a lost worker.
+FAILURE_KINDS = {"input": "bad input", "crash": "crash"}
 
 
 def primary_metric(spec: TaskSpec) -> tuple[str, bool]:
@@ -57,14 +59,20 @@ def check_same_queries(rows: dict[str, dict[str, dict]], users: Sequence[str]) -
             raise ValueError(f"user {u}: the methods answered different queries: {ids}")
 
 
-def build_results(task: str, rows: dict[str, dict[str, dict]], meta: dict, n_boot: int = 1000) -> dict:
-    """rows: method -> user_id -> per-user result (as stage 3 writes it, a row per query in `queries`)."""
+def build_results(task: str, rows: dict[str, dict[str, dict]], meta: dict, n_boot: int = 1000,
+                  missing: dict[str, dict[str, dict]] | None = None) -> dict:
+    """rows: method -> user_id -> per-user result (as stage 3 writes it, a row per query in `queries`).
+    missing: method -> user_id -> why the user has no result (`mta.run.pipeline.missing`). The users asked are
+    every user of either; a user without a result from some method and no reason given is "not run". Scores are
+    over the users every method has (so comparisons pair), and `missing` names every other (method, user)."""
     spec = get_task(task)
-    failed = {m: {u: r["error"] for u, r in by_user.items() if r.get("error")} for m, by_user in rows.items()}
-    ok = {m: {u: r for u, r in by_user.items() if not r.get("error")} for m, by_user in rows.items()}
-    users = sorted(set.intersection(*(set(v) for v in ok.values()))) if ok else []
-    check_same_queries(ok, users)
-    scores = score_methods(spec.name, ok, users) if users else {}
+    missing = {m: {**(missing or {}).get(m, {})} for m in rows}
+    asked = sorted(set().union(*rows.values(), *missing.values()))
+    for m in rows:
+        missing[m].update({u: {"reason": "not run"} for u in asked if u not in rows[m] and u not in missing[m]})
+    users = [u for u in asked if all(u in by_user for by_user in rows.values())]
+    check_same_queries(rows, users)
+    scores = score_methods(spec.name, rows, users) if users else {}
     metric, higher = primary_metric(spec)
     methods = {}
     for m, s in scores.items():
@@ -73,11 +81,11 @@ def build_results(task: str, rows: dict[str, dict[str, dict]], meta: dict, n_boo
             "n": s.n,
             "n_users": len(users),
             "n_unparsable": s.n_unparsable,
-            "prompts_cut": sum(q["prompt_cut"] for u in users for q in queries(ok[m][u])),
+            "prompts_cut": sum(q["prompt_cut"] for u in users for q in queries(rows[m][u])),
             "metrics": s.summary,
             "ci95": {k: s.ci(k, n=n_boot) for k in s.summary},
         }
-    comparisons = compare_with_mta(scores, ok, users, metric, n_boot) if "mta" in scores and len(users) >= 2 else {}
+    comparisons = compare_with_mta(scores, rows, users, metric, n_boot) if "mta" in scores and len(users) >= 2 else {}
     significance = None
     baselines = [m for m in dict.fromkeys(TABLE1 + TABLE2) if m in comparisons]
     if baselines:
@@ -86,13 +94,15 @@ def build_results(task: str, rows: dict[str, dict[str, dict]], meta: dict, n_boo
                         "p": comparisons[best]["p"], "mta": scores["mta"].summary[metric],
                         "baseline": scores[best].summary[metric]}
     per_user = {
-        u: {m: {k: ok[m][u][k] for k in ("queries", "seconds") if k in ok[m][u]} for m in ok}
+        u: {m: {k: rows[m][u][k] for k in ("queries", "seconds") if k in rows[m][u]} for m in rows}
         for u in users
     }
     n_queries = next(iter(scores.values())).n if scores else 0
+    failures = {m: {u: r["error"] for u, r in by_user.items() if "error" in r} for m, by_user in missing.items()}
     return {"task": spec.name, "meta": meta, "metric_names": metric_names(spec), "users": users,
-            "n_users": len(users), "n_queries": n_queries, "methods": methods, "significance": significance,
-            "mta_vs": comparisons, "failures": failed, "per_user": per_user}
+            "n_users": len(users), "n_users_asked": len(asked), "n_queries": n_queries, "methods": methods,
+            "significance": significance, "mta_vs": comparisons, "missing": missing, "failures": failures,
+            "per_user": per_user}
 
 
 def metric_names(spec: TaskSpec) -> list[str]:
@@ -232,8 +242,8 @@ def render_markdown(result: dict) -> str:
     paper = paper_numbers(spec.name)
     meta = result["meta"]
     out = [f"# {spec.lamp_id} ({spec.name}): {meta.get('profile', '')} profile, seed {meta.get('seed', '')}", ""]
-    out += [f"{result['n_queries']} queries of {len(result['users'])} test users scored on every method, "
-            f"pooled over queries. Metrics: " + ", ".join(result["metric_names"])
+    out += [f"{result['n_queries']} queries of {_scored(result)} scored on every method, pooled over queries"
+            + _missing_count(result) + ". Metrics: " + ", ".join(result["metric_names"])
             + (" (`_stem`: with the Porter stemmer, as the authors' evaluation; without: LaMP's convention)"
                if spec.metric == "generation" else
                " (`_paper`: the authors' scoring of the raw output, aggregate_results.py and their eval scripts; "
@@ -277,15 +287,51 @@ def render_markdown(result: dict) -> str:
     out += [f"- cluster {c['cluster']} ({c['size']} users) has no anchor: {c['reason']}"
             for c in meta.get("clusters_without_anchor", [])]
     out += [f"- the bank has no adapter for anchor {a}" for a in meta.get("bank_missing", [])]
-    failures = {m: f for m, f in result["failures"].items() if f}
-    if failures:
-        out += ["", "## Failures", ""]
-        for m, by_user in failures.items():
-            for u, err in by_user.items():
-                out.append(f"- {label(m)}, user {u}: {err}")
+    out += _missing_section(result)
     source = paper_results().get("source", "")
     out += ["", f"Paper column: {source}", ""]
     return "\n".join(out)
+
+
+def _scored(result: dict) -> str:
+    n, asked = result["n_users"], result["n_users_asked"]
+    return f"{n} test users" if n == asked else f"{n} of {asked} test users"
+
+
+def _missing_count(result: dict) -> str:
+    """"; 2 missing (MTA: 2, ...), see below", or nothing when every user asked is scored."""
+    gaps = {m: len(by_user) for m, by_user in result["missing"].items() if by_user}
+    if not gaps:
+        return ""
+    n = result["n_users_asked"] - result["n_users"]
+    return (f"; {n} missing from at least one method ({', '.join(f'{label(m)}: {k}' for m, k in gaps.items())}), "
+            f"left out of every method's score and listed under \"Missing users\" below")
+
+
+def _why(r: dict) -> str:
+    """One missing (method, user): failed (with its kind, attempts and whether the next run retries it), not run
+    yet, or not loaded."""
+    if r["reason"] == "not run":
+        return "not run yet"
+    kind = FAILURE_KINDS[r["kind"]]
+    if r["reason"] == "not loaded":
+        return f"not loaded ({kind}): {r['error']}"
+    if r["attempts"] < r["max_attempts"]:
+        return f"failed ({kind}), attempt {r['attempts']} of {r['max_attempts']}, retried by the next run: {r['error']}"
+    return f"failed {r['attempts']} times ({kind}), not retried, delete {r['record']} to try again: {r['error']}"
+
+
+def _missing_section(result: dict) -> list[str]:
+    gaps = {m: by_user for m, by_user in result["missing"].items() if by_user}
+    if not gaps:
+        return []
+    out = ["", "## Missing users", "",
+           f"Every method is scored over the {result['n_users']} test users that every method has; these "
+           f"(method, user) pairs have no result:", ""]
+    for m, by_user in gaps.items():
+        out.append(f"- {label(m)}: {len(by_user)} of {result['n_users_asked']} test users missing")
+        out += [f"  - user {u}: {_why(r)}" for u, r in sorted(by_user.items())]
+    return out
 
 
 def median(values: Sequence[float]) -> float | None:

@@ -8,6 +8,7 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from functools import cached_property
 from pathlib import Path
 
@@ -162,11 +163,13 @@ def stage1_select(run: Run) -> dict:
     if path.exists():
         return read_json(path)
     p = run.profile
-    log(f"stage 1a: embedding {len(run.candidates)} candidates with {p.stage1_encoder}, K-Means into V={p.n_anchors}")
+    n = min(len(run.candidates), p.max_candidates or len(run.candidates))
+    log(f"stage 1a: embedding {n} of {len(run.candidates)} candidates with {p.stage1_encoder} (at most "
+        f"{p.max_items_embedded or 'all'} items each), K-Means into V={p.n_anchors}")
     encoder = load_encoder(p.stage1_encoder, device=p.device)
     vectors, doc = select_anchors(run.candidates, run.task_spec, encoder, p.n_anchors, p.min_anchor_items, run.seed,
                                   p.encoder_batch_size, run.progress, p.empty_cluster, p.stage1_text, p.item_norm,
-                                  p.kmeans_n_init)
+                                  p.kmeans_n_init, p.max_candidates, p.max_items_embedded, run.dir.stage1_chunk)
     for empty in doc["clusters_without_anchor"]:
         log(f"cluster {empty['cluster']} ({empty['size']} users) has no anchor: {empty['reason']}")
     write_npy(run.dir.stage1 / "user_vectors.npy", vectors)
@@ -208,16 +211,26 @@ def bank_group(run: Run, anchor_ids: Sequence[str]) -> None:
 
 
 def stage2_match_anchors(run: Run) -> dict:
+    """Each test user's similarity to every anchor (Eq. 4). A user already in matches.json keeps its entry as it
+    is; the run's users not in it yet are matched and added (after a run on the first N users, the full run adds
+    the rest). Stored matches against other anchors than stage 1's are refused, never mixed with new ones."""
     path = run.dir.matches
-    if path.exists():
-        return read_json(path)
-    p = run.profile
+    matches = read_json(path) if path.exists() else {}
     anchor_ids = [a["user_id"] for a in stage1_select(run)["anchors"]]
+    stale = [uid for uid, m in matches.items() if set(m["similarities"]) != set(anchor_ids)]
+    if stale:
+        raise ValueError(f"{path}: user {stale[0]!r} ({len(stale)} such users) was matched against other anchors "
+                         f"than {run.dir.anchors} holds now; delete {path} to match every user again")
+    todo = [u for u in run.test_users if u.user_id not in matches]
+    if not todo:
+        return matches
+    p = run.profile
     by_id = {u.user_id: u for u in run.candidates}
-    log(f"stage 2: matching {len(run.test_users)} users to {len(anchor_ids)} anchors with {p.stage2_encoder}")
+    log(f"stage 2: matching {len(todo)} users ({len(matches)} matched before) to {len(anchor_ids)} anchors with "
+        f"{p.stage2_encoder}")
     encoder = load_encoder(p.stage2_encoder, device=p.device)
-    matches = match_anchors(run.test_users, [by_id[a] for a in anchor_ids], run.task_spec, encoder,
-                          p.encoder_batch_size, run.progress, p.stage2_text)
+    matches = {**matches, **match_anchors(todo, [by_id[a] for a in anchor_ids], run.task_spec, encoder,
+                                          p.encoder_batch_size, run.progress, p.stage2_text)}
     write_json(path, matches)
     return matches
 
@@ -253,13 +266,61 @@ def load_bank(run: Run) -> tuple[dict, dict[str, str]]:
     return bank, missing
 
 
+# A unit's tries across runs: an InputError fails again until its input is fixed, a crash (a bug, a worker lost)
+# may not. Three, as many as the Ray executor gives a job whose worker died; then the unit is reported, not retried.
+MAX_ATTEMPTS = 3
+
+
+def unit_result(run: Run, user_id: str, method: str) -> dict | None:
+    """The (user, method) result, or None. A result file holding only an `error` (as versions before failure
+    records wrote a failed unit) is no result."""
+    path = run.dir.user_result(user_id, method)
+    result = read_json(path) if path.exists() else None
+    return None if result is None or "error" in result else result
+
+
+def unit_failure(run: Run, user_id: str, method: str) -> dict | None:
+    path = run.dir.user_failure(user_id, method)
+    return read_json(path) if path.exists() else None
+
+
+def record_failure(run: Run, user_id: str, method: str, error: str, kind: str) -> None:
+    """Write the unit's failure record beside where its result would be, counting the attempt; `kind` is one of
+    `report.FAILURE_KINDS`."""
+    before = unit_failure(run, user_id, method)
+    write_json(run.dir.user_failure(user_id, method),
+               {"user_id": user_id, "method": method, "kind": kind, "error": error,
+                "attempts": (before["attempts"] if before else 0) + 1,
+                "time": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+
+
+def record_result(run: Run, user_id: str, method: str, result: dict) -> None:
+    write_json(run.dir.user_result(user_id, method), result)
+    run.dir.user_failure(user_id, method).unlink(missing_ok=True)
+
+
+def stage3_todo(run: Run) -> dict[str, list[str]]:
+    """user id -> the methods without a result whose unit has failed fewer than MAX_ATTEMPTS times."""
+    todo: dict[str, list[str]] = {}
+    for u in run.test_users:
+        for m in run.methods:
+            if unit_result(run, u.user_id, m) is not None:
+                continue
+            failed = unit_failure(run, u.user_id, m)
+            if failed and failed["attempts"] >= MAX_ATTEMPTS:
+                log(f"user {u.user_id}, {m}: not retried, failed {failed['attempts']} times (last: {failed['error']}); "
+                    f"delete {run.dir.user_failure(u.user_id, m)} to try again")
+                continue
+            todo.setdefault(u.user_id, []).append(m)
+    return todo
+
+
 def stage3_run(run: Run) -> None:
-    """Every missing (user, method) result, unit of methods by unit: for `group_size` users at once with the
-    batched engine (`run_group`), for one user at a time otherwise (`run_unit`). Each result is written as
-    soon as its group ends."""
-    todo = {u.user_id: [m for m in run.methods if not run.dir.user_result(u.user_id, m).exists()]
-            for u in run.test_users}
-    todo = {u: ms for u, ms in todo.items() if ms}
+    """Every (user, method) unit without a result, unit of methods by unit: for `group_size` users at once with
+    the batched engine (`run_group`), for one user at a time otherwise (`run_unit`). Each result is written as
+    soon as its group ends; a failure is recorded apart (`record_failure`) and retried by the next run, up to
+    MAX_ATTEMPTS tries."""
+    todo = stage3_todo(run)
     if not todo:
         return
     p = run.profile
@@ -277,30 +338,39 @@ def stage3_run(run: Run) -> None:
         log(f"{job.name}: {error}")
         for uid in job.ids:
             for m in job.methods:
-                write_json(run.dir.user_result(uid, m), {"error": error})
+                record_failure(run, uid, m, error, "crash")
 
 
 def stage3_group(run: Run, user_ids: Sequence[str], unit: Sequence, cache: dict) -> None:
     """Run one unit of methods for a group of users and write each (user, method) result: together on the
-    batched engine (`run_group`), one user alone otherwise (`run_unit`)."""
-    if "bank" not in cache:  # once per process: the driver's, or a Ray worker's
-        cache["matches"] = read_json(run.dir.matches) if run.dir.matches.exists() else {}
-        cache["bank"], _ = load_bank(run)
-        cache["bank"].update(load_population_loras(run, [get(m) for m in run.methods]))  # `method_setup` reads both
-        cache["baselines"] = load_baselines(run)
-    matches, bank, baselines = cache["matches"], cache["bank"], cache["baselines"]
-    by_id = {u.user_id: u for u in run.test_users}
-    group = [by_id[uid] for uid in user_ids]
-    if run.profile.engine == "sequential":
-        results = {group[0].user_id: run_unit(run.engine, group[0], unit, matches.get(group[0].user_id), bank,
-                                              run.seed, baselines)}
-    else:
-        results = run_group(run.engine, group, unit, matches, bank, run.seed, baselines)
+    batched engine (`run_group`), one user alone otherwise (`run_unit`). A user's InputError is recorded as its
+    units' failure; any other exception is recorded as a crash of every unit of the group, then raised."""
+    try:
+        if "bank" not in cache:  # once per process: the driver's, or a Ray worker's
+            cache["matches"] = read_json(run.dir.matches) if run.dir.matches.exists() else {}
+            cache["bank"], _ = load_bank(run)
+            cache["bank"].update(load_population_loras(run, [get(m) for m in run.methods]))  # `method_setup`: both
+            cache["baselines"] = load_baselines(run)
+        matches, bank, baselines = cache["matches"], cache["bank"], cache["baselines"]
+        by_id = {u.user_id: u for u in run.test_users}
+        group = [by_id[uid] for uid in user_ids]
+        if run.profile.engine == "sequential":
+            results = {group[0].user_id: run_unit(run.engine, group[0], unit, matches.get(group[0].user_id), bank,
+                                                  run.seed, baselines)}
+        else:
+            results = run_group(run.engine, group, unit, matches, bank, run.seed, baselines)
+    except Exception as e:
+        for uid in user_ids:
+            for m in unit:
+                record_failure(run, uid, m.name, f"{type(e).__name__}: {e}", "crash")
+        raise
     for uid, rows in results.items():
         for m, result in rows.items():
             if "error" in result:
                 log(f"user {uid}, {m}: {result['error']}")
-            write_json(run.dir.user_result(uid, m), result)
+                record_failure(run, uid, m, result["error"], "input")
+            else:
+                record_result(run, uid, m, result)
 
 
 def run_job(run: Run, job: Job, cache: dict) -> None:
@@ -311,23 +381,39 @@ def run_job(run: Run, job: Job, cache: dict) -> None:
         stage3_group(run, job.ids, [get(m) for m in job.methods], cache)
 
 
-def collect(run: Run) -> dict:
+def collect(run: Run) -> dict[str, dict[str, dict]]:
+    """method -> user id -> result, over the run's test users that have one (`missing` says why the rest lack it)."""
     rows: dict[str, dict[str, dict]] = {m: {} for m in run.methods}
     for user in run.test_users:
         for m in run.methods:
-            path = run.dir.user_result(user.user_id, m)
-            if path.exists():
-                rows[m][user.user_id] = read_json(path)
-    for uid, err in run.load_errors.items():
-        for m in run.methods:
-            rows[m][uid] = {"error": err}
+            result = unit_result(run, user.user_id, m)
+            if result is not None:
+                rows[m][user.user_id] = result
     return rows
 
 
+def missing(run: Run, rows: dict[str, dict[str, dict]]) -> dict[str, dict[str, dict]]:
+    """method -> user id -> why that test user has no result: its unit failed (the failure record, and whether the
+    next run retries it), it has not run yet, or the user could not be loaded (for every method)."""
+    out: dict[str, dict[str, dict]] = {m: {} for m in run.methods}
+    for user in run.test_users:
+        for m in [m for m in run.methods if user.user_id not in rows[m]]:
+            failed = unit_failure(run, user.user_id, m)
+            out[m][user.user_id] = {"reason": "not run"} if failed is None else {
+                "reason": "failed", **{k: failed[k] for k in ("kind", "error", "attempts", "time")},
+                "max_attempts": MAX_ATTEMPTS,
+                "record": run.dir.user_failure(user.user_id, m).relative_to(run.dir.root).as_posix()}
+    for uid, err in run.load_errors.items():
+        for m in run.methods:
+            out[m][uid] = {"reason": "not loaded", "kind": "input", "error": err}
+    return out
+
+
 def results(run: Run) -> dict:
-    """Every method's per-user results, scores and the run's facts (the content of results.json)."""
+    """Every method's per-user results, scores, the users missing from each method and why, and the run's facts
+    (the content of results.json)."""
     rows = collect(run)
-    latency = [sum(r["seconds"].values()) for r in rows.get("mta", {}).values() if not r.get("error")]
+    latency = [sum(r["seconds"].values()) for r in rows.get("mta", {}).values()]
     anchors = read_json(run.dir.anchors) if run.dir.anchors.exists() else {"anchors": [], "clusters_without_anchor": []}
     meta = {"profile": run.profile.name, "seed": run.seed, "llm": run.profile.llm,
             "notes": [*run.profile.notes, run.profile.describe()], "mta_latency_median_s": report.median(latency),
@@ -335,11 +421,11 @@ def results(run: Run) -> dict:
             "anchor_rules": {a["user_id"]: a.get("rule", "") for a in anchors["anchors"]},
             "clusters_without_anchor": anchors["clusters_without_anchor"],
             "stage_seconds": read_json(run.dir.timings) if run.dir.timings.exists() else {},
-            "method_seconds": {m: round(sum(sum(r["seconds"].values()) for r in rs.values() if not r.get("error")), 1)
+            "method_seconds": {m: round(sum(sum(r["seconds"].values()) for r in rs.values()), 1)
                                for m, rs in rows.items()},
             "bank_missing": [a["user_id"] for a in anchors["anchors"]
                              if not (run.dir.adapter(a["user_id"]) / "adapter_model.safetensors").exists()]}
-    return report.build_results(run.task_spec.name, rows, meta)
+    return report.build_results(run.task_spec.name, rows, meta, missing=missing(run, rows))
 
 
 def write_results(run: Run) -> dict:

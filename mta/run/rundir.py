@@ -2,12 +2,12 @@
 
     runs/<task>/<profile>-seed<k>/
       config.json
-      stage1/user_vectors.npy  anchors.json
+      stage1/user_vectors.npy  anchors.json  vectors/<first>-<last>.npy (a chunk of stage 1a)
       bank/<anchor_id>/adapter_model.safetensors  adapter_config.json  train_log.json
       stage2/matches.json
       perpcs/task_lora/  perpcs/sharers/<anchor_id>/  perpcs/gates/<anchor_id>.safetensors
       proper/population_lora/  proper/group/mixture.safetensors  users.json  train_log.json
-      users/<user_id>/<method>.json
+      users/<user_id>/<method>.json  <method>.error.json (a failed unit: retried by the next run)
       results.json  results.md
       sweeps/<what>/<point>/...           (a sweep point: a run of its own, sharing what it can)
 
@@ -107,6 +107,10 @@ class RunDir:
     def anchors(self) -> Path:
         return self.stage1 / "anchors.json"
 
+    def stage1_chunk(self, first: int, last: int) -> Path:
+        """Stage 1a's user vectors of candidates [first, last), saved as their chunk finishes."""
+        return self.stage1 / "vectors" / f"{first:07d}-{last:07d}.npy"
+
     def adapter(self, anchor_id: str) -> Path:
         return self.artifacts / "bank" / id_folder(anchor_id)
 
@@ -116,6 +120,10 @@ class RunDir:
 
     def user_result(self, user_id: str, method: str) -> Path:
         return self.root / "users" / id_folder(user_id) / f"{method}.json"
+
+    def user_failure(self, user_id: str, method: str) -> Path:
+        """A (user, method) unit's failure record (its error, kind, time and attempts), never its result."""
+        return self.root / "users" / id_folder(user_id) / f"{method}.error.json"
 
     def results_json(self, n_users: int | None = None) -> Path:
         """`results.json` for every test user; a run on the first N users writes `results-N-users.json`

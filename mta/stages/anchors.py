@@ -1,29 +1,89 @@
 """Stage 1a: per-item embeddings, user vector = their mean (Eq. 2), K-Means into V clusters, and the most
-active eligible user of each cluster as its anchor (Eq. 3)."""
+active eligible user of each cluster as its anchor (Eq. 3). The user vectors are made in chunks of
+consecutive candidates, each saved as it finishes, so no more than one chunk's item embeddings exist at once
+and a killed stage 1a resumes at the first missing chunk."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from mta.data.lamp import TaskSpec, User, cluster_texts
+from mta.files import write_npy
 from mta.models.encoders import Encoder, user_item_embeddings
+from mta.seeding import derive_seed, seeded_subset
 from mta.stages.kmeans import kmeans
+
+# Items embedded per chunk: 18-26 s of all-MiniLM-L6-v2 on 2 cores, 6 MB of its item vectors (17 MB of
+# deberta-v3-large's); the 3,475 items of the LaMP-4 dev candidates fit one chunk (docs/defaults/candidate-pool.md).
+CHUNK_ITEMS = 4096
+
+
+def candidate_pool(candidates: Sequence[User], limit: int | None, seed: int) -> list[User]:
+    """The candidates stage 1a clusters: all, or a seeded sample of `limit` of them in their file order."""
+    return seeded_subset(candidates, limit, derive_seed(seed, "stage1a", "candidates"))
+
+
+def embedded_items(user: User, task: TaskSpec, text: str, limit: int | None, seed: int) -> list[str]:
+    """The texts of `user`'s items that Eq. 2 averages: all, or a seeded sample of `limit` (drawn per user)."""
+    return seeded_subset(cluster_texts(task, user.history, text), limit,
+                         derive_seed(seed, "stage1a", "items", user.user_id))
+
+
+def chunk_bounds(sizes: Sequence[int], chunk_items: int = CHUNK_ITEMS) -> list[tuple[int, int]]:
+    """[first, last) ranges of consecutive candidates of at most `chunk_items` items each (a candidate with more
+    alone), fixed by the candidates' order and sizes only."""
+    bounds, first, total = [], 0, 0
+    for i, n in enumerate(sizes):
+        if i > first and total + n > chunk_items:
+            bounds.append((first, i))
+            first, total = i, 0
+        total += n
+    return bounds + [(first, len(sizes))] if sizes else bounds
+
+
+def user_vectors(
+    texts: Sequence[Sequence[str]], encoder: Encoder, chunk_path: Callable[[int, int], Path] | None = None,
+    batch_size: int = 32, progress: bool = True, normalize: bool = False, chunk_items: int = CHUNK_ITEMS,
+) -> np.ndarray:
+    """Eq. 2 for every user (`mta.models.encoders.user_item_embeddings`) chunk by chunk (`chunk_bounds`) -> (U, D).
+    With `chunk_path`, chunk [first, last) is saved to `chunk_path(first, last)` when it finishes and read from
+    there when it exists."""
+    parts = []
+    with tqdm(total=sum(map(len, texts)), desc="stage 1a items", unit="item", disable=not progress) as bar:
+        for first, last in chunk_bounds([len(t) for t in texts], chunk_items):
+            path = chunk_path(first, last) if chunk_path else None
+            if path is not None and path.exists():
+                part = np.load(path)
+            else:
+                part = user_item_embeddings(encoder, texts[first:last], batch_size, False, normalize)
+                if path is not None:
+                    write_npy(path, part)
+            parts.append(part)
+            bar.update(sum(len(t) for t in texts[first:last]))
+    return np.concatenate(parts)
 
 
 def select_anchors(
     candidates: Sequence[User], task: TaskSpec, encoder: Encoder, n_anchors: int, min_items: int, seed: int,
     batch_size: int = 32, progress: bool = True, empty_cluster: str = "most_active", text: str = "authors_code",
-    item_norm: bool = False, kmeans_n_init: int = 1,
+    item_norm: bool = False, kmeans_n_init: int = 1, max_candidates: int | None = None,
+    max_items: int | None = None, chunk_path: Callable[[int, int], Path] | None = None,
+    chunk_items: int = CHUNK_ITEMS,
 ) -> tuple[np.ndarray, dict]:
-    """(user vectors (U, D), anchors document). A user's vector is Eq. 2 over its items shown as `text` says
-    (`mta.data.lamp.cluster_texts`), their embeddings L2-normalised first with `item_norm`. The anchor of a
+    """(user vectors (U, D), anchors document). The candidates are `candidate_pool`'s (at most `max_candidates`),
+    in order. A user's vector is Eq. 2 over its items shown as `text` says (`mta.data.lamp.cluster_texts`; at
+    most `max_items` of them, `embedded_items`), their embeddings L2-normalised first with `item_norm`, made and
+    saved chunk by chunk (`user_vectors`: `chunk_path`, `chunk_items`). The anchor of a
     cluster is its most active member with at least `min_items` items (the authors' code); in a cluster
     without one, its most active member (Eq. 3 as the paper states it), or none with `empty_cluster="none"`.
     Each anchor records the rule that chose it. Ties in activity go to the smallest user id."""
-    texts = [cluster_texts(task, u.history, text) for u in candidates]
-    vectors = user_item_embeddings(encoder, texts, batch_size, progress, normalize=item_norm)  # (U, D)
+    candidates = candidate_pool(candidates, max_candidates, seed)
+    texts = [embedded_items(u, task, text, max_items, seed) for u in candidates]
+    vectors = user_vectors(texts, encoder, chunk_path, batch_size, progress, item_norm, chunk_items)  # (U, D)
     result = kmeans(vectors, n_anchors, n_init=kmeans_n_init, max_iter=3000, seed=seed)  # select_anchor.py:105
     anchors, empty = [], []
     for c in range(n_anchors):
@@ -39,6 +99,7 @@ def select_anchors(
         anchor = min(eligible, key=lambda u: (-len(u.history), u.user_id))
         anchors.append({"cluster": c, "user_id": anchor.user_id, "n_items": len(anchor.history), "rule": rule,
                         "cluster_size": len(members), "members": [u.user_id for u in members]})
-    doc = {"n_clusters": n_anchors, "min_items": min_items, "seed": seed, "inertia": result.inertia,
+    doc = {"n_clusters": n_anchors, "min_items": min_items, "seed": seed, "n_candidates": len(candidates),
+           "max_candidates": max_candidates, "max_items_embedded": max_items, "inertia": result.inertia,
            "anchors": anchors, "clusters_without_anchor": empty}
     return vectors, doc

@@ -49,7 +49,8 @@ def method_setup(engine: Engine, user: User, method: Method, match: dict | None,
     adapters, weights = [], []
     if method.anchors != "none":
         if match is None:
-            raise InputError(f"user {user.user_id}: no stage-2 match (rerun tools/match_anchors.py)")
+            raise InputError(f"user {user.user_id}: no stage-2 match (stage2/matches.json); rerun the same "
+                             f"`make reproduce` (`mta reproduce`) command, whose stage 2 adds the users it lacks")
         anchors, weights = fused_anchors(match, p, method.anchors, unit_seed)
         missing = [a for a in anchors if a not in bank]
         if missing:
