@@ -11,6 +11,7 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -471,6 +472,6 @@ def resolve_profile(name: str = "auto") -> Profile:
         name = "paper" if torch.cuda.is_available() else "cpu"
     if name in PROFILES:
         return PROFILES[name]
-    if name.endswith(".json"):
-        return profile_from_dict(read_json(name), name)
+    if name.endswith(".json"):  # without a `name`, the file's: its runs get a directory of their own
+        return profile_from_dict({"name": Path(name).stem, **read_json(name)}, name)
     raise ValueError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}, 'auto' or a .json file")

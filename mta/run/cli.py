@@ -84,9 +84,18 @@ def run_from_args(args: argparse.Namespace, seed: int | None = None) -> Run:
         profile = profile.replace(name="+".join([profile.name, *args.set]))
     return Run(task=args.task, profile=profile, lamp_dir=args.lamp_dir or default_lamp_dir(), runs=args.runs,
                seed=seeds_from_args(args)[0] if seed is None else seed,
-               n_users=None if args.users == "all" else int(args.users),
+               n_users=users_from_args(args.users),
                methods=methods.parse(args.methods), progress=not args.no_progress,
                executor=Executor(args.executor, workers=args.workers, threads=args.worker_threads))
+
+
+def users_from_args(text: str) -> int | None:
+    """`--users`: 'all' (None) or a positive number of test users."""
+    if text == "all":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"--users must be 'all' or a positive integer; got {text!r}")
+    return int(text)
 
 
 def main(description: str, stage, argv: list[str] | None = None, add_args=None, across_seeds=None,

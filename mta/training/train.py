@@ -52,6 +52,13 @@ class TrainConfig:
             raise ValueError("TrainConfig.batch_size, grad_accum and epochs must be >= 1")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"TrainConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"TrainConfig.lr must be finite and positive, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"TrainConfig.weight_decay must be finite and at least 0, got {self.weight_decay}")
+        if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise ValueError(f"TrainConfig.max_grad_norm must be finite and positive or None (no clipping), "
+                             f"got {self.max_grad_norm}")
         if self.group_by_length and not self.shuffle:
             raise ValueError("TrainConfig.group_by_length draws a random order each epoch; it needs shuffle=True")
 
