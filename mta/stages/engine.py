@@ -126,7 +126,7 @@ class Engine:
         budget, out, cut = self.train_budget(recipe), [], 0
         for prompt, target in pairs:
             fitted = fit_text(self.tok, prompt, budget)
-            cut += fitted is not prompt
+            cut += fitted != prompt
             ids, start = self.tok.chat_example(fitted, target)
             out.append((ids[:start], ids[start:]))
         return Examples(out, cut)
