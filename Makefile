@@ -29,7 +29,7 @@ WORKERS  ?= 2
 WHAT     ?= alpha
 # Optional: EXECUTOR=ray WORKERS=4  METHODS=rag1,mta  SET="n_anchors=8 stack.lr=3e-4"  SEEDS="0 1 2"  POINTS=1,2,4 (a sweep's grid)
 
-.PHONY: install test lock data reproduce sweep bench clean
+.PHONY: install test lock data reproduce plan sweep bench clean
 
 install: $(VENV)/.installed-test
 
@@ -80,6 +80,12 @@ data: $(VENV)/.installed-run
 
 reproduce: $(VENV)/.installed-run
 	$(PY) -m mta reproduce --task $(TASK) --lamp-dir $(LAMP_DIR) --profile $(PROFILE) \
+		--seed "$(SEEDS)" --users $(USERS) --runs $(RUNS) $(if $(METHODS),--methods $(METHODS)) \
+		--executor $(EXECUTOR) --workers $(WORKERS) $(foreach s,$(SET),--set $(s))
+
+# What `make reproduce` with the same variables would do and cost here (a short calibration; trains nothing).
+plan: $(VENV)/.installed-run
+	$(PY) -m mta plan --task $(TASK) --lamp-dir $(LAMP_DIR) --profile $(PROFILE) \
 		--seed "$(SEEDS)" --users $(USERS) --runs $(RUNS) $(if $(METHODS),--methods $(METHODS)) \
 		--executor $(EXECUTOR) --workers $(WORKERS) $(foreach s,$(SET),--set $(s))
 

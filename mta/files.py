@@ -155,3 +155,12 @@ def id_folder(uid: str) -> str:
         head = head[:cut]
     digest = hashlib.sha256(uid.encode("utf-8", "surrogatepass")).hexdigest()
     return f"{head}~{digest[:16]}"
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """The file's sha256, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -7,6 +7,7 @@ resolved profile is written beside the results as `config.json`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -18,7 +19,7 @@ import torch
 from mta.data.lamp import AUTHORS_EVAL, PROMPT_STYLES, STAGE_TEXTS, TASKS, EvalConditions
 from mta.files import read_json
 from mta.ops.merge import MODES as MERGE_MODES
-from mta.peft.lora import LoRAConfig
+from mta.peft.lora import LLAMA_TARGETS, LoRAConfig
 from mta.training.train import TrainConfig
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")  # Per-Pcs's LoRA and PROPER's population LoRA
@@ -60,8 +61,8 @@ def _is_instance(value, hint) -> bool:
         return isinstance(value, tuple) and all(_is_instance(v, args[0]) for v in value)
     if hint is type(None):
         return value is None
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is float:  # a finite number: NaN and infinities are no setting
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, hint) if isinstance(hint, type) else True
@@ -71,6 +72,8 @@ def _type_name(hint) -> str:
     args = typing.get_args(hint)
     if typing.get_origin(hint) is tuple:
         return f"a tuple of {_type_name(args[0])}"
+    if hint is float:
+        return "a finite float"
     if args:
         return " or ".join(_type_name(a) for a in args)
     return "None" if hint is type(None) else getattr(hint, "__name__", str(hint))
@@ -105,8 +108,12 @@ class LoRASpec:
             raise ValueError(f"LoRASpec: max_tokens must be at least 1 or None; got {self.max_tokens}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"LoRASpec: max_steps must be at least 1 or None; got {self.max_steps}")
-        if self.lr <= 0 or not 0 <= self.dropout < 1:
-            raise ValueError(f"LoRASpec: lr must be positive and dropout in [0, 1); got {self.lr}, {self.dropout}")
+        if self.lr <= 0 or self.alpha <= 0 or not 0 <= self.dropout < 1:
+            raise ValueError(f"LoRASpec: lr and alpha must be positive and dropout in [0, 1); got {self.lr}, "
+                             f"{self.alpha}, {self.dropout}")
+        if self.targets != "all" and (not self.targets or not set(self.targets) <= set(LLAMA_TARGETS)):
+            raise ValueError(f"LoRASpec: targets must be 'all' or some of {', '.join(LLAMA_TARGETS)}; "
+                             f"got {self.targets!r}")
         self.lora_config()  # LoRAConfig and TrainConfig check the rest, each in its one place
         self.train_config(seed=0)
 
@@ -340,11 +347,14 @@ class Profile:
 
 
 
-def profile_from_dict(data: dict, source: str = "<profile>") -> Profile:
+def profile_from_dict(data: dict, source: str = "<profile>", files: tuple[str, ...] = ()) -> Profile:
     """A profile from JSON-like data: `base` names the profile it starts from (default `cpu`),
-    every other key replaces a field; the LoRA recipes (`bank`, `oppu`, `stack`, ...) take partial dicts."""
+    every other key replaces a field; the LoRA recipes (`bank`, `oppu`, `stack`, ...) take partial dicts.
+    `files`: the profile files already on the way to this one (a file that is its own base is refused)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: a profile is a JSON object of settings, not {type(data).__name__}")
     data = dict(data)
-    return apply_changes(resolve_profile(data.pop("base", "cpu")), data, source)
+    return apply_changes(resolve_profile(data.pop("base", "cpu"), files), data, source)
 
 
 def apply_changes(base: Profile, data: dict, source: str) -> Profile:
@@ -466,12 +476,18 @@ CPU = PAPER.replace(
 PROFILES = {p.name: p for p in (PAPER, CPU)}
 
 
-def resolve_profile(name: str = "auto") -> Profile:
-    """A profile by name (`auto` picks `paper` on a CUDA machine and `cpu` elsewhere) or a JSON file."""
+def resolve_profile(name: str = "auto", files: tuple[str, ...] = ()) -> Profile:
+    """A profile by name (`auto` picks `paper` on a CUDA machine and `cpu` elsewhere) or a JSON file (`files`:
+    those whose `base` led here)."""
     if name == "auto":
         name = "paper" if torch.cuda.is_available() else "cpu"
     if name in PROFILES:
         return PROFILES[name]
     if name.endswith(".json"):  # without a `name`, the file's: its runs get a directory of their own
-        return profile_from_dict({"name": Path(name).stem, **read_json(name)}, name)
+        path = str(Path(name).resolve())
+        if path in files:
+            raise ValueError(f"{name}: a profile whose base leads back to itself ({' -> '.join([*files, path])})")
+        data = read_json(name)
+        return profile_from_dict({"name": Path(name).stem, **data} if isinstance(data, dict) else data, name,
+                                 (*files, path))
     raise ValueError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}, 'auto' or a .json file")

@@ -38,10 +38,10 @@ def test_training_cap_is_the_recipes_and_the_test_cap_its_own(llm_dir):
     template = len(engine.tok.chat_prompt(""))
     pairs = [(LONG, "Goal."), (SHORT, "Win.")]
     default = engine.tokenize(pairs)
-    assert len(default[0][0]) <= 64 < len(engine.tok.chat_prompt(LONG)) and default.cut == 1
+    assert len(default[0][0]) + len(default[0][1]) <= 64 < len(engine.tok.chat_prompt(LONG)) and default.cut == 1
     assert default[1][0] == engine.tok.chat_prompt(SHORT)  # a short prompt is left whole
     capped = engine.tokenize(pairs, LoRASpec(max_tokens=32))
-    assert len(capped[0][0]) <= 32 and capped.cut == 1
+    assert len(capped[0][0]) + len(capped[0][1]) <= 32 and capped.cut == 1
     roomy = engine.tokenize(pairs, LoRASpec(max_tokens=4096))
     assert roomy[0][0] == engine.tok.chat_prompt(LONG) and roomy.cut == 0
     assert engine.train_budget(None) == 64 - template
@@ -52,6 +52,17 @@ def test_training_cap_is_the_recipes_and_the_test_cap_its_own(llm_dir):
     assert bank.examples(history, seed=0).cut == 3
     # no test cap: nothing is cut at test however long
     assert not engine.prompt_cut(LONG)
+
+
+def test_a_long_target_keeps_half_the_cap_and_the_example_fits(llm_dir):
+    engine = make_engine(llm_dir, max_prompt_tokens=64)
+    whole = engine.tokenize([(SHORT, LONG)], LoRASpec(max_tokens=4096))[0]
+    for prompt in (SHORT, LONG):
+        (ids, target), = engine.tokenize([(prompt, LONG)])
+        assert len(ids) + len(target) <= 64
+        assert target == whole[1][: len(target)] and len(target) >= 32  # its start, at least half the cap
+    (ids, target), = engine.tokenize([(SHORT, LONG)])
+    assert ids == whole[0]  # a short prompt stays whole, the target takes the rest
 
 
 def test_prompt_cut_follows_the_test_cap_and_generate_cuts_the_same_prompts(llm_dir, monkeypatch):

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from mta.data import lamp, lamp_release
+from mta.files import sha256_file
 from mta.run import download
 from mta.run.commands import run_command
 from mta.run.pipeline import Run
@@ -179,7 +180,7 @@ def test_interrupted_download_resumes_with_a_range_request(tmp_path, monkeypatch
         download.main(argv)
         ranges = [r for m, p, r in server.log if m == "GET" and p == TRAIN_QUESTIONS]
         assert ranges == [None, f"bytes={half}-"]  # resumed where it stopped
-        assert lamp_release.sha256(final) == _sha(files[TRAIN_QUESTIONS]) and not part.exists()
+        assert sha256_file(final) == _sha(files[TRAIN_QUESTIONS]) and not part.exists()
         sums = json.loads((out / "raw" / "checksums.json").read_text())
         assert sums["LaMP_4/train_questions.json"]["sha256"] == _sha(files[TRAIN_QUESTIONS])
         assert [u.user_id for u in lamp.load_test_users(out, "lamp4")] == test_ids

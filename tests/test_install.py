@@ -16,7 +16,7 @@ from tests.conftest import N_USERS, RESULTS_MD
 from tests.fixtures import make_bert, make_lamp, make_llm, make_profile
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ("reproduce", "select-anchors", "train-bank", "match-anchors", "train-baselines", "run-experiment",
+COMMANDS = ("reproduce", "plan", "select-anchors", "train-bank", "match-anchors", "train-baselines", "run-experiment",
             "sweep", "download-lamp", "compare-runs")
 
 

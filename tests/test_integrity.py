@@ -121,7 +121,8 @@ def _edit_json(path: Path, change) -> None:
     path.write_text(json.dumps(rows))
 
 
-@pytest.mark.parametrize("case", ["duplicate test user", "duplicate candidate", "test user is a candidate"])
+@pytest.mark.parametrize("case", ["duplicate test user", "duplicate candidate", "test user is a candidate",
+                                  "last test user is a candidate", "one history item", "no test users"])
 def test_duplicate_and_overlapping_ids_fail_before_any_work(tiny_run, tiny_run_inputs, tmp_path, case):
     _, argv, _ = tiny_run
     test_file, cand_file = Path("test_100") / "test_100.json", Path("user_anchor_candidate.json")
@@ -131,18 +132,25 @@ def test_duplicate_and_overlapping_ids_fail_before_any_work(tiny_run, tiny_run_i
             _edit_json(task_dir / test_file, lambda rows: rows.append(dict(rows[0])))
         elif case == "duplicate candidate":
             _edit_json(task_dir / cand_file, lambda rows: rows.append(dict(rows[3])))
+        elif case == "one history item":  # the last user: beyond --users 1, still trained on by PROPER
+            _edit_json(task_dir / test_file, lambda rows: rows[-1].update(profile=rows[-1]["profile"][:1]))
+        elif case == "no test users":
+            (task_dir / test_file).write_text("[]")
         else:
-            user = json.loads((task_dir / test_file).read_text())[0]
+            user = json.loads((task_dir / test_file).read_text())[0 if case == "test user is a candidate" else -1]
             _edit_json(task_dir / cand_file, lambda rows: rows.append({"user_id": user["user_id"],
                                                                        "profile": user["profile"]}))
 
     lamp = _lamp_copy(tiny_run_inputs, tmp_path, edit)
     runs = tmp_path / "runs"
-    expected = {"duplicate test user": (r"test_100\.json.*news_headline-t0.*twice", ),
-                "duplicate candidate": (r"user_anchor_candidate\.json.*news_headline-c3.*twice", ),
-                "test user is a candidate": (r"news_headline-t0.*also a bank candidate", )}[case]
-    with pytest.raises(SystemExit, match=expected[0]):
-        main("test", pipeline.reproduce, with_runs(argv, runs) + ["--lamp-dir", str(lamp)])
+    expected = {"duplicate test user": r"test_100\.json.*news_headline-t0.*repeated",
+                "duplicate candidate": r"user_anchor_candidate\.json.*news_headline-c3.*repeated",
+                "test user is a candidate": r"news_headline-t0.*also a bank candidate",
+                "last test user is a candidate": r"news_headline-t3.*also a bank candidate",
+                "one history item": r"test_100\.json: user news_headline-t3: profile: fewer than 2 items.*proper",
+                "no test users": r"test_100\.json.*no users"}[case]
+    with pytest.raises(SystemExit, match=expected):
+        main("test", pipeline.reproduce, with_runs(argv, runs) + ["--lamp-dir", str(lamp), "--users", "1"])
     assert not runs.exists()
 
 
@@ -216,6 +224,36 @@ def test_a_run_killed_at_every_stage_resumes_to_the_same_results(tiny_run, tiny_
     assert proc.returncode == 0, proc.stderr[-2000:]
     resumed = json.loads((run_dir / RESULTS_JSON).read_text())
     assert comparable(resumed) == comparable(reference)
+    assert not list(run_dir.rglob("*.tmp"))
+
+
+@pytest.mark.slow
+def test_a_run_killed_at_random_moments_resumes_to_the_same_results(tiny_run, tmp_path):
+    """SIGKILL the run at seeded random moments (each kill a fresh process, killed between 0.5 s and 12 s after it
+    starts), up to six times, then let it finish: the results equal the uninterrupted run's."""
+    import random
+
+    import torch
+
+    reference_dir, argv, _ = tiny_run
+    reference = json.loads((reference_dir / RESULTS_JSON).read_text())
+    argv = with_runs(argv, tmp_path / "runs")
+    run_dir = run_dir_of(argv)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    rng = random.Random(31)
+    for _ in range(6):
+        proc = subprocess.Popen(reproduce_cmd(argv), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
+                                env=env)
+        try:
+            proc.wait(timeout=rng.uniform(0.5, 12.0))
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        if (run_dir / RESULTS_JSON).exists():
+            break
+    proc = subprocess.run(reproduce_cmd(argv), capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert comparable(json.loads((run_dir / RESULTS_JSON).read_text())) == comparable(reference)
     assert not list(run_dir.rglob("*.tmp"))
 
 

@@ -350,19 +350,21 @@ def test_load_fixture_layout(tmp_path):
     assert test[0].query == [Query(id="q1", input=QUERIES["product_rating"], gold="4")]
 
 
+Q = [{"id": "q", "input": QUERIES["news_headline"], "gold": "y"}]
+
+
 @pytest.mark.parametrize("test_user,match", [
-    ({"user_id": "bob", "query": [{"id": "q", "input": "x", "gold": "y"}]},
-     "user bob: missing or empty field 'profile'"),
-    ({"user_id": "bob", "profile": [], "query": []}, "user bob: missing or empty field 'profile'"),
-    ({"user_id": "bob", "profile": PROFILES["news_headline"], "query": [{"id": "q", "input": "x"}]},
-     "user bob: query\\[0\\] missing field 'gold'"),
-    ({"user_id": "bob", "profile": PROFILES["news_headline"]}, "user bob: missing or empty field 'query'"),
-    ({"user_id": "bob", "profile": [{"id": "1", "text": "t"}], "query": [{"id": "q", "input": "x", "gold": "y"}]},
-     "user bob: profile\\[0\\] missing field 'title'"),
-    ({"profile": PROFILES["news_headline"]}, "user #0: missing field 'user_id'"),
+    ({"user_id": "bob", "query": Q}, "user bob: profile: missing"),
+    ({"user_id": "bob", "profile": [], "query": Q}, "user bob: profile: empty"),
+    ({"user_id": "bob", "profile": PROFILES["news_headline"], "query": [{"id": "q", "input": Q[0]["input"]}]},
+     "user bob: query\\[0\\].gold: missing"),
+    ({"user_id": "bob", "profile": PROFILES["news_headline"]}, "user bob: query: missing"),
+    ({"user_id": "bob", "profile": [{"id": "1", "text": "t"}], "query": Q},
+     "user bob: profile\\[0\\].title: missing \\(LaMP-4 items need 'text' and 'title'\\)"),
+    ({"profile": PROFILES["news_headline"], "query": Q}, "user #0: user_id: missing"),
     ({"user_id": "bob", "profile": PROFILES["news_headline"], "query": [{"id": "q", "input": "Title this: x",
                                                                           "gold": "y"}]},
-     "user bob: query\\[0\\] field 'input': not a LaMP-4 question"),
+     "user bob: query\\[0\\].input: not a LaMP-4 question"),
 ])
 def test_bad_input_names_file_user_and_field(tmp_path, test_user, match):
     _write_layout(tmp_path, "news_headline", [], [test_user])
@@ -375,7 +377,7 @@ def test_missing_file_and_wrong_task_fields(tmp_path):
     with pytest.raises(LampDataError, match=r"user_anchor_candidate\.json: file not found"):
         lamp.load_candidates(tmp_path, "lamp4")
     _write_layout(tmp_path, "movie_tagging", [{"user_id": "u", "profile": PROFILES["news_headline"]}], [])
-    with pytest.raises(LampDataError, match="user u: profile\\[0\\] missing field 'description'"):
+    with pytest.raises(LampDataError, match=r"user u: profile\[0\]\.description: missing"):
         lamp.load_candidates(tmp_path, "movie_tagging")
     with pytest.raises(LampDataError, match="unknown LaMP task"):
         lamp.load_candidates(tmp_path, "movies")

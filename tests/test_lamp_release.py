@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -317,7 +318,7 @@ def test_lamp1_release_items_lack_citation(tmp_path):
         lamp_release.convert("citation", raw, out, n_test=3)
     msg = str(err.value)
     assert (
-        "train_questions.json: question id 10000: profile[0] missing field 'citation'"
+        "train_questions.json: 12 problems:\n  user 10000: profile[0].citation: missing"
         in msg
     )
     assert "citation_from='abstract'" in msg
@@ -439,7 +440,7 @@ def test_profile_item_missing_field_names_file_id_and_field(tmp_path, task):
     msg = _convert_fails(tmp_path, raw, task)
     missing = spec.label_field if task != "citation" else "title"
     assert (
-        f"{_qpath(raw, task)}: question id {qid}: profile[3] missing field {missing!r}"
+        f"{_qpath(raw, task)}: question id {qid}: profile[3].{missing}: missing"
         in msg
     )
 
@@ -492,7 +493,7 @@ def test_malformed_outputs_json_names_file_id_and_field(tmp_path):
         ),
         (
             lambda q, o: q[0].update(input="Rate this: fine"),
-            "dev_questions.json: question id 30001: query\\[0\\] field 'input': "
+            "dev_questions.json: question id 30001: query\\[0\\].input: "
             "not a LaMP-3 question",
         ),
         (
@@ -681,6 +682,53 @@ def test_outputs_are_written_together_or_not_at_all(tmp_path):
     assert _files(out) == []
 
 
+def test_write_layout_streams_ascii_json_without_a_second_copy(tmp_path):
+    # LaMP-3's candidates file is GBs: writing it must not build its text in memory,
+    # and a file of ASCII decodes to one byte a character in the run's loader
+    raw = write_release(tmp_path, "lamp3", n_users=40, n_items=60)
+    split = lamp_release.split_users(
+        lamp_release.read_release("lamp3", raw), "lamp3", n_test=3
+    )
+    split.candidates[0]["profile"][0]["text"] += " it\u2019s"
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        cand_path, _ = lamp_release.write_layout(
+            tmp_path / "lamp", "lamp3", split.candidates, split.test
+        )
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert peak < cand_path.stat().st_size / 4
+    assert cand_path.read_bytes().isascii()
+    first = lamp.load_candidates(tmp_path / "lamp", "lamp3")[0].history[0]["text"]
+    assert first.endswith(" it\u2019s")
+
+
+def test_synthetic_official_lamp3_has_table_3s_lengths_and_converts(tmp_path, capsys):
+    path = Path(__file__).resolve().parents[1] / "tools" / "make_synthetic_official.py"
+    spec = importlib.util.spec_from_file_location("make_synthetic_official", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    args = ["--users", "40", "--test-eligible", "3"]  # and 40 / 8 dev users
+    for out in ("a", "b"):
+        tool.main([*args, "--review-chars", "120", "--out", str(tmp_path / out)])
+    summary = json.loads(capsys.readouterr().out.splitlines()[0])
+    users = lamp_release.read_release("lamp3", tmp_path / "a")
+    lengths = [len(u["profile"]) for u in users]
+    assert len(users) == 45 and (min(lengths), max(lengths)) == (97, 1021)
+    assert abs(sum(lengths) / len(lengths) - 202.52) < 0.05
+    assert lengths.count(100) >= 3 and 100 < summary["mean_review_chars"] < 140
+    assert len(json.loads(_qpath(tmp_path / "a", "lamp3", "dev").read_text())) == 5
+    for split in ("train", "dev"):
+        assert (
+            _qpath(tmp_path / "a", "lamp3", split).read_bytes()
+            == _qpath(tmp_path / "b", "lamp3", split).read_bytes()
+        )
+    done = lamp_release.convert("lamp3", tmp_path / "a", tmp_path / "lamp", n_test=3)
+    assert (done.n_candidates, done.n_test) == (42, 3)
+
+
 # ---------------------------------------------------------------------------------- CLI
 
 
@@ -742,7 +790,7 @@ def test_cli_lamp1_needs_an_explicit_citation_source(tmp_path):
     with pytest.raises(SystemExit, match="citation: official LaMP-1 profile items"):
         tool.main(base)
     assert _files(out) == []
-    with pytest.raises(LampDataError, match="missing field 'citation'"):
+    with pytest.raises(LampDataError, match=r"profile\[0\]\.citation: missing"):
         tool.main([*base, "--lamp1-citation-from", "keep"])
     tool.main([*base, "--lamp1-citation-from", "abstract"])
     assert len(lamp.load_test_users(out, "lamp1")) == 3

@@ -168,7 +168,8 @@ def test_the_oppu_row_selects_earlier_only_examples_through_its_recipe(llm_dir):
 def test_the_task_lora_is_built_once_in_stage_1c_and_reused(llm_dir, tmp_path, monkeypatch):
     eng = make_engine(llm_dir, population_items=3)
     run = SimpleNamespace(profile=eng.profile, seed=0, progress=False, engine=eng, artifacts=tmp_path,
-                          candidates=[user(f"c{i}", 4) for i in range(5)])
+                          candidates=[user(f"c{i}", 4) for i in range(5)],
+                          population_inputs=lambda artifact: {"artifact": artifact})
     calls = []
     real = procedure.train_adapter
 

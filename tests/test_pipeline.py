@@ -129,20 +129,28 @@ def test_run_directory_keeps_its_profile(tiny_run):
         changed = json.loads(original)
         changed["profile"]["stack"]["lr"] = 0.5
         config.write_text(json.dumps(changed))
-        with pytest.raises(SystemExit, match="made with another profile"):
+        with pytest.raises(SystemExit, match=r"made with other inputs .*profile fields stack"):
             main("test", lambda run: None, argv)
     finally:
         config.write_text(original)
 
 
-def test_bad_user_and_missing_adapter_are_recorded(tiny_run, tmp_path):
-    run_dir, argv, _ = tiny_run
+def test_a_bad_test_user_stops_the_run_before_any_work(tiny_run, tmp_path):
+    _, argv, _ = tiny_run
     lamp = tmp_path / "lamp"
     shutil.copytree(argv[argv.index("--lamp-dir") + 1], lamp)
     test_file = lamp / "news_headline" / "test_100" / "test_100.json"
-    users = json.loads(test_file.read_text())[:N_USERS]
-    users[0]["profile"] = []
+    users = json.loads(test_file.read_text())
+    users[2]["profile"] = []  # never skipped, whichever --users asks for
     test_file.write_text(json.dumps(users))
+    runs = tmp_path / "runs"
+    with pytest.raises(SystemExit, match=f"{test_file}.*{users[2]['user_id']}.*profile"):
+        main("test", pipeline.reproduce, argv + ["--lamp-dir", str(lamp), "--runs", str(runs), "--users", "1"])
+    assert not runs.exists()
+
+
+def test_a_missing_adapter_is_recorded_in_each_unit_that_needs_it(tiny_run, tmp_path):
+    run_dir, argv, _ = tiny_run
     runs = tmp_path / "runs"
     copy = runs / "news_headline" / "tiny-seed0"
     shutil.copytree(run_dir, copy)
@@ -151,15 +159,13 @@ def test_bad_user_and_missing_adapter_are_recorded(tiny_run, tmp_path):
     anchor = json.loads((copy / "stage1" / "anchors.json").read_text())["anchors"][0]["user_id"]
     shutil.rmtree(copy / "bank" / anchor)
     (copy / "bank" / anchor).mkdir()  # present but empty: the bank is missing this adapter
-    bad_argv = argv + ["--lamp-dir", str(lamp), "--runs", str(runs), "--methods", "rag1,merged_only"]
-    result = main("test", pipeline.run_and_report, bad_argv)
+    result = main("test", pipeline.run_and_report, argv + ["--runs", str(runs), "--methods", "rag1,merged_only"])
     failures = result["failures"]
-    assert "profile" in failures["rag1"][users[0]["user_id"]]
-    ok_user = users[1]["user_id"]
-    assert ok_user not in failures["rag1"]
-    sims = json.loads((copy / "stage2" / "matches.json").read_text())[ok_user]["similarities"]
-    uses_missing = anchor in sorted(sims, key=lambda a: -sims[a])[:2]
-    assert (anchor in failures["merged_only"].get(ok_user, "")) == uses_missing
+    assert not failures["rag1"]
+    for user, rows in json.loads((copy / "stage2" / "matches.json").read_text()).items():
+        sims = rows["similarities"]
+        uses_missing = anchor in sorted(sims, key=lambda a: -sims[a])[:2]
+        assert (anchor in failures["merged_only"].get(user, "")) == uses_missing
     assert result["meta"]["bank_missing"] == [anchor]
 
 

@@ -42,3 +42,36 @@ def test_a_profile_file_without_a_name_takes_its_file_name(tmp_path):
     assert (profile.name, profile.n_anchors) == ("small-bank", 8)
     path.write_text(json.dumps({"base": "cpu", "name": "mine"}))
     assert resolve_profile(str(path)).name == "mine"
+
+
+@pytest.mark.parametrize("field, value", [("perpcs_tau", math.nan), ("fixed_alpha", math.inf),
+                                          ("perpcs_tau", -math.inf)])
+def test_a_non_finite_number_anywhere_in_a_profile_is_refused(field, value):
+    with pytest.raises(ValueError, match=f"{field} must be a finite float"):
+        resolve_profile("cpu").replace(**{field: value})
+
+
+@pytest.mark.parametrize("changes, field", [({"alpha": math.nan}, "alpha"), ({"alpha": 0.0}, "alpha"),
+                                            ({"targets": ("q_proj", "qproj")}, "targets"),
+                                            ({"targets": ()}, "targets")])
+def test_a_lora_recipe_that_would_train_nothing_is_refused(changes, field):
+    with pytest.raises(ValueError, match=field):
+        LoRASpec(**changes)
+
+
+def test_a_profile_file_with_nan_fails_when_read(tmp_path):
+    path = tmp_path / "mine.json"
+    path.write_text('{"base": "cpu", "stack": {"lr": NaN}}')
+    with pytest.raises(ValueError, match="lr"):
+        resolve_profile(str(path))
+
+
+def test_a_profile_file_that_is_its_own_base_or_not_an_object_fails_in_one_line(tmp_path):
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps({"base": str(second)}))
+    second.write_text(json.dumps({"base": str(first)}))
+    with pytest.raises(ValueError, match="leads back to itself"):
+        resolve_profile(str(first))
+    first.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="a JSON object of settings"):
+        resolve_profile(str(first))

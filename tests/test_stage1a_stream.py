@@ -15,6 +15,7 @@ from mta.profiles import CPU, PAPER, profile_from_dict, resolve_profile
 from mta.run import pipeline
 from mta.stages import anchors
 from mta.stages.anchors import candidate_pool, chunk_bounds, embedded_items, select_anchors, user_vectors
+from mta.stamps import load_tensors
 from tests.fixtures import make_bert, make_lamp, make_profile
 
 TASK = get_task("news_headline")
@@ -65,18 +66,22 @@ def test_chunked_vectors_equal_one_call(encoder):
 def test_a_killed_stage_1a_resumes_at_its_first_missing_chunk(encoder, tmp_path):
     users = pool()
     expected = select_anchors(users, TASK, encoder, 3, 2, seed=0, progress=False, chunk_items=8,
-                              chunk_path=lambda a, b: tmp_path / "plain" / f"{a}-{b}.npy")
+                              chunks=lambda a, b: (tmp_path / "plain" / f"{a}-{b}.safetensors", {"chunk": [a, b]}))
     n_chunks = len(list((tmp_path / "plain").iterdir()))
-    chunk_path = lambda a, b: tmp_path / "killed" / f"{a}-{b}.npy"  # noqa: E731
+    chunks = lambda a, b: (tmp_path / "killed" / f"{a}-{b}.safetensors", {"chunk": [a, b]})  # noqa: E731
     with pytest.raises(KeyboardInterrupt):
         select_anchors(users, TASK, Recording(encoder, fail_at=3), 3, 2, seed=0, progress=False, chunk_items=8,
-                       chunk_path=chunk_path)
+                       chunks=chunks)
     assert len(list((tmp_path / "killed").iterdir())) == 3  # chunks 0..2 finished and saved, nothing else
     rec = Recording(encoder)
-    vectors, doc = select_anchors(users, TASK, rec, 3, 2, seed=0, progress=False, chunk_items=8, chunk_path=chunk_path)
+    vectors, doc = select_anchors(users, TASK, rec, 3, 2, seed=0, progress=False, chunk_items=8, chunks=chunks)
     assert len(rec.sizes) == n_chunks - 3  # the saved chunks are read, not embedded again
     np.testing.assert_array_equal(vectors, expected[0])
     assert doc == expected[1]
+    rec = Recording(encoder)  # a chunk recorded as made from other inputs is embedded again
+    select_anchors(users, TASK, rec, 3, 2, seed=0, progress=False, chunk_items=8,
+                   chunks=lambda a, b: (chunks(a, b)[0], {"chunk": [a, b], "seed": 1}))
+    assert len(rec.sizes) == n_chunks
 
 
 def test_the_pool_cap_is_a_seeded_sample_in_file_order_and_a_no_op_on_a_smaller_pool():
@@ -125,8 +130,9 @@ def test_stage1_select_saves_chunks_in_the_run_directory_and_applies_the_profile
     run = pipeline.Run("news_headline", resolve_profile(str(profile)), lamp, runs=tmp_path / "runs", progress=False)
     doc = pipeline.stage1_select(run)
     assert doc["n_candidates"] == 8 and json.loads(run.dir.anchors.read_text()) == doc
-    assert [c.name for c in (run.dir.stage1 / "vectors").iterdir()] == ["0000000-0000008.npy"]
-    np.testing.assert_array_equal(np.load(run.dir.stage1_chunk(0, 8)), np.load(run.dir.stage1 / "user_vectors.npy"))
+    assert [c.name for c in (run.dir.stage1 / "vectors").iterdir()] == ["0000000-0000008.safetensors"]
+    np.testing.assert_array_equal(load_tensors(run.dir.stage1_chunk(0, 8))[0]["vectors"].numpy(),
+                                  np.load(run.dir.stage1 / "user_vectors.npy"))
     run.dir.anchors.unlink()  # killed after the last chunk: nothing is embedded again
     monkeypatch.setattr(anchors, "user_item_embeddings", lambda *a: pytest.fail("embedded again"))
     assert pipeline.stage1_select(run) == doc

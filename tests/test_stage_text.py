@@ -186,6 +186,7 @@ def test_profiles_follow_the_authors_and_the_pipeline_passes_the_settings(tmp_pa
     cands = users("news_headline", 4)
     run = SimpleNamespace(dir=RunDir(tmp_path), candidates=cands, test_users=users("news_headline", 2, "t"),
                           task_spec=get_task("news_headline"), seed=0, progress=False,
+                          data_sha256={"candidates": "c", "test_users": "t"},
                           profile=CPU.replace(n_anchors=2, min_anchor_items=1, stage1_text="ours", item_norm=True,
                                               stage2_text="ours"))
     matches = pipeline.stage2_match_anchors(run)

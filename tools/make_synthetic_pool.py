@@ -27,15 +27,19 @@ MIN_ITEMS, MAX_ITEMS, MEAN_ITEMS = 7, 945, 31.2  # Table 3, LaMP-4
 OFFICIAL_USERS = 12_527 + 1_925  # LaMP-4 user-based train and dev questions
 
 
-def history_lengths(n: int, sigma: float, rng: np.random.Generator) -> np.ndarray:
-    """`n` lengths in [MIN_ITEMS, MAX_ITEMS] with mean MEAN_ITEMS (to within 0.05), one at each bound."""
+def history_lengths(n: int, sigma: float, rng: np.random.Generator, table3: tuple[int, int, float] = (
+        MIN_ITEMS, MAX_ITEMS, MEAN_ITEMS), pinned: tuple[int, ...] = ()) -> np.ndarray:
+    """`n` lengths in Table 3's [min, max] with its mean (to within 0.05 where `n` allows), one at each bound and
+    one at each of `pinned`, the others a clipped lognormal of log-spread `sigma`; shuffled."""
+    low, high, mean = table3
+    fixed = (low, high, *pinned)
     z = rng.standard_normal(n)
-    lo, hi = 0.0, np.log(MAX_ITEMS)
+    lo, hi = 0.0, np.log(high)
     for _ in range(60):  # bisect the log-median: the clipped mean grows with it
         mu = (lo + hi) / 2
-        lengths = np.clip(np.rint(np.exp(mu + sigma * z)), MIN_ITEMS, MAX_ITEMS).astype(int)
-        lengths[:2] = MIN_ITEMS, MAX_ITEMS
-        lo, hi = (mu, hi) if lengths.mean() < MEAN_ITEMS else (lo, mu)
+        lengths = np.clip(np.rint(np.exp(mu + sigma * z)), low, high).astype(int)
+        lengths[:len(fixed)] = fixed
+        lo, hi = (mu, hi) if lengths.mean() < mean else (lo, mu)
     return rng.permutation(lengths)
 
 

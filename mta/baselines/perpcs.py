@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -39,6 +38,7 @@ from mta.seeding import derive_seed, seeded_subset
 from mta.stages.bank import train_adapter
 from mta.stages.engine import Engine, fold_population, summarize
 from mta.stages.procedure import Procedure, RunContext, train_population_lora
+from mta.stamps import current, load_tensors, save_sealed_tensors, stale
 from mta.training.train import Example, TrainLog, make_batch, train
 
 
@@ -192,6 +192,10 @@ class Artifacts:
     gates: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # anchor id -> module -> g
 
 
+# The roles of Per-Pcs's artifacts in what they are made from (`RunContext.population_inputs`)
+TASK_LORA, SHARER, GATES = "Per-Pcs task LoRA", "Per-Pcs sharer LoRA of", "Per-Pcs gates of"
+
+
 def task_path(run: RunContext) -> Path:
     return run.artifacts / "perpcs" / "task_lora"
 
@@ -228,13 +232,14 @@ def train_gates(engine: Engine, task: Adapter, sharer: Adapter, examples, seed: 
 
 def build(run: RunContext) -> None:
     """Per-Pcs's population-level artifacts: the task LoRA, then per sharer (the stage-1 anchors) its LoRA and its
-    gates, each an artifact of its own (so a killed run loses at most the one in flight)."""
-    p, anchors = run.profile, run.anchor_ids
-    todo = [a for a in anchors if not (sharer_path(run, a).exists() and gates_path(run, a).exists())]
-    if task_path(run).exists() and not todo:
+    gates, each an artifact of its own (so a killed run loses at most the one in flight); those made from the
+    run's inputs are kept."""
+    p, anchors, made_from = run.profile, run.anchor_ids, run.population_inputs
+    todo = [a for a in anchors if not all([current(sharer_path(run, a), made_from(f"{SHARER} {a}")),
+                                           current(gates_path(run, a), made_from(f"{GATES} {a}"))])]
+    if current(task_path(run), made_from(TASK_LORA)) and not todo:
         return
-    train_population_lora(run, task_path(run), p.perpcs_task, derive_seed(run.seed, "Per-Pcs task LoRA"),
-                          "Per-Pcs task LoRA")
+    train_population_lora(run, task_path(run), p.perpcs_task, derive_seed(run.seed, TASK_LORA), TASK_LORA)
     task = load_adapter(task_path(run))
     by_id = {u.user_id: u for u in run.candidates}
     engine = run.engine
@@ -242,23 +247,27 @@ def build(run: RunContext) -> None:
     for a in tqdm(todo, desc="sharers", disable=not run.progress):
         seed = derive_seed(run.seed, "perpcs", a)
         examples = engine.examples(by_id[a].history, seed, limit=p.perpcs_sharer_items)
-        if not sharer_path(run, a).exists():
-            train_adapter(engine, sharer_path(run, a), examples, p.perpcs_sharer, seed, on=[task], probe=True)
+        if stale(sharer_path(run, a), made_from(f"{SHARER} {a}")) is not None:
+            train_adapter(engine, sharer_path(run, a), examples, p.perpcs_sharer, seed, on=[task], probe=True,
+                          made_from=made_from(f"{SHARER} {a}"))
         gates, gate_log = train_gates(engine, task, load_adapter(sharer_path(run, a)), examples, seed)
         with atomic_path(gates_path(run, a)) as tmp:
-            save_file({m: g.contiguous().cpu() for m, g in gates.items()}, tmp, metadata={
-                "format": "pt", "train_log": json.dumps({"examples": len(examples), **summarize(gate_log)})})
+            save_sealed_tensors(tmp, gates, made_from(f"{GATES} {a}"), metadata={
+                "train_log": json.dumps({"examples": len(examples), **summarize(gate_log)})})
 
 
 def load(run: RunContext) -> Artifacts | None:
-    """The task LoRA and every sharer whose LoRA and gates exist; None without a task LoRA."""
-    if not task_path(run).exists():
+    """The task LoRA and every sharer whose LoRA and gates were made from the run's inputs; None without a task
+    LoRA."""
+    made_from = run.population_inputs
+    if stale(task_path(run), made_from(TASK_LORA)) is not None:
         return None
     out = Artifacts(load_adapter(task_path(run)))
     for a in run.anchor_ids:
-        if sharer_path(run, a).exists() and gates_path(run, a).exists():
+        if stale(sharer_path(run, a), made_from(f"{SHARER} {a}")) is None and \
+                stale(gates_path(run, a), made_from(f"{GATES} {a}")) is None:
             out.sharers[a] = load_adapter(sharer_path(run, a))
-            out.gates[a] = load_file(gates_path(run, a))
+            out.gates[a] = load_tensors(gates_path(run, a))[0]
     return out
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from mta.data.lamp import User
@@ -37,6 +37,7 @@ from mta.peft.lora import find_targets
 from mta.seeding import derive_seed, seeded_subset
 from mta.stages.engine import Engine, fold_population, summarize
 from mta.stages.procedure import Procedure, RunContext, train_population_lora
+from mta.stamps import current, load_tensors, seal_folder, stale
 from mta.training.train import TrainLog, train
 from mta.training.train_many import train_many
 
@@ -280,6 +281,10 @@ class Artifacts:
     users: list[str]  # the rows of its user-embedding tables
 
 
+# The roles of PROPER's artifacts in what they are made from (`RunContext.population_inputs`)
+POPULATION_LORA, GROUP = "PROPER population LoRA", "PROPER group stage"
+
+
 def population_path(run: RunContext) -> Path:
     return run.artifacts / "proper" / "population_lora"
 
@@ -315,11 +320,12 @@ def train_group(engine: Engine, population: Adapter, users: Sequence[User], seed
 
 def build(run: RunContext) -> None:
     """PROPER's population-level artifacts: the population LoRA, then the group stage on every target user of the
-    data file (their history items, never their queries), so the artifact does not depend on --users."""
+    data file (their history items, never their queries), so the artifact does not depend on --users; those
+    made from the run's inputs are kept."""
     p = run.profile
-    train_population_lora(run, population_path(run), p.proper_population,
-                          derive_seed(run.seed, "PROPER population LoRA"), "PROPER population LoRA")
-    if group_path(run).exists():
+    train_population_lora(run, population_path(run), p.proper_population, derive_seed(run.seed, POPULATION_LORA),
+                          POPULATION_LORA)
+    if current(group_path(run), run.population_inputs(GROUP)):
         return
     users = run.target_users
     log(f"stage 1c: PROPER group stage, {p.proper_experts} experts on every FFN linear, {len(users)} target users")
@@ -330,13 +336,15 @@ def build(run: RunContext) -> None:
                   metadata={"format": "pt"})
         write_json(tmp / "users.json", [u.user_id for u in users])
         write_json(tmp / "train_log.json", summarize(train_log))
+        seal_folder(tmp, run.population_inputs(GROUP))
 
 
 def load(run: RunContext) -> Artifacts | None:
-    """The population LoRA and the group stage's mixture; None unless both exist."""
-    if not (population_path(run).exists() and group_path(run).exists()):
+    """The population LoRA and the group stage's mixture; None unless both were made from the run's inputs."""
+    if any(stale(path, run.population_inputs(what)) is not None
+           for path, what in ((population_path(run), POPULATION_LORA), (group_path(run), GROUP))):
         return None
-    return Artifacts(load_adapter(population_path(run)), load_file(group_path(run) / "mixture.safetensors"),
+    return Artifacts(load_adapter(population_path(run)), load_tensors(group_path(run) / "mixture.safetensors")[0],
                      read_json(group_path(run) / "users.json"))
 
 

@@ -19,6 +19,8 @@ Retrieval is a plain callable, `mta.data.bm25.top_k` by default.
 """
 from __future__ import annotations
 
+import json
+import math
 import os
 import random
 import re
@@ -29,7 +31,6 @@ from pathlib import Path
 from mta.data import paper_prompts
 from mta.data.bm25 import top_k as bm25_top_k
 from mta.errors import InputError
-from mta.files import read_json
 from mta.log import log
 
 # retrieve(query, docs, k, sep=...) -> indices of the k best docs, best first (default: mta.data.bm25.top_k), each
@@ -348,76 +349,230 @@ def default_lamp_dir() -> Path:
     return Path(env) if env else DATA_DIR
 
 
-def load_candidates(lamp_dir: str | os.PathLike, task: str, errors: dict[str, str] | None = None) -> list[User]:
+# Size limits, each far above the official LaMP data so that no real user is refused (docs/data.md, "What is checked"):
+# a processed file holds a task's train and dev users; the largest, LaMP-3's candidates, has about 4.6 M items
+# (Table 3: 202.5 per user, about 22,500 users) at 1 to 2 KB each (LaMP-4's official train questions: 826 MB for
+# 391 k items), 5 to 10 GB; the limit is over 3 times that.
+MAX_FILE_BYTES = 32 * 2**30
+MAX_HISTORY_ITEMS = 10_000  # Table 3's longest history has 1,289 items (LaMP-2): 7.7 times that
+# An item's text or a query's input: the longest in the LaMP-4 and LaMP-2 dev data is a 1,392-character article;
+# 70 times that, about 25,000 tokens (LaMP-3's reviews and LaMP-1/5's abstracts were not measured).
+MAX_TEXT_CHARS = 100_000
+# A label, gold or id: the longest headline there has 131 characters; 76 times that also holds an abstract, which
+# LaMP-1's stand-in citations are (mta.data.lamp_release).
+MAX_LABEL_CHARS = 10_000
+MIN_TRAIN_HISTORY = 2  # `training_pairs` takes each item's history from the user's other items
+MAX_LISTED_PROBLEMS = 20  # an error lists this many problems, then counts the rest
+
+
+def load_candidates(lamp_dir: str | os.PathLike, task: str) -> list[User]:
     """Bank candidates of `task`: a profile each, and the user's LaMP query with its gold where the file keeps it
-    (`mta.data.lamp_release` does). See `load_test_users` for `errors`."""
+    (`mta.data.lamp_release` does). Every user is checked as in `load_test_users`."""
     spec = get_task(task)
-    return _load_users(Path(lamp_dir) / spec.name / CANDIDATES_FILE, spec, with_query=False, errors=errors)
+    return _load_users(Path(lamp_dir) / spec.name / CANDIDATES_FILE, spec, with_query=False)
 
 
-def load_test_users(lamp_dir: str | os.PathLike, task: str, errors: dict[str, str] | None = None) -> list[User]:
-    """Test users of `task`, each with a profile and queries with gold labels.
-
-    By default a bad user fails the whole file; with an `errors` dict, bad users are skipped and
-    recorded there as user id -> message, so a run can go on for the others."""
+def load_test_users(lamp_dir: str | os.PathLike, task: str) -> list[User]:
+    """Test users of `task`, each with a profile and queries with gold labels. The whole file is checked in one
+    pass; if anything is wrong, one LampDataError names the file and lists every problem as
+    `user <id>: <field>: <what>`, and no user is returned."""
     spec = get_task(task)
-    return _load_users(Path(lamp_dir) / spec.name / TEST_FILE, spec, with_query=True, errors=errors)
+    return _load_users(Path(lamp_dir) / spec.name / TEST_FILE, spec, with_query=True)
 
 
-def _load_users(path: Path, spec: TaskSpec, with_query: bool, errors: dict[str, str] | None = None) -> list[User]:
+def _read_rows(path: Path) -> list:
+    """The file's JSON list of rows, or LampDataError naming the file: missing, larger than MAX_FILE_BYTES
+    (checked before reading), not UTF-8, not JSON, not a list, or empty."""
     if not path.is_file():
         raise LampDataError(f"{path}: file not found (set LAMP_DIR or run tools/download_lamp.py)")
-    rows = read_json(path)
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise LampDataError(f"{path}: {size:,} bytes, more than MAX_FILE_BYTES = {MAX_FILE_BYTES:,} "
+                            "(mta.data.lamp); not read")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise LampDataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise LampDataError(f"{path}: not valid JSON ({e.msg}: line {e.lineno} column {e.colno})") from None
+    except ValueError as e:  # an integer of more digits than Python converts
+        raise LampDataError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(rows, list):
-        raise LampDataError(f"{path}: expected a JSON list of users")
+        raise LampDataError(f"{path}: expected a JSON list of users, got {_json_kind(rows)}")
+    if not rows:
+        raise LampDataError(f"{path}: no users (an empty list)")
+    return rows
+
+
+def _load_users(path: Path, spec: TaskSpec, with_query: bool) -> list[User]:
+    rows = _read_rows(path)
+    problems: list[str] = []
     seen: dict[str, int] = {}
     for i, row in enumerate(rows):
+        label = _user_label(row, i)
+        problems += [f"user {label}: {f}: {what}" for f, what in user_problems(row, spec, with_query)]
         uid = row.get("user_id") if isinstance(row, dict) else None
-        if uid not in (None, "") and seen.setdefault(str(uid), i) != i:
-            raise LampDataError(f"{path}: user id {str(uid)!r} appears twice (users #{seen[str(uid)]} and #{i})")
-    users = []
-    for i, row in enumerate(rows):
-        try:
-            users.append(validate_user(row, spec, with_query, source=f"{path}: user #{i}"))
-        except LampDataError as e:
-            if errors is None:
-                raise
-            uid = row.get("user_id") if isinstance(row, dict) else None
-            errors[str(uid if uid not in (None, "") else f"#{i}")] = str(e)
-    return users
+        if _id_problem(uid) is None and seen.setdefault(str(uid), i) != i:
+            problems.append(f"user {label}: user_id: repeated (users #{seen[str(uid)]} and #{i})")
+    if problems:
+        raise LampDataError(_report(f"{path}", problems))
+    return [_user(row) for row in rows]
 
 
 def validate_user(row: dict, spec: TaskSpec, with_query: bool, source: str = "<data>") -> User:
-    """A User from one JSON row, or LampDataError naming `source`, the user id and the field. `with_query`: the
-    row must hold queries; without it a `query` there is optional but checked the same."""
-    if not isinstance(row, dict) or row.get("user_id") in (None, ""):
-        raise LampDataError(f"{source}: missing field 'user_id'")
-    where = f"{source}: user {row['user_id']!s}"
+    """A User from one JSON row, or one LampDataError naming `source` and listing every problem of the row
+    (`user_problems`). `with_query`: the row must hold queries; without it a `query` there is optional but
+    checked the same."""
+    problems = user_problems(row, spec, with_query)
+    if problems:
+        label = _user_label(row, None)
+        raise LampDataError(_report(source, [f"{'' if label is None else f'user {label}: '}{f}: {what}"
+                                             for f, what in problems]))
+    return _user(row)
+
+
+def user_problems(row: object, spec: TaskSpec, with_query: bool) -> list[tuple[str, str]]:
+    """Every problem of one user's JSON row, as (field, what is wrong), e.g. ('profile[3].title', 'empty')."""
+    if not isinstance(row, dict):
+        return [("user", f"not an object ({_json_kind(row)})")]
+    problems = []
+    if (p := _id_problem(row.get("user_id"))) is not None:
+        problems.append(("user_id", p))
     profile = row.get("profile")
-    if not isinstance(profile, list) or not profile:
-        raise LampDataError(f"{where}: missing or empty field 'profile'")
-    for j, item in enumerate(profile):
-        for f in spec.profile_fields:
-            if not isinstance(item, dict) or item.get(f) in (None, ""):
-                raise LampDataError(f"{where}: profile[{j}] missing field {f!r} ({spec.lamp_id} items need "
-                                    f"{' and '.join(map(repr, spec.profile_fields))})")
-    queries = []
+    if (p := _list_problem(profile)) is not None:
+        problems.append(("profile", p))
+    else:
+        if len(profile) > MAX_HISTORY_ITEMS:
+            problems.append(("profile", f"{len(profile):,} items, more than MAX_HISTORY_ITEMS = "
+                                        f"{MAX_HISTORY_ITEMS:,} (mta.data.lamp)"))
+        for j, item in enumerate(profile):
+            problems += [(f"profile[{j}]{f}", p) for f, p in _item_problems(item, spec)]
     raw = row.get("query")
     if with_query or raw is not None:  # a bank candidate's query is optional (its population example)
-        if isinstance(raw, dict):
-            raw = [raw]
-        if not isinstance(raw, list) or not raw:
-            raise LampDataError(f"{where}: missing or empty field 'query'")
-        for j, q in enumerate(raw):
-            for f in ("id", "input", "gold"):
-                if not isinstance(q, dict) or q.get(f) in (None, ""):
-                    raise LampDataError(f"{where}: query[{j}] missing field {f!r}")
-            try:
-                spec.query_fields(q["input"])
-            except ValueError as e:
-                raise LampDataError(f"{where}: query[{j}] field 'input': {e}") from e
-            queries.append(Query(id=str(q["id"]), input=q["input"], gold=str(q["gold"])))
-    return User(user_id=str(row["user_id"]), history=profile, query=queries)
+        raw = [raw] if isinstance(raw, dict) else raw
+        if (p := _list_problem(raw)) is not None:
+            problems.append(("query", p))
+        else:
+            for j, q in enumerate(raw):
+                problems += [(f"query[{j}]{f}", p) for f, p in _query_problems(q, spec)]
+    return problems
+
+
+def _item_problems(item: object, spec: TaskSpec) -> list[tuple[str, str]]:
+    if not isinstance(item, dict):
+        return [("", f"not an object ({_json_kind(item)})")]
+    problems = []
+    for f in spec.profile_fields:
+        p = _number_problem(item.get(f)) if f == spec.label_field and spec.metric == "rating" \
+            else _text_problem(item.get(f))
+        if p is not None:
+            need = " and ".join(map(repr, spec.profile_fields))
+            problems.append((f".{f}", f"{p} ({spec.lamp_id} items need {need})" if p == "missing" else p))
+    for f, value in item.items():  # every text the prompts or encoders may show
+        limit = (MAX_LABEL_CHARS, "MAX_LABEL_CHARS") if f == spec.label_field else (MAX_TEXT_CHARS, "MAX_TEXT_CHARS")
+        if (p := _length_problem(value, *limit)) is not None:
+            problems.append((f".{f}", p))
+    return problems
+
+
+def _query_problems(q: object, spec: TaskSpec) -> list[tuple[str, str]]:
+    if not isinstance(q, dict):
+        return [("", f"not an object ({_json_kind(q)})")]
+    gold, text = q.get("gold"), q.get("input")
+    checks = {
+        ".id": _id_problem(q.get("id")),
+        ".gold": _number_problem(gold) if isinstance(gold, int | float) and not isinstance(gold, bool)
+        else _text_problem(gold, "a string or a number") or _length_problem(gold, MAX_LABEL_CHARS, "MAX_LABEL_CHARS"),
+        ".input": _text_problem(text) or _length_problem(text, MAX_TEXT_CHARS, "MAX_TEXT_CHARS"),
+    }
+    if checks[".input"] is None:
+        try:
+            spec.query_fields(text)
+        except LampDataError as e:
+            checks[".input"] = str(e)
+    return [(f, p) for f, p in checks.items() if p is not None]
+
+
+def _text_problem(value: object, kind: str = "a string") -> str | None:
+    """What is wrong with a required text field (missing, not a string, blank), or None."""
+    if value is None:
+        return "missing"
+    if not isinstance(value, str):
+        return f"not {kind} ({_json_kind(value)})"
+    return None if value.strip() else "empty"
+
+
+def _length_problem(value: object, limit: int, name: str) -> str | None:
+    if isinstance(value, str) and len(value) > limit:
+        return f"{len(value):,} characters, more than {name} = {limit:,} (mta.data.lamp)"
+    return None
+
+
+def _number_problem(value: object) -> str | None:
+    """What is wrong with a numeric label (LaMP-3's score: an integer, a finite number or a numeric string)."""
+    if value is None:
+        return "missing"
+    if isinstance(value, str):
+        if not value.strip():
+            return "empty"
+        try:
+            number = float(value)
+        except ValueError:
+            return f"not a number ({value[:40]!r})"
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        number = value
+    else:
+        return f"not a number ({_json_kind(value)})"
+    return None if isinstance(number, int) or math.isfinite(number) else \
+        f"not a finite number ({value!r})" if isinstance(value, str) else f"not a finite number ({_json_kind(value)})"
+
+
+def _id_problem(value: object) -> str | None:
+    """What is wrong with a user or query id (a non-empty string or an integer), or None."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return None
+    return _text_problem(value, "a string or an integer") or _length_problem(value, MAX_LABEL_CHARS, "MAX_LABEL_CHARS")
+
+
+def _list_problem(value: object) -> str | None:
+    if value is None:
+        return "missing"
+    if not isinstance(value, list):
+        return f"not a list ({_json_kind(value)})"
+    return None if value else "empty"
+
+
+def _json_kind(value: object) -> str:
+    """A value's JSON kind for messages: 'a list', 'an object', 'true', 'NaN', 'the number 1.5', ..."""
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, int | float):
+        return f"the number {value}" if math.isfinite(value) else json.dumps(value)
+    return {list: "a list", dict: "an object", str: "a string"}.get(type(value), type(value).__name__)
+
+
+def _user_label(row: object, i: int | None) -> str | None:
+    """How messages name a row's user: its id where that is valid, else `#i` (None without an index)."""
+    uid = row.get("user_id") if isinstance(row, dict) else None
+    return str(uid) if _id_problem(uid) is None else (None if i is None else f"#{i}")
+
+
+def _report(source: str, problems: list[str]) -> str:
+    if len(problems) == 1:
+        return f"{source}: {problems[0]}"
+    listed = problems[:MAX_LISTED_PROBLEMS]
+    more = len(problems) - len(listed)
+    return (f"{source}: {len(problems)} problems:\n  " + "\n  ".join(listed)
+            + (f"\n  ... and {more} more problems" if more else ""))
+
+
+def _user(row: dict) -> User:
+    queries = row.get("query")
+    queries = [queries] if isinstance(queries, dict) else queries or []
+    return User(user_id=str(row["user_id"]), history=row["profile"],
+                query=[Query(id=str(q["id"]), input=q["input"], gold=str(q["gold"])) for q in queries])
 
 
 def select_test_users(users: Sequence[dict], task: str, n_test: int = 100, seed: int = 0
@@ -541,8 +696,9 @@ def training_pairs(spec: TaskSpec | str, history: Sequence[dict], retrieve: Retr
     k = 0: every item's instruction alone (Per-Pcs's plain examples).
     """
     spec = get_task(spec)
-    if len(history) < 2:
-        raise LampDataError(f"{spec.name}: leave-one-out training needs at least 2 profile items, got {len(history)}")
+    if len(history) < MIN_TRAIN_HISTORY:
+        raise LampDataError(f"{spec.name}: leave-one-out training needs at least {MIN_TRAIN_HISTORY} profile items, "
+                            f"got {len(history)}")
     if bank:
         history = [first_words(item) for item in history]
     chosen = set(range(len(history))[items])

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import http.client
 import json
 import os
@@ -56,7 +55,7 @@ from mta.data.lamp import (
     select_test_users,
     validate_user,
 )
-from mta.files import atomic_path, read_json, write_json
+from mta.files import atomic_path, read_json, sha256_file, write_json
 
 BASE_URL = "https://ciir.cs.umass.edu/downloads/LaMP"
 LAMP_NUMBER = {
@@ -93,14 +92,6 @@ def raw_path(raw_dir: str | os.PathLike, task: str, split: str, kind: str) -> Pa
         / f"LaMP_{LAMP_NUMBER[get_task(task).name]}"
         / f"{split}_{kind}.json"
     )
-
-
-def sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -181,7 +172,7 @@ def download(url: str, dest: Path, expected: str | None = None) -> None:
             f"it from {part}"
         )
     if expected is not None:
-        digest = sha256(part)
+        digest = sha256_file(part)
         if digest != expected:
             part.unlink()
             raise FetchError(
@@ -216,7 +207,7 @@ def fetch(
                     f"cannot download {f.url} ({getattr(e, 'reason', e)}); "
                     f"{by_hand(missing, task)}"
                 ) from None
-        digest = sha256(f.path)
+        digest = sha256_file(f.path)
         want = f.sha256 or sums.get(key, {}).get("sha256")
         if want is not None and want != digest:
             raise FetchError(
@@ -621,7 +612,10 @@ def write_layout(
 ) -> tuple[Path, Path]:
     """Validate both user lists and their disjointness, then write
     <out>/<task>/user_anchor_candidate.json and <out>/<task>/test_100/test_100.json,
-    each to a temporary sibling, both renamed at the end."""
+    each to a temporary sibling, both renamed at the end. The JSON is streamed to
+    disk (no second copy of the users as text) and ASCII (\\u escapes), so that a
+    loader's decoded text takes one byte a character (docs/data.md, "Converter
+    memory")."""
     spec = get_task(task)
     for i, u in enumerate(candidates):
         validate_user(
@@ -636,14 +630,12 @@ def write_layout(
         Path(out_dir) / spec.name / CANDIDATES_FILE,
         Path(out_dir) / spec.name / TEST_FILE,
     )
-    texts = [
-        json.dumps(list(rows), indent=2, ensure_ascii=False) + "\n"
-        for rows in (candidates, test)
-    ]
     # renamed on leaving the block, only once both were written
     with contextlib.ExitStack() as stack:
-        for path, text in zip((cand_path, test_path), texts, strict=True):
-            stack.enter_context(atomic_path(path)).write_text(text, encoding="utf-8")
+        for path, rows in zip((cand_path, test_path), (candidates, test), strict=True):
+            with open(stack.enter_context(atomic_path(path)), "w", encoding="utf-8") as f:
+                json.dump(list(rows), f, indent=2)
+                f.write("\n")
     return cand_path, test_path
 
 

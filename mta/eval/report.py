@@ -276,8 +276,7 @@ def render_markdown(result: dict) -> str:
     if timing is not None:
         out += ["", f"Median per-user MTA latency (match + fuse + adapt + generate): {timing:.1f} s."]
     if meta.get("stage_seconds"):
-        out += ["", "## Wall time", "", "| stage | seconds |", "|---|---:|"]
-        out += [f"| {k} | {v:.0f} |" for k, v in meta["stage_seconds"].items()]
+        out += ["", "## Wall time", ""] + _wall_time(meta["stage_seconds"], meta.get("plan"))
         out += ["", "Stage 3 by method (sum over users of each unit's own phases):", "",
                 "| method | seconds |", "|---|---:|"]
         out += [f"| {label(m)} | {v:.0f} |" for m, v in meta.get("method_seconds", {}).items()]
@@ -291,6 +290,21 @@ def render_markdown(result: dict) -> str:
     source = paper_results().get("source", "")
     out += ["", f"Paper column: {source}", ""]
     return "\n".join(out)
+
+
+def _wall_time(measured: dict, plan: dict | None) -> list[str]:
+    """Each stage's wall time; with the run's plan (`mta plan`, plan.json), its estimate beside it."""
+    if not plan:
+        return ["| stage | seconds |", "|---|---:|"] + [f"| {k} | {v:.0f} |" for k, v in measured.items()]
+    out = [f"The plan's estimate (`plan.json`; rates {plan['rates']['source']}) beside the measured time.", "",
+           "| stage | estimated s | measured s | measured / estimated |", "|---|---:|---:|---:|"]
+
+    def row(name: str, est: float | None, seconds: float) -> str:
+        ratio = f"{seconds / est:.2f}" if est else "—"
+        return f"| {name} | {'—' if est is None else f'{est:.0f}'} | {seconds:.0f} | {ratio} |"
+
+    out += [row(k, plan["stages"].get(k, {}).get("seconds"), v) for k, v in measured.items()]
+    return out + [row("total", plan["total_seconds"], sum(measured.values()))]
 
 
 def _scored(result: dict) -> str:
@@ -309,13 +323,11 @@ def _missing_count(result: dict) -> str:
 
 
 def _why(r: dict) -> str:
-    """One missing (method, user): failed (with its kind, attempts and whether the next run retries it), not run
-    yet, or not loaded."""
+    """One missing (method, user): failed (with its kind, attempts and whether the next run retries it), or not run
+    yet."""
     if r["reason"] == "not run":
         return "not run yet"
     kind = FAILURE_KINDS[r["kind"]]
-    if r["reason"] == "not loaded":
-        return f"not loaded ({kind}): {r['error']}"
     if r["attempts"] < r["max_attempts"]:
         return f"failed ({kind}), attempt {r['attempts']} of {r['max_attempts']}, retried by the next run: {r['error']}"
     return f"failed {r['attempts']} times ({kind}), not retried, delete {r['record']} to try again: {r['error']}"

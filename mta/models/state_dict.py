@@ -52,6 +52,27 @@ def check_state_dict(
     return kept
 
 
+def header_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file as meta tensors (names, shapes, dtype kinds), from its header alone: no
+    weight is read. A truncated or corrupt file fails naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            slices = {k: f.get_slice(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+            return {k: torch.empty(s.get_shape(), dtype=_header_dtype(s.get_dtype()), device="meta")
+                    for k, s in slices.items()}
+    except (SafetensorError, OSError) as e:
+        raise StateDictError(f"{path}: corrupt safetensors file ({str(e).splitlines()[0]})") from None
+
+
+def _header_dtype(name: str) -> torch.dtype:
+    """A torch dtype of the kind of a safetensors dtype name (BOOL, I8..I64, U8..U64; F16, BF16, F8_*, ...)."""
+    if name == "BOOL":
+        return torch.bool
+    return torch.int64 if name[0] in "IU" else torch.float32
+
+
 def _kind(dtype: torch.dtype) -> str:
     if dtype == torch.bool:
         return "bool"

@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from mta.files import atomic_path, read_json
 from mta.peft.lora import LoRAConfig, lora_layers
+from mta.stamps import FOLDER_STAMP, load_tensors, seal_folder
 
 PEFT_PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
@@ -130,11 +131,12 @@ def set_adapter(model: nn.Module, adapter: Adapter) -> None:
         layer.scaling = adapter.config.scaling
 
 
-def save_adapter(adapter: Adapter, path: str | os.PathLike, extra: dict[str, str] | None = None) -> None:
-    """Write a PEFT adapter directory (config + safetensors, plus `extra` text files by name)
-    atomically: it appears complete or not at all."""
+def save_adapter(adapter: Adapter, path: str | os.PathLike, extra: dict[str, str] | None = None,
+                 made_from: dict | None = None) -> None:
+    """Write a PEFT adapter directory (config + safetensors, plus `extra` text files by name, and with
+    `made_from` the record of its inputs, `mta.stamps.seal_folder`) atomically: it appears complete or not at all."""
     for name in extra or {}:
-        if Path(name).name != name or name in (CONFIG_FILE, WEIGHTS_FILE):
+        if Path(name).name != name or name in (CONFIG_FILE, WEIGHTS_FILE, FOLDER_STAMP):
             raise ValueError(f"save_adapter: bad extra file name {name!r}")
     with atomic_path(path, is_dir=True) as tmp:
         tensors = {PEFT_PREFIX + k: v.detach().contiguous().cpu() for k, v in adapter.state_dict().items()}
@@ -142,6 +144,8 @@ def save_adapter(adapter: Adapter, path: str | os.PathLike, extra: dict[str, str
         (tmp / CONFIG_FILE).write_text(json.dumps(peft_config(adapter.config), indent=2, sort_keys=True) + "\n")
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text)
+        if made_from is not None:
+            seal_folder(tmp, made_from)
 
 
 def load_adapter(path: str | os.PathLike) -> Adapter:
@@ -153,7 +157,7 @@ def load_adapter(path: str | os.PathLike) -> Adapter:
             raise FileNotFoundError(f"adapter file missing: {f}")
     config = config_from_peft(read_json(cfg_file), str(cfg_file))
     sd = {}
-    for key, t in load_file(weights_file).items():
+    for key, t in load_tensors(weights_file)[0].items():
         if not key.startswith(PEFT_PREFIX):
             raise ValueError(f"{weights_file}: tensor {key!r} lacks the PEFT prefix {PEFT_PREFIX!r}")
         key = key[len(PEFT_PREFIX):].replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import argparse
 import functools
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mta.run import cli, compare, download
+from mta.run import cli, compare, download, plan
 from mta.run.pipeline import (
     Run,
     reproduce,
@@ -29,7 +30,9 @@ Without --lamp-dir or $LAMP_DIR the data is data/lamp in the repository; when th
 downloaded and converted first (mta download-lamp --authors-test-users).
 
 Every finished unit is kept in runs/<task>/<profile>-seed<k>/, so a rerun resumes. With several seeds,
-each runs in its own directory and runs/<task>/<profile>-seeds<a>-<b>-.../summary.md gathers them."""
+each runs in its own directory and runs/<task>/<profile>-seeds<a>-<b>-.../summary.md gathers them.
+
+--plan: print what the run would do and cost here, and write <run>/plan.json, instead of running (mta plan)."""
 
 SELECT_ANCHORS = """Stage 1a: embed every bank candidate (mean of per-item embeddings, Eq. 2), K-Means them into V
 clusters and take the most active eligible user of each cluster as its anchor (Eq. 3).
@@ -87,15 +90,22 @@ class Command:
     main: Callable[..., object]
 
 
+def reproduce_or_plan(argv: list[str] | None = None, prog: str | None = None) -> object:
+    """`mta reproduce`, or with --plan `mta plan` on the same flags."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--plan" in argv:
+        return plan.main([a for a in argv if a != "--plan"], prog=prog)
+    return cli.main(REPRODUCE, reproduce, argv, across_seeds=reproduce_seeds, first_use=download.first_use, prog=prog)
+
+
 def stage_command(summary: str, doc: str, stage, **kwargs) -> Command:
     """A command over the flags every stage shares (task, data, profile, seeds, users: mta.run.cli)."""
     return Command(summary, functools.partial(cli.main, doc, stage, **kwargs))
 
 
 COMMANDS = {
-    "reproduce": stage_command("every stage and method for one task: the paper's Tables 1 and 2",
-                               REPRODUCE, reproduce, across_seeds=reproduce_seeds,
-                               first_use=download.first_use),
+    "reproduce": Command("every stage and method for one task: the paper's Tables 1 and 2", reproduce_or_plan),
+    "plan": Command("what reproduce would do and cost here, from a short calibration; trains nothing", plan.main),
     "select-anchors": stage_command("stage 1a: cluster the bank candidates, one anchor per cluster",
                                     SELECT_ANCHORS, stage1_select),
     "train-bank": stage_command("stage 1b: one meta-LoRA per anchor (the Meta-LoRA bank)", TRAIN_BANK,

@@ -15,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
+import socket
+import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -26,6 +28,7 @@ EXECUTORS = ("local", "ray")
 # Fault injection for the tests: a worker exits abruptly on the first attempt at the job with this name.
 CRASH_ENV = "MTA_TEST_CRASH_WORKER_ON"
 IN_FLIGHT = 2  # jobs handed to one worker at a time
+CONNECT_TIMEOUT_S = 5.0  # for the head of the cluster RAY_ADDRESS names to accept a TCP connection
 
 
 @dataclass(frozen=True)
@@ -83,7 +86,28 @@ class Worker:
         work(self.run, job, self.cache)
 
 
+def check_ray_address(address: str | None, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Fail in seconds, with one line, when `address` (RAY_ADDRESS: "host:port" or "ray://host:port") names a
+    cluster whose head does not accept a TCP connection; unset, "auto" and "local" need no cluster to answer."""
+    if address in (None, "", "auto", "local"):
+        return
+    url = urllib.parse.urlsplit(address if "://" in address else f"gcs://{address}")
+    try:
+        host, port = url.hostname, url.port
+    except ValueError:
+        host = port = None
+    if not host or port is None:
+        raise ValueError(f"RAY_ADDRESS {address!r}: expected host:port, ray://host:port, 'auto' or 'local'")
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        raise ValueError(f"RAY_ADDRESS {address!r}: no Ray cluster answers at {host}:{port} within {timeout:g} s "
+                         f"({e.strerror or type(e).__name__}); start it (`ray start --head`) or unset "
+                         f"RAY_ADDRESS") from None
+
+
 def _on_ray(run, jobs: Sequence[Job], work: Work, bar) -> dict[Job, str]:
+    check_ray_address(os.environ.get("RAY_ADDRESS"))
     ray = importlib.import_module("ray")
     ex = run.executor
     started = not ray.is_initialized()

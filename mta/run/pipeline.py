@@ -17,6 +17,7 @@ import torch
 from mta.baselines import BASELINES
 from mta.data.lamp import (
     CANDIDATES_FILE,
+    MIN_TRAIN_HISTORY,
     TEST_FILE,
     LampDataError,
     TaskSpec,
@@ -25,8 +26,9 @@ from mta.data.lamp import (
     load_candidates,
     load_test_users,
 )
+from mta.errors import InputError
 from mta.eval import multiseed, report
-from mta.files import atomic_path, read_json, write_json, write_npy
+from mta.files import atomic_path, read_json, sha256_file, write_json, write_npy
 from mta.log import log
 from mta.methods import DEFAULT, get, units
 from mta.models.checkpoint import load_llm
@@ -34,7 +36,9 @@ from mta.models.encoders import load_encoder
 from mta.peft.adapter import load_adapter
 from mta.precision import resolve_bf16
 from mta.profiles import Profile, profile_from_dict
+from mta.run import inputs
 from mta.run.executor import Executor, Job, run_jobs
+from mta.run.preflight import preflight
 from mta.run.provenance import provenance
 from mta.run.rundir import RunDir
 from mta.seeding import derive_seed
@@ -44,6 +48,7 @@ from mta.stages.engine import Engine
 from mta.stages.matching import match_anchors
 from mta.stages.personalize import refuse_on_quantised_base, run_group, run_unit
 from mta.stages.procedure import Baseline, build_population_loras, load_population_loras
+from mta.stamps import current, record_problem, sealed, stale, write_sealed
 
 
 @dataclass
@@ -60,7 +65,6 @@ class Run:
     progress: bool = True
     run_dir: RunDir | None = None  # default: <runs>/<task>/<profile>-seed<seed>
     executor: Executor = field(default_factory=Executor)  # where stage 1b's and stage 3's groups run (mta.run.executor)
-    load_errors: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         for m in self.methods:
@@ -84,10 +88,7 @@ class Run:
 
     @cached_property
     def all_test_users(self) -> list[User]:
-        users = load_test_users(self.lamp_dir, self.task_spec.name, errors=self.load_errors)
-        for uid, err in self.load_errors.items():
-            log(f"skipping test user {uid}: {err}")
-        return users
+        return load_test_users(self.lamp_dir, self.task_spec.name)
 
     @cached_property
     def test_users(self) -> list[User]:
@@ -98,10 +99,23 @@ class Run:
         """N when the run covers only the first N of the test users (its report gets its own file)."""
         return self.n_users if self.n_users and self.n_users < len(self.all_test_users) else None
 
-    @cached_property
+    @property
     def target_users(self) -> list[User]:
         """Every test user of the data file, whatever --users says (PROPER's group stage trains on them all)."""
-        return load_test_users(self.lamp_dir, self.task_spec.name, errors={})
+        return self.all_test_users
+
+    @property
+    def data_files(self) -> dict[str, Path]:
+        task_dir = Path(self.lamp_dir) / self.task_spec.name
+        return {"candidates": task_dir / CANDIDATES_FILE, "test_users": task_dir / TEST_FILE}
+
+    @cached_property
+    def data_sha256(self) -> dict[str, str]:
+        """The sha256 of each data file, read once per command: what the run's artifacts are made from."""
+        return {role: sha256_file(path) for role, path in self.data_files.items()}
+
+    def population_inputs(self, artifact: str) -> dict:
+        return inputs.population(self, artifact)
 
     @property
     def procedures(self) -> list[str]:
@@ -125,32 +139,62 @@ class Run:
         return Engine(p, self.task_spec, model, tok)  # the templates of training and test prompts: `Engine`
 
     def check_inputs(self) -> None:
-        """Read and check the data before anything is written: a missing or malformed file, a user id twice
-        in one file, or a test user who is also a bank candidate fails here, naming the file and the id."""
+        """Check everything before anything is written: the device, the models and the Ray cluster
+        (`mta.run.preflight`); every user of both data files (`mta.data.lamp`); no test user is a bank candidate;
+        every test user has the items the run's trained methods need. Each fails naming the file, user and field."""
         candidates = {u.user_id for u in self.candidates}
-        overlap = sorted(u.user_id for u in self.test_users if u.user_id in candidates)
-        overlap += sorted(uid for uid in self.load_errors if uid in candidates)
+        overlap = sorted(u.user_id for u in self.all_test_users if u.user_id in candidates)
         if overlap:
             raise LampDataError(f"{self.lamp_dir / self.task_spec.name}: test user {overlap[0]!r} is also a bank "
                                 f"candidate ({len(overlap)} such users); bank and test users must be disjoint")
+        trained = [m.name for m in map(get, self.methods) if m.recipe != "none" or m.procedure != "fuse_then_train"]
+        short = [u.user_id for u in self.all_test_users if len(u.history) < MIN_TRAIN_HISTORY]
+        if trained and short:
+            raise LampDataError(f"{self.data_files['test_users']}: user {short[0]}: profile: fewer than "
+                                f"{MIN_TRAIN_HISTORY} items ({len(short)} such users); {', '.join(trained)} train on "
+                                f"a user's items, each predicted from the others")
+        preflight(self.profile, self.executor)
+
+    def config_record(self) -> dict:
+        """What keys this run directory: the task, the seed, the profile and the sha256 of each data file."""
+        return {"task": self.task_spec.name, "seed": self.seed, "lamp_dir": str(self.lamp_dir),
+                "profile": json.loads(json.dumps(dataclasses.asdict(self.profile))),
+                "data": {role: {"file": str(path), "sha256": self.data_sha256[role]}
+                         for role, path in self.data_files.items()}}
 
     def write_config(self) -> None:
-        """Record the settings that key this directory (which users and methods ran is in results.json),
-        refusing a directory made with others, and clear what a killed run left under temporary names.
-        `provenance` lists what each command on the directory ran with, the first one's first."""
-        task_dir = Path(self.lamp_dir) / self.task_spec.name
-        made_with = provenance(self.profile.device, [task_dir / CANDIDATES_FILE, task_dir / TEST_FILE])
-        config = {"task": self.task_spec.name, "seed": self.seed, "lamp_dir": str(self.lamp_dir),
-                  "profile": json.loads(json.dumps(dataclasses.asdict(self.profile))), "provenance": [made_with]}
+        """Write config.json once, when the directory is made (`config_record` and what this command ran with,
+        `mta.run.provenance`); a later command checks it against its own and stops, naming what changed, when
+        the profile or a data file differs (notes change no result). Every command's provenance is added to
+        provenance.json; what a killed run left under temporary names is cleared."""
+        config = self.config_record()
+        made_with = provenance(self.profile.device, {str(self.data_files[r]): h for r, h in self.data_sha256.items()})
         if self.dir.config.exists():
-            # notes change no result
-            old = stored_profile(self.dir.config)
-            if old.replace(notes=()) != self.profile.replace(notes=()):
-                raise ValueError(f"{self.dir.config}: this run directory was made with another profile; "
-                                 f"use another --runs folder or delete it")
-            config["provenance"] = read_json(self.dir.config).get("provenance", []) + [made_with]
-        write_json(self.dir.config, config)
+            check_config(self.dir.config, config, self.profile)
+        else:
+            write_json(self.dir.config, {**config, "provenance": made_with})
+        history = read_json(self.dir.provenance) if self.dir.provenance.exists() else []
+        write_json(self.dir.provenance, [*history, made_with])
         self.dir.remove_stale_temporaries()
+
+
+def check_config(path: Path, config: dict, profile: Profile) -> None:
+    """Refuse a run directory whose config.json records another task, seed, profile or data, naming what differs."""
+    old = read_json(path)
+    changes = [f"{k}: {old.get(k)!r} there, {config[k]!r} now" for k in ("task", "seed") if old.get(k) != config[k]]
+    stored = stored_profile(path)
+    differ = [f.name for f in dataclasses.fields(Profile)
+              if f.name != "notes" and getattr(stored, f.name) != getattr(profile, f.name)]
+    if differ:
+        changes.append(f"profile fields {', '.join(differ)}")
+    for role, now in config["data"].items():
+        then = (old.get("data") or {}).get(role, {}).get("sha256")
+        if then != now["sha256"]:
+            changes.append(f"{now['file']} ({'no checksum recorded' if then is None else f'sha256 {then[:12]} there'}"
+                           f", {now['sha256'][:12]} now)")
+    if changes:
+        raise ValueError(f"{path}: this run directory was made with other inputs ({'; '.join(changes)}); use "
+                         f"another --runs folder, or delete {path.parent} to start it again")
 
 
 def stored_profile(config: Path) -> Profile:
@@ -159,8 +203,8 @@ def stored_profile(config: Path) -> Profile:
 
 
 def stage1_select(run: Run) -> dict:
-    path = run.dir.anchors
-    if path.exists():
+    path, made_from = run.dir.anchors, inputs.stage1(run)
+    if current(path, made_from):
         return read_json(path)
     p = run.profile
     n = min(len(run.candidates), p.max_candidates or len(run.candidates))
@@ -169,18 +213,21 @@ def stage1_select(run: Run) -> dict:
     encoder = load_encoder(p.stage1_encoder, device=p.device)
     vectors, doc = select_anchors(run.candidates, run.task_spec, encoder, p.n_anchors, p.min_anchor_items, run.seed,
                                   p.encoder_batch_size, run.progress, p.empty_cluster, p.stage1_text, p.item_norm,
-                                  p.kmeans_n_init, p.max_candidates, p.max_items_embedded, run.dir.stage1_chunk)
+                                  p.kmeans_n_init, p.max_candidates, p.max_items_embedded,
+                                  lambda a, b: (run.dir.stage1_chunk(a, b), inputs.vectors(run, a, b)))
     for empty in doc["clusters_without_anchor"]:
         log(f"cluster {empty['cluster']} ({empty['size']} users) has no anchor: {empty['reason']}")
     write_npy(run.dir.stage1 / "user_vectors.npy", vectors)
-    write_json(path, doc)
     log(f"stage 1a: {len(doc['anchors'])} anchors")
-    return doc
+    return write_sealed(path, doc, made_from)
 
 
 def stage1_bank(run: Run) -> None:
+    """Stage 1b: the meta-LoRA of every anchor that has none made from the run's inputs."""
     anchors = stage1_select(run)["anchors"]
-    todo = [a["user_id"] for a in anchors if not run.dir.adapter(a["user_id"]).exists()]
+    by_id = {u.user_id: u for u in run.candidates}
+    todo = [a for a in (a["user_id"] for a in anchors)
+            if not current(run.dir.adapter(a), inputs.adapter(run, by_id[a]))]
     if not todo:
         return
     p = run.profile
@@ -204,35 +251,57 @@ def bank_group(run: Run, anchor_ids: Sequence[str]) -> None:
     examples = [run.engine.examples(by_id[a].history, seed, limit=p.max_items_per_anchor, bank=True)
                 for a, seed in zip(anchor_ids, seeds, strict=True)]
     paths = [run.dir.adapter(a) for a in anchor_ids]
+    made_from = [inputs.adapter(run, by_id[a]) for a in anchor_ids]
     if p.engine == "batched":
-        train_adapters(run.engine, paths, examples, p.bank, seeds)
+        train_adapters(run.engine, paths, examples, p.bank, seeds, made_from)
     else:
-        train_adapter(run.engine, paths[0], examples[0], p.bank, seeds[0])
+        train_adapter(run.engine, paths[0], examples[0], p.bank, seeds[0], made_from=made_from[0])
 
 
 def stage2_match_anchors(run: Run) -> dict:
-    """Each test user's similarity to every anchor (Eq. 4). A user already in matches.json keeps its entry as it
-    is; the run's users not in it yet are matched and added (after a run on the first N users, the full run adds
-    the rest). Stored matches against other anchors than stage 1's are refused, never mixed with new ones."""
+    """Each test user's similarity to every anchor (Eq. 4). An entry of matches.json made from the run's inputs
+    (the user's record, the anchors, the stage-2 settings) is kept; the run's users without one are matched and
+    added (after a run on the first N users, the full run adds the rest)."""
     path = run.dir.matches
-    matches = read_json(path) if path.exists() else {}
-    anchor_ids = [a["user_id"] for a in stage1_select(run)["anchors"]]
-    stale = [uid for uid, m in matches.items() if set(m["similarities"]) != set(anchor_ids)]
-    if stale:
-        raise ValueError(f"{path}: user {stale[0]!r} ({len(stale)} such users) was matched against other anchors "
-                         f"than {run.dir.anchors} holds now; delete {path} to match every user again")
-    todo = [u for u in run.test_users if u.user_id not in matches]
+    matches = stored_matches(run)
+    todo = [u for u in run.test_users if u.user_id not in current_matches(run, matches)]
     if not todo:
         return matches
     p = run.profile
     by_id = {u.user_id: u for u in run.candidates}
-    log(f"stage 2: matching {len(todo)} users ({len(matches)} matched before) to {len(anchor_ids)} anchors with "
-        f"{p.stage2_encoder}")
+    anchor_ids = [a["user_id"] for a in stage1_select(run)["anchors"]]
+    log(f"stage 2: matching {len(todo)} users ({len(run.test_users) - len(todo)} matched before) to "
+        f"{len(anchor_ids)} anchors with {p.stage2_encoder}")
     encoder = load_encoder(p.stage2_encoder, device=p.device)
-    matches = {**matches, **match_anchors(todo, [by_id[a] for a in anchor_ids], run.task_spec, encoder,
-                                          p.encoder_batch_size, run.progress, p.stage2_text)}
+    new = match_anchors(todo, [by_id[a] for a in anchor_ids], run.task_spec, encoder, p.encoder_batch_size,
+                        run.progress, p.stage2_text)
+    matches = {**matches, **{u.user_id: sealed(new[u.user_id], inputs.match(run, u)) for u in todo}}
     write_json(path, matches)
     return matches
+
+
+def stored_matches(run: Run) -> dict:
+    """matches.json as it is; an unreadable one, or one that is not user -> sealed match, is named and taken as
+    empty (every user is matched again)."""
+    path = run.dir.matches
+    try:
+        matches = read_json(path) if path.exists() else {}
+    except InputError as e:
+        matches = e
+    if isinstance(matches, InputError):
+        why = f"it cannot be read ({matches})"
+    elif not isinstance(matches, dict) or not all(isinstance(m, dict) and "made_from" in m for m in matches.values()):
+        why = "it is not a user -> match record object"
+    else:
+        return matches
+    log(f"{path}: not reused, {why}")
+    return {}
+
+
+def current_matches(run: Run, matches: dict) -> dict[str, dict]:
+    """The entries of `matches` made from the run's inputs, for the run's test users."""
+    return {u.user_id: matches[u.user_id] for u in run.test_users
+            if record_problem(matches.get(u.user_id), inputs.match(run, u)) is None}
 
 
 def stage1c_population(run: Run) -> None:
@@ -255,14 +324,18 @@ def load_baselines(run: Run) -> dict[str, Baseline]:
 
 
 def load_bank(run: Run) -> tuple[dict, dict[str, str]]:
-    """(anchor id -> Adapter, anchor id -> error) for every anchor of stage 1."""
+    """(anchor id -> Adapter, anchor id -> why it is unusable) for every anchor of stage 1: a meta-LoRA is used
+    only when it was made from the run's inputs (`mta.stamps.stale`)."""
     bank, missing = {}, {}
-    for a in stage1_select(run)["anchors"]:
-        try:
-            bank[a["user_id"]] = load_adapter(run.dir.adapter(a["user_id"]))
-        except (FileNotFoundError, ValueError) as e:
-            missing[a["user_id"]] = str(e)
-            log(f"bank: anchor {a['user_id']} unusable: {e}")
+    by_id = {u.user_id: u for u in run.candidates}
+    for a in (a["user_id"] for a in stage1_select(run)["anchors"]):
+        path = run.dir.adapter(a)
+        why = stale(path, inputs.adapter(run, by_id[a]))
+        if why is None:
+            bank[a] = load_adapter(path)
+        else:
+            missing[a] = f"{path}: {why}"
+            log(f"bank: anchor {a} unusable, {missing[a]}")
     return bank, missing
 
 
@@ -271,32 +344,32 @@ def load_bank(run: Run) -> tuple[dict, dict[str, str]]:
 MAX_ATTEMPTS = 3
 
 
-def unit_result(run: Run, user_id: str, method: str) -> dict | None:
-    """The (user, method) result, or None. A result file holding only an `error` (as versions before failure
-    records wrote a failed unit) is no result."""
-    path = run.dir.user_result(user_id, method)
-    result = read_json(path) if path.exists() else None
-    return None if result is None or "error" in result else result
+def unit_result(run: Run, user: User, method: str) -> dict | None:
+    """The (user, method) result made from the run's inputs (`mta.run.inputs.result`), or None."""
+    path = run.dir.user_result(user.user_id, method)
+    return read_json(path) if current(path, inputs.result(run, user, get(method))) else None
 
 
-def unit_failure(run: Run, user_id: str, method: str) -> dict | None:
-    path = run.dir.user_failure(user_id, method)
-    return read_json(path) if path.exists() else None
+def unit_failure(run: Run, user: User, method: str) -> dict | None:
+    """The (user, method) failure record made from the run's inputs, or None (a failure of other inputs is none)."""
+    path = run.dir.user_failure(user.user_id, method)
+    return read_json(path) if current(path, inputs.result(run, user, get(method), "failure")) else None
 
 
-def record_failure(run: Run, user_id: str, method: str, error: str, kind: str) -> None:
+def record_failure(run: Run, user: User, method: str, error: str, kind: str) -> None:
     """Write the unit's failure record beside where its result would be, counting the attempt; `kind` is one of
     `report.FAILURE_KINDS`."""
-    before = unit_failure(run, user_id, method)
-    write_json(run.dir.user_failure(user_id, method),
-               {"user_id": user_id, "method": method, "kind": kind, "error": error,
-                "attempts": (before["attempts"] if before else 0) + 1,
-                "time": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    before = unit_failure(run, user, method)
+    write_sealed(run.dir.user_failure(user.user_id, method),
+                 {"user_id": user.user_id, "method": method, "kind": kind, "error": error,
+                  "attempts": (before["attempts"] if before else 0) + 1,
+                  "time": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+                 inputs.result(run, user, get(method), "failure"))
 
 
-def record_result(run: Run, user_id: str, method: str, result: dict) -> None:
-    write_json(run.dir.user_result(user_id, method), result)
-    run.dir.user_failure(user_id, method).unlink(missing_ok=True)
+def record_result(run: Run, user: User, method: str, result: dict) -> None:
+    write_sealed(run.dir.user_result(user.user_id, method), result, inputs.result(run, user, get(method)))
+    run.dir.user_failure(user.user_id, method).unlink(missing_ok=True)
 
 
 def stage3_todo(run: Run) -> dict[str, list[str]]:
@@ -304,9 +377,9 @@ def stage3_todo(run: Run) -> dict[str, list[str]]:
     todo: dict[str, list[str]] = {}
     for u in run.test_users:
         for m in run.methods:
-            if unit_result(run, u.user_id, m) is not None:
+            if unit_result(run, u, m) is not None:
                 continue
-            failed = unit_failure(run, u.user_id, m)
+            failed = unit_failure(run, u, m)
             if failed and failed["attempts"] >= MAX_ATTEMPTS:
                 log(f"user {u.user_id}, {m}: not retried, failed {failed['attempts']} times (last: {failed['error']}); "
                     f"delete {run.dir.user_failure(u.user_id, m)} to try again")
@@ -334,25 +407,26 @@ def stage3_run(run: Run) -> None:
     jobs = [Job(f"stage 3, {'+'.join(names)}: {', '.join(us[i: i + size])}", "stage3", tuple(us[i: i + size]),
                 names, size=len(us[i: i + size]) * len(names))
             for names, us in by_unit.items() for i in range(0, len(us), size)]
+    by_id = {u.user_id: u for u in run.test_users}
     for job, error in run_jobs(run, jobs, run_job, "stage 3").items():
         log(f"{job.name}: {error}")
         for uid in job.ids:
             for m in job.methods:
-                record_failure(run, uid, m, error, "crash")
+                record_failure(run, by_id[uid], m, error, "crash")
 
 
 def stage3_group(run: Run, user_ids: Sequence[str], unit: Sequence, cache: dict) -> None:
     """Run one unit of methods for a group of users and write each (user, method) result: together on the
     batched engine (`run_group`), one user alone otherwise (`run_unit`). A user's InputError is recorded as its
     units' failure; any other exception is recorded as a crash of every unit of the group, then raised."""
+    by_id = {u.user_id: u for u in run.test_users}
     try:
         if "bank" not in cache:  # once per process: the driver's, or a Ray worker's
-            cache["matches"] = read_json(run.dir.matches) if run.dir.matches.exists() else {}
+            cache["matches"] = current_matches(run, stored_matches(run))
             cache["bank"], _ = load_bank(run)
             cache["bank"].update(load_population_loras(run, [get(m) for m in run.methods]))  # `method_setup`: both
             cache["baselines"] = load_baselines(run)
         matches, bank, baselines = cache["matches"], cache["bank"], cache["baselines"]
-        by_id = {u.user_id: u for u in run.test_users}
         group = [by_id[uid] for uid in user_ids]
         if run.profile.engine == "sequential":
             results = {group[0].user_id: run_unit(run.engine, group[0], unit, matches.get(group[0].user_id), bank,
@@ -362,15 +436,15 @@ def stage3_group(run: Run, user_ids: Sequence[str], unit: Sequence, cache: dict)
     except Exception as e:
         for uid in user_ids:
             for m in unit:
-                record_failure(run, uid, m.name, f"{type(e).__name__}: {e}", "crash")
+                record_failure(run, by_id[uid], m.name, f"{type(e).__name__}: {e}", "crash")
         raise
     for uid, rows in results.items():
         for m, result in rows.items():
             if "error" in result:
                 log(f"user {uid}, {m}: {result['error']}")
-                record_failure(run, uid, m, result["error"], "input")
+                record_failure(run, by_id[uid], m, result["error"], "input")
             else:
-                record_result(run, uid, m, result)
+                record_result(run, by_id[uid], m, result)
 
 
 def run_job(run: Run, job: Job, cache: dict) -> None:
@@ -386,7 +460,7 @@ def collect(run: Run) -> dict[str, dict[str, dict]]:
     rows: dict[str, dict[str, dict]] = {m: {} for m in run.methods}
     for user in run.test_users:
         for m in run.methods:
-            result = unit_result(run, user.user_id, m)
+            result = unit_result(run, user, m)
             if result is not None:
                 rows[m][user.user_id] = result
     return rows
@@ -394,18 +468,15 @@ def collect(run: Run) -> dict[str, dict[str, dict]]:
 
 def missing(run: Run, rows: dict[str, dict[str, dict]]) -> dict[str, dict[str, dict]]:
     """method -> user id -> why that test user has no result: its unit failed (the failure record, and whether the
-    next run retries it), it has not run yet, or the user could not be loaded (for every method)."""
+    next run retries it), or it has not run yet."""
     out: dict[str, dict[str, dict]] = {m: {} for m in run.methods}
     for user in run.test_users:
         for m in [m for m in run.methods if user.user_id not in rows[m]]:
-            failed = unit_failure(run, user.user_id, m)
+            failed = unit_failure(run, user, m)
             out[m][user.user_id] = {"reason": "not run"} if failed is None else {
                 "reason": "failed", **{k: failed[k] for k in ("kind", "error", "attempts", "time")},
                 "max_attempts": MAX_ATTEMPTS,
                 "record": run.dir.user_failure(user.user_id, m).relative_to(run.dir.root).as_posix()}
-    for uid, err in run.load_errors.items():
-        for m in run.methods:
-            out[m][uid] = {"reason": "not loaded", "kind": "input", "error": err}
     return out
 
 
@@ -414,7 +485,10 @@ def results(run: Run) -> dict:
     (the content of results.json)."""
     rows = collect(run)
     latency = [sum(r["seconds"].values()) for r in rows.get("mta", {}).values()]
-    anchors = read_json(run.dir.anchors) if run.dir.anchors.exists() else {"anchors": [], "clusters_without_anchor": []}
+    stage1 = run.dir.anchors
+    anchors = read_json(stage1) if stale(stage1, inputs.stage1(run)) is None else {"anchors": [],
+                                                                                   "clusters_without_anchor": []}
+    by_id = {u.user_id: u for u in run.candidates}
     meta = {"profile": run.profile.name, "seed": run.seed, "llm": run.profile.llm,
             "notes": [*run.profile.notes, run.profile.describe()], "mta_latency_median_s": report.median(latency),
             "anchors": [a["user_id"] for a in anchors["anchors"]],
@@ -424,7 +498,9 @@ def results(run: Run) -> dict:
             "method_seconds": {m: round(sum(sum(r["seconds"].values()) for r in rs.values()), 1)
                                for m, rs in rows.items()},
             "bank_missing": [a["user_id"] for a in anchors["anchors"]
-                             if not (run.dir.adapter(a["user_id"]) / "adapter_model.safetensors").exists()]}
+                             if stale(run.dir.adapter(a["user_id"]), inputs.adapter(run, by_id[a["user_id"]]))]}
+    if run.dir.plan.exists():  # what `mta plan` estimated, set beside the measured stage times
+        meta["plan"] = read_json(run.dir.plan)
     return report.build_results(run.task_spec.name, rows, meta, missing=missing(run, rows))
 
 
@@ -447,17 +523,23 @@ def run_and_report(run: Run) -> dict:
     return write_results(run)
 
 
+def _if_included(name: str):
+    return lambda run: BASELINES[name].build(run) if name in run.procedures else None
+
+
+# Every stage `reproduce` runs, in order, under the name timings.json keeps its wall time by.
+STAGES = [("stage1a_select", stage1_select), ("stage1b_bank", stage1_bank), ("stage1c_population", stage1c_population),
+          *((f"stage1c_{name}", _if_included(name)) for name in BASELINES),
+          ("stage2_match_anchors", stage2_match_anchors), ("stage3", stage3_run)]
+
+
 def reproduce(run: Run) -> dict:
     """Every stage in order. Each stage's wall time is added to `timings.json`, so a resumed run's file
     holds the cold run's total per stage (a finished stage adds about nothing when it is skipped)."""
     start = time.perf_counter()
     torch.manual_seed(run.seed)
     timings = read_json(run.dir.timings) if run.dir.timings.exists() else {}
-    stages = [("stage1a_select", stage1_select), ("stage1b_bank", stage1_bank),
-              ("stage1c_population", stage1c_population),
-              *((f"stage1c_{name}", _if_included(name)) for name in BASELINES),
-              ("stage2_match_anchors", stage2_match_anchors), ("stage3", stage3_run)]
-    for name, stage in stages:
+    for name, stage in STAGES:
         t0 = time.perf_counter()
         stage(run)
         timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - t0, 1)
@@ -470,8 +552,6 @@ def reproduce(run: Run) -> dict:
     return result
 
 
-def _if_included(name: str):
-    return lambda run: BASELINES[name].build(run) if name in run.procedures else None
 
 
 def reproduce_seeds(runs: list[Run], results: list[dict]) -> dict:

@@ -1,16 +1,15 @@
 """What a run was made with: the code version, the package versions, the machine, and the sha256 of every
-data file it read. Gathered once per command and kept in `config.json` (`mta.run.pipeline.Run.write_config`)."""
+data file it read. Gathered once per command: the first kept in `config.json`, each in `provenance.json`
+(`mta.run.pipeline.Run.write_config`)."""
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import os
 import platform
 import re
 import subprocess
 import time
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -19,12 +18,12 @@ PACKAGE = "mta"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
-def provenance(device: str, data_files: Iterable[Path]) -> dict:
+def provenance(device: str, data: dict[str, str]) -> dict:
     """One command's record: when it started, the code, the packages, the machine it ran on (the GPU only
-    when `device` is a CUDA device) and `{path: sha256}` of `data_files`."""
+    when `device` is a CUDA device) and the data files it read, `{path: sha256}`."""
     return {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "code": code_version(),
             "python": platform.python_version(), "packages": package_versions(),
-            "machine": machine(device), "data": {str(p): sha256_file(p) for p in data_files}}
+            "machine": machine(device), "data": data}
 
 
 def code_version() -> dict:
@@ -88,12 +87,3 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """The file's sha256, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()

@@ -1,8 +1,8 @@
 """The run directory: one folder per (task, profile, seed), every unit written atomically.
 
     runs/<task>/<profile>-seed<k>/
-      config.json
-      stage1/user_vectors.npy  anchors.json  vectors/<first>-<last>.npy (a chunk of stage 1a)
+      config.json  provenance.json (what each command on it ran with)  plan.json (`mta plan`'s estimate)
+      stage1/user_vectors.npy  anchors.json  vectors/<first>-<last>.safetensors (a chunk of stage 1a)
       bank/<anchor_id>/adapter_model.safetensors  adapter_config.json  train_log.json
       stage2/matches.json
       perpcs/task_lora/  perpcs/sharers/<anchor_id>/  perpcs/gates/<anchor_id>.safetensors
@@ -12,7 +12,8 @@
       sweeps/<what>/<point>/...           (a sweep point: a run of its own, sharing what it can)
 
 A unit exists only when complete (written under a temporary name in the same folder,
-then renamed), so a rerun skips what exists and recomputes what is missing.
+then renamed), and records what it was made from (`mta.stamps`, `mta.run.inputs`), so a rerun keeps
+what today's inputs would make again and recomputes the rest.
 <anchor_id> and <user_id> stand for the folder names `id_folder` makes of them.
 """
 
@@ -100,6 +101,15 @@ class RunDir:
         return self.root / "config.json"
 
     @property
+    def provenance(self) -> Path:
+        return self.root / "provenance.json"
+
+    @property
+    def plan(self) -> Path:
+        """What `mta plan` counted and estimated for this run (`mta.run.plan`)."""
+        return self.root / "plan.json"
+
+    @property
     def stage1(self) -> Path:
         return self.artifacts / "stage1"
 
@@ -109,7 +119,7 @@ class RunDir:
 
     def stage1_chunk(self, first: int, last: int) -> Path:
         """Stage 1a's user vectors of candidates [first, last), saved as their chunk finishes."""
-        return self.stage1 / "vectors" / f"{first:07d}-{last:07d}.npy"
+        return self.stage1 / "vectors" / f"{first:07d}-{last:07d}.safetensors"
 
     def adapter(self, anchor_id: str) -> Path:
         return self.artifacts / "bank" / id_folder(anchor_id)

@@ -24,20 +24,11 @@ from mta.log import log
 from mta.methods import get, label
 from mta.peft.adapter import load_adapter
 from mta.profiles import Profile, profile_from_dict
-from mta.run import pipeline
+from mta.run import inputs, pipeline
+from mta.run.inputs import ARTIFACT_FIELDS
 from mta.run.pipeline import Run
 from mta.run.rundir import RunDir
-
-# Profile fields one meta-LoRA depends on (besides its anchor's history and the seed): a point that keeps
-# them reuses the main run's meta-LoRA of every anchor both runs have.
-ADAPTER_FIELDS = ("llm", "dtype", "base_quant", "bank", "bank_data", "max_items_per_anchor", "max_prompt_tokens",
-                  "chat_template", "prompt_style")
-# Profile fields that stage 1, the bank, stage 2 and the baselines' stage 1c depend on: a point that keeps them
-# shares all of these artifacts.
-ARTIFACT_FIELDS = (*ADAPTER_FIELDS, "stage1_encoder", "stage2_encoder", "stage1_text", "stage2_text", "item_norm",
-                   "max_candidates", "max_items_embedded", "n_anchors", "min_anchor_items", "kmeans_n_init",
-                   "empty_cluster", "population_items", "oppu_task", "perpcs_task", "perpcs_sharer", "perpcs_gate",
-                   "perpcs_sharer_items", "proper_population", "proper_group", "proper_experts", "proper_group_items")
+from mta.stamps import stale
 
 
 @dataclass(frozen=True)
@@ -161,19 +152,15 @@ def run_sweep(run: Run, what: str, values: tuple | None = None, methods: tuple[s
 
 def _reuse_meta_loras(point: Run, run: Run) -> None:
     """Copy into the point's bank every meta-LoRA of its anchors that the main run, or another of its sweep
-    points, trained under the same adapter settings (so it would come out equal)."""
-    def same_adapters(profile: Profile) -> bool:
-        return all(getattr(profile, f) == getattr(point.profile, f) for f in ADAPTER_FIELDS)
-
-    banks = [run.dir.artifacts / "bank"] if same_adapters(run.profile) else []
-    for config in sorted((run.dir.root / "sweeps").glob("*/*/config.json")):
-        if config.parent != point.dir.root and (config.parent / "bank").is_dir() and \
-                same_adapters(pipeline.stored_profile(config)):
-            banks.append(config.parent / "bank")
+    points, made from the inputs the point's would be made from (`mta.run.inputs.adapter`: so it would come out
+    equal)."""
+    banks = [run.dir.artifacts / "bank", *sorted(p for p in (run.dir.root / "sweeps").glob("*/*/bank")
+                                                  if p.parent != point.dir.root)]
+    by_id = {u.user_id: u for u in point.candidates}
     for anchor in pipeline.stage1_select(point)["anchors"]:
-        target = point.dir.adapter(anchor["user_id"])
-        source = next((b / target.name for b in banks if (b / target.name).is_dir()), None)
-        if source is not None and not target.exists():
+        target, made_from = point.dir.adapter(anchor["user_id"]), inputs.adapter(point, by_id[anchor["user_id"]])
+        source = next((b / target.name for b in banks if stale(b / target.name, made_from) is None), None)
+        if source is not None and stale(target, made_from) is not None:
             with atomic_path(target, is_dir=True) as tmp:
                 shutil.copytree(source, tmp, dirs_exist_ok=True)
 

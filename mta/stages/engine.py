@@ -79,11 +79,14 @@ class Engine:
         self.test_tok = templated(self.tok, self.conditions.chat_template)
         self.tok = templated(self.tok, self.profile.chat_template)
 
-    def train_budget(self, recipe: LoRASpec | None) -> int:
-        """Tokens left to a training prompt under `recipe`'s cap (None: the profile's) after the template."""
-        cap = recipe.max_tokens if recipe is not None and recipe.max_tokens is not None \
+    def train_cap(self, recipe: LoRASpec | None) -> int:
+        """The most tokens one training example of `recipe` holds (None: the profile's cap), template included."""
+        return recipe.max_tokens if recipe is not None and recipe.max_tokens is not None \
             else self.profile.max_prompt_tokens
-        return cap - len(self.tok.chat_prompt(""))
+
+    def train_budget(self, recipe: LoRASpec | None) -> int:
+        """Tokens left to a training prompt under `recipe`'s cap after the template."""
+        return self.train_cap(recipe) - len(self.tok.chat_prompt(""))
 
     def test_budget(self) -> int | None:
         """Tokens left to a test prompt under the test-time cap after the template; None: no cap."""
@@ -122,12 +125,20 @@ class Engine:
         return self.tokenize(pairs, recipe)
 
     def tokenize(self, pairs: Sequence[tuple[str, str]], recipe: LoRASpec | None = None) -> Examples:
-        """Training examples with the training template, each prompt cut to `recipe`'s cap (`train_budget`)."""
-        budget, out, cut = self.train_budget(recipe), [], 0
+        """Training examples with the training template, each prompt cut to `recipe`'s cap (`train_budget`). An
+        example still over the cap (a long target) keeps at most half the cap of its target, its end dropped as the
+        releases' truncation drops it, and its prompt is cut to the rest: no example exceeds the cap."""
+        cap, budget, out, cut = self.train_cap(recipe), self.train_budget(recipe), [], 0
         for prompt, target in pairs:
             fitted = fit_text(self.tok, prompt, budget)
-            cut += fitted != prompt
             ids, start = self.tok.chat_example(fitted, target)
+            if len(ids) > cap:
+                answer = ids[start:][: max(cap - start, cap // 2)]
+                if start + len(answer) > cap:
+                    fitted = fit_text(self.tok, prompt, budget - len(answer))
+                    ids, start = self.tok.chat_example(fitted, target)
+                ids = ids[:start] + answer
+            cut += fitted != prompt
             out.append((ids[:start], ids[start:]))
         return Examples(out, cut)
 

