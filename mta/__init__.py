@@ -2,5 +2,14 @@
 
 The folders are the layers, each importing only from those below it (pyproject.toml's import-linter
 contracts): run > eval, baselines > stages > profiles, methods > training, data > peft > models > ops,
-over the leaves files, seeding, log, precision and errors. `mta <command>` (mta.run.commands) runs them.
+over stamps and the leaves files, seeding, log, precision and errors. `mta <command>` (mta.run.commands) runs them.
 """
+
+
+def __getattr__(name: str):
+    """`mta.Personalizer` (mta.run.personalizer), imported on first use so that `import mta` stays light."""
+    if name == "Personalizer":
+        from mta.run.personalizer import Personalizer
+
+        return Personalizer
+    raise AttributeError(f"module 'mta' has no attribute {name!r}")

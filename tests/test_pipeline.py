@@ -27,6 +27,8 @@ def test_every_artifact_and_both_tables(tiny_run):
         assert {"adapter_model.safetensors", "adapter_config.json", "train_log.json"} <= files
     matches = json.loads((run_dir / "stage2" / "matches.json").read_text())
     assert len(matches) == N_USERS
+    log = (run_dir / "run.log").read_text()  # the command's log lines, one per finished group among them
+    assert "stage 1a:" in log and "bank: group 1/1" in log and "stage 3:" in log
     for m in matches.values():
         assert len(m["similarities"]) == len(anchors["anchors"])
     mta = json.loads(next((run_dir / "users").iterdir()).joinpath("mta.json").read_text())

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from mta import methods
 from mta.data.lamp import default_lamp_dir
+from mta.log import log_to
 from mta.profiles import Profile, resolve_profile
 from mta.run.executor import EXECUTORS, Executor
 from mta.run.pipeline import Run
@@ -118,7 +119,7 @@ def main(description: str, stage, argv: list[str] | None = None, add_args=None, 
             run.check_inputs()
         outputs = []
         for run in runs:
-            with run.dir.lock():
+            with run.dir.lock(), log_to(run.dir.root / "run.log"):
                 run.write_config()
                 outputs.append(stage(run, args) if add_args else stage(run))
         return across_seeds(runs, outputs) if len(runs) > 1 else outputs[0]

@@ -8,7 +8,9 @@ time. Workers write into the run directory themselves, which must therefore be o
 sees (a local disk on one node, a shared file system on a cluster): an adapter is tens of MiB, and the
 atomic rename makes a half-written artifact impossible from any writer. The driver keeps the progress
 bar, retries a job whose worker died on a fresh worker up to `retries` times, and then records the job
-as failed while the rest of the run goes on.
+as failed while the rest of the run goes on. A local run also shows, as the bar's postfix, the training step in
+progress within a job (`mta.log.status`), and logs one line per finished job with its last status (its training's
+steps per second and first and last loss).
 """
 from __future__ import annotations
 
@@ -16,19 +18,21 @@ import dataclasses
 import importlib
 import os
 import socket
+import time
 import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
-from mta.log import log
+from mta.log import log, on_status
 
 EXECUTORS = ("local", "ray")
 # Fault injection for the tests: a worker exits abruptly on the first attempt at the job with this name.
 CRASH_ENV = "MTA_TEST_CRASH_WORKER_ON"
 IN_FLIGHT = 2  # jobs handed to one worker at a time
 CONNECT_TIMEOUT_S = 5.0  # for the head of the cluster RAY_ADDRESS names to accept a TCP connection
+IDS = {"bank": "anchor", "stage3": "user"}  # what a job's ids are, by its kind
 
 
 @dataclass(frozen=True)
@@ -63,11 +67,28 @@ def run_jobs(run, jobs: Sequence[Job], work: Work, desc: str) -> dict[Job, str]:
     with tqdm(total=sum(j.size for j in jobs), desc=desc, disable=not run.progress) as bar:
         if run.executor.kind == "local":
             cache: dict = {}
-            for job in jobs:
-                work(run, job, cache)
+            for k, job in enumerate(jobs, 1):
+                done = watched(run, job, work, cache, bar.set_postfix_str)
                 bar.update(job.size)
+                what = f"{len(job.ids)} {IDS[job.kind]}{'s' * (len(job.ids) > 1)}" \
+                    + (f": {'+'.join(job.methods)}" if job.methods else "")
+                log(f"{desc}: group {k}/{len(jobs)} ({what}) {done}")
             return {}
         return _on_ray(run, jobs, work, bar)
+
+
+def watched(run, job: Job, work: Work, cache: dict, show: Callable[[str], None]) -> str:
+    """Run `job`, passing each `mta.log.status` of its work to `show`; returns "done in <seconds>" and the last
+    status, if any (a training's summary)."""
+    last, tic = [""], time.perf_counter()
+
+    def keep(text: str) -> None:
+        last[0] = f"; {text}"
+        show(text)
+
+    with on_status(keep):
+        work(run, job, cache)
+    return f"done in {time.perf_counter() - tic:.0f} s{last[0]}"
 
 
 class Worker:
@@ -83,7 +104,7 @@ class Worker:
         if attempt == 0 and os.environ.get(CRASH_ENV) == job.name:
             os._exit(1)
         log(f"worker {os.getpid()}: {job.name}")
-        work(self.run, job, self.cache)
+        log(f"worker {os.getpid()}: {job.name} {watched(self.run, job, work, self.cache, lambda _: None)}")
 
 
 def check_ray_address(address: str | None, timeout: float = CONNECT_TIMEOUT_S) -> None:

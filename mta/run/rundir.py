@@ -2,6 +2,7 @@
 
     runs/<task>/<profile>-seed<k>/
       config.json  provenance.json (what each command on it ran with)  plan.json (`mta plan`'s estimate)
+      run.log (every command's log lines)
       stage1/user_vectors.npy  anchors.json  vectors/<first>-<last>.safetensors (a chunk of stage 1a)
       bank/<anchor_id>/adapter_model.safetensors  adapter_config.json  train_log.json
       stage2/matches.json

@@ -53,7 +53,7 @@ def summarize(log: TrainLog) -> dict:
     probe = {"probe_before": log.probe[0], "probe_after": log.probe[1], "probe_seconds": log.probe_seconds} \
         if log.probe else {}
     return {"steps": len(log.losses), "first_loss": log.losses[0], "last_loss": log.losses[-1], **probe,
-            "lrs": log.lrs, "tokens": log.tokens, "seconds": log.seconds}
+            "tokens": log.tokens, "seconds": log.seconds, **log.steps()}
 
 
 @dataclass

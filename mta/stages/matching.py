@@ -31,18 +31,21 @@ def fusion_weights(sims: Sequence[float], fusion: str) -> list[float]:
     raise ValueError(f"unknown fusion {fusion!r}; choose 'paper' or 'authors_code'")
 
 
-def match_anchors(
-    users: Sequence[User], anchors: Sequence[User], task: TaskSpec, encoder: Encoder,
-    batch_size: int = 32, progress: bool = True, text: str = "authors_code",
-) -> dict[str, dict]:
-    """Per user: cosine of whole-history embeddings to every anchor (Eq. 4), most similar first; the documents
-    as `text` says (`mta.data.lamp.match_document`). With "authors_code" an anchor's items are cut to their
-    first 368 words first, as select_anchor.py stores the anchors the matcher reads.
-    Top-K and the fusion weights are taken at use time (`fused_anchors`), so one match serves every K."""
-    start = time.perf_counter()
-    anchor_items = [[first_words(it) for it in a.history] if text == "authors_code" else a.history for a in anchors]
-    anchor_emb = history_document_embeddings(encoder, [match_document(task, h, text) for h in anchor_items],
-                                             batch_size=batch_size)  # (V, D)
+def anchor_embeddings(anchors: Sequence[User], task: TaskSpec, encoder: Encoder, batch_size: int = 32,
+                      text: str = "authors_code") -> np.ndarray:
+    """Eq. 4's anchor side: each anchor's whole-history document embedded, float32 (V, D), unit norm; the
+    documents as `text` says (`mta.data.lamp.match_document`). With "authors_code" an anchor's items are cut to
+    their first 368 words first, as select_anchor.py stores the anchors the matcher reads."""
+    items = [[first_words(it) for it in a.history] if text == "authors_code" else a.history for a in anchors]
+    return history_document_embeddings(encoder, [match_document(task, h, text) for h in items], batch_size=batch_size)
+
+
+def match_to_anchors(users: Sequence[User], anchor_ids: Sequence[str], anchor_emb: np.ndarray, task: TaskSpec,
+                     encoder: Encoder, batch_size: int = 32, progress: bool = True, text: str = "authors_code",
+                     start: float | None = None) -> dict[str, dict]:
+    """Per user: cosine of the whole-history embedding to every anchor's row of `anchor_emb` (Eq. 4), most similar
+    first, and the seconds per user since `start` (default: now)."""
+    start = time.perf_counter() if start is None else start
     user_emb = history_document_embeddings(encoder, [match_document(task, u.history, text) for u in users],
                                            batch_size=batch_size, progress=progress)  # (U, D)
     sims = user_emb @ anchor_emb.T  # (U, V), embeddings are unit-norm
@@ -50,8 +53,21 @@ def match_anchors(
     out = {}
     for u, row in zip(users, sims, strict=True):
         order = np.argsort(-row, kind="stable")
-        out[u.user_id] = {"similarities": {anchors[i].user_id: float(row[i]) for i in order}, "seconds": seconds}
+        out[u.user_id] = {"similarities": {anchor_ids[i]: float(row[i]) for i in order}, "seconds": seconds}
     return out
+
+
+def match_anchors(
+    users: Sequence[User], anchors: Sequence[User], task: TaskSpec, encoder: Encoder,
+    batch_size: int = 32, progress: bool = True, text: str = "authors_code",
+) -> dict[str, dict]:
+    """Per user: cosine of whole-history embeddings to every anchor (Eq. 4, `anchor_embeddings`,
+    `match_to_anchors`). Top-K and the fusion weights are taken at use time (`fused_anchors`), so one match
+    serves every K."""
+    start = time.perf_counter()
+    anchor_emb = anchor_embeddings(anchors, task, encoder, batch_size, text)  # (V, D)
+    return match_to_anchors(users, [a.user_id for a in anchors], anchor_emb, task, encoder, batch_size, progress,
+                            text, start)
 
 
 def fused_anchors(match: dict, profile: Profile, kind: str = "top", seed: int = 0) -> tuple[list[str], list[float]]:

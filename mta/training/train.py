@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from mta.log import status
 from mta.precision import autocast, bf16_weights
 
 Example = tuple[Sequence[int], Sequence[int]]  # (prompt_ids, response_ids)
@@ -82,6 +83,43 @@ class TrainLog:
     @property
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def steps(self) -> dict[str, list[float]]:
+        """Every step's loss, lr and gradient norm, to 6 significant digits (a train_log.json's lists)."""
+        return {name: [float(f"{x:.6g}") for x in values]
+                for name, values in (("losses", self.losses), ("lrs", self.lrs), ("grad_norms", self.grad_norms))}
+
+
+class StepMeter:
+    """Progress of a training run of `total` optimizer steps, told each step with `step`: its own bar when `show`,
+    and the steps done, tokens per second and an ETA as `mta.log.status` (which a stage's bar shows); `finish`
+    reports the run's steps per second and its first and last loss the same way. A context manager: its bar
+    closes on exit."""
+
+    def __init__(self, desc: str, total: int, show: bool):
+        self.desc, self.total, self.done, self.tokens = desc, total, 0, 0
+        self.bar = tqdm(total=total, desc=desc, disable=not show, leave=False)
+        self.start = time.perf_counter()
+
+    def __enter__(self) -> StepMeter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+
+    def step(self, tokens: int, **postfix: str) -> None:
+        self.done += 1
+        self.tokens += tokens
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        self.bar.update(1)
+        self.bar.set_postfix(postfix)
+        eta = tqdm.format_interval(elapsed / self.done * (self.total - self.done))
+        status(f"{self.desc} step {self.done}/{self.total}, {self.tokens / elapsed:.0f} tok/s, ETA {eta}")
+
+    def finish(self, first_loss: float, last_loss: float) -> None:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        status(f"{self.desc}: {self.done} steps, {self.done / elapsed:.2f} steps/s, {self.tokens / elapsed:.0f} tok/s, "
+               f"loss {first_loss:.4g} -> {last_loss:.4g}")
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -223,8 +261,7 @@ def train(model: nn.Module, examples: Sequence[Example], config: TrainConfig, pa
         log.probe_seconds = time.perf_counter() - tic
     model.train()
     start = time.perf_counter()
-    with tqdm(total=total, desc="train", disable=not config.progress, leave=False) as bar, \
-            bf16_weights(model, config.bf16):
+    with StepMeter("train", total, config.progress) as meter, bf16_weights(model, config.bf16):
         for step in range(total):
             lr = config.lr * lr_factor(step, total, warmup, config.schedule)
             for g in opt.param_groups:
@@ -256,9 +293,9 @@ def train(model: nn.Module, examples: Sequence[Example], config: TrainConfig, pa
             log.lrs.append(lr)
             log.grad_norms.append(float(norm))
             log.target_tokens += n_targets
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}")
+            meter.step(sum(n for _, _, n in micro), loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}")
     log.seconds = time.perf_counter() - start
+    meter.finish(log.losses[0], log.losses[-1])
     if config.probe:
         tic = time.perf_counter()
         log.probe = (before, probe_loss(model, first, config.max_len, pad_id or 0, device, before_forward,

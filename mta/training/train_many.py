@@ -28,12 +28,12 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from mta.peft.multi_lora import rows, stacked_layers
 from mta.precision import autocast, bf16_weights
 from mta.training.train import (
     Example,
+    StepMeter,
     TrainConfig,
     TrainLog,
     cut_example,
@@ -184,51 +184,52 @@ def train_many(model: nn.Module, examples: Sequence[Sequence[Example]], configs:
     max_norm = torch.tensor([c.max_grad_norm or float("inf") for c in configs])
     logs, was_training = [TrainLog() for _ in range(U)], model.training
     n_steps = max(total for total, _ in plans)
-    with tqdm(total=n_steps, desc=f"train x{U}", disable=not configs[0].progress, leave=False) as bar, \
-            bf16_weights(model, bf16):
+    with bf16_weights(model, bf16):
         tic = time.perf_counter()
         probing = any(f is not None for f in first)
         before = probe_many(model, first, configs, pad_id, rows_per_pass, device, before_pass) if probing else None
         probe_seconds = time.perf_counter() - tic
         model.train()
         start = time.perf_counter()
-        for step in range(n_steps):
-            active = [step < total for total, _ in plans]
-            lrs = [c.lr * lr_factor(step, total, warmup, c.schedule) if on else 0.0
-                   for c, (total, warmup), on in zip(configs, plans, active, strict=True)]
-            cut = [(cut_example(p, r, configs[u].max_len), u)
-                   for u in range(U) if active[u] for b in next(batches[u]) for p, r in b]
-            passes, n_targets = plan_passes(cut, rows_per_pass, pad_id, U)
-            for (p, r), u in cut:
-                logs[u].tokens += len(p) + len(r)
-            weight = (1.0 / n_targets).to(device)  # (U,) 1 / n_u: each adapter's loss over its own targets
-            loss_sums = torch.zeros(U, dtype=torch.float64)
-            for ids, mask, slots in passes:
-                loss, per_slot = pass_loss(model, ids, mask, slots, weight, bf16, before_pass)
-                if not torch.isfinite(per_slot).all():
-                    u = int((~torch.isfinite(per_slot)).nonzero()[0])
-                    raise FloatingPointError(f"train_many: non-finite loss for adapter {u} at its step "
-                                             f"{step + 1}/{plans[u][0]} (lr {lrs[u]:.3g}); lower the lr "
-                                             f"or check the data")
-                loss.backward()
-                loss_sums += per_slot.double()
-            norms = slot_grad_norms(params).cpu()  # (U,)
-            for u in range(U):
-                if active[u] and not math.isfinite(norms[u]):
-                    raise FloatingPointError(f"train_many: non-finite gradient norm for adapter {u} at its step "
-                                             f"{step + 1}/{plans[u][0]}")
-            scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)  # clip_grad_norm_'s factor, per slot
-            opt.step(active, lrs, [c.weight_decay for c in configs], scale)
-            for p in params:
-                p.grad = None
-            for u in range(U):
-                if active[u]:
-                    logs[u].losses.append(float(loss_sums[u]))
-                    logs[u].lrs.append(lrs[u])
-                    logs[u].grad_norms.append(float(norms[u]))
-                    logs[u].target_tokens += int(n_targets[u])
-            bar.update(1)
+        with StepMeter(f"train x{U}", n_steps, configs[0].progress) as meter:
+            for step in range(n_steps):
+                active = [step < total for total, _ in plans]
+                lrs = [c.lr * lr_factor(step, total, warmup, c.schedule) if on else 0.0
+                       for c, (total, warmup), on in zip(configs, plans, active, strict=True)]
+                cut = [(cut_example(p, r, configs[u].max_len), u)
+                       for u in range(U) if active[u] for b in next(batches[u]) for p, r in b]
+                passes, n_targets = plan_passes(cut, rows_per_pass, pad_id, U)
+                for (p, r), u in cut:
+                    logs[u].tokens += len(p) + len(r)
+                weight = (1.0 / n_targets).to(device)  # (U,) 1 / n_u: each adapter's loss over its own targets
+                loss_sums = torch.zeros(U, dtype=torch.float64)
+                for ids, mask, slots in passes:
+                    loss, per_slot = pass_loss(model, ids, mask, slots, weight, bf16, before_pass)
+                    if not torch.isfinite(per_slot).all():
+                        u = int((~torch.isfinite(per_slot)).nonzero()[0])
+                        raise FloatingPointError(f"train_many: non-finite loss for adapter {u} at its step "
+                                                 f"{step + 1}/{plans[u][0]} (lr {lrs[u]:.3g}); lower the lr "
+                                                 f"or check the data")
+                    loss.backward()
+                    loss_sums += per_slot.double()
+                norms = slot_grad_norms(params).cpu()  # (U,)
+                for u in range(U):
+                    if active[u] and not math.isfinite(norms[u]):
+                        raise FloatingPointError(f"train_many: non-finite gradient norm for adapter {u} at its step "
+                                                 f"{step + 1}/{plans[u][0]}")
+                scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)  # clip_grad_norm_'s factor, per slot
+                opt.step(active, lrs, [c.weight_decay for c in configs], scale)
+                for p in params:
+                    p.grad = None
+                for u in range(U):
+                    if active[u]:
+                        logs[u].losses.append(float(loss_sums[u]))
+                        logs[u].lrs.append(lrs[u])
+                        logs[u].grad_norms.append(float(norms[u]))
+                        logs[u].target_tokens += int(n_targets[u])
+                meter.step(sum(len(p) + len(r) for (p, r), _ in cut))
         seconds = time.perf_counter() - start
+        meter.finish(sum(log.losses[0] for log in logs) / U, sum(log.losses[-1] for log in logs) / U)
         tic = time.perf_counter()
         after = probe_many(model, first, configs, pad_id, rows_per_pass, device, before_pass) if probing else None
         probe_seconds += time.perf_counter() - tic

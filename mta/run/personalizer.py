@@ -1,0 +1,181 @@
+"""A finished run as a library: a new user's history in, their answers out (docs/running.md, "Personalising a new
+user from Python").
+
+`Personalizer.from_run` loads once what every user shares: the base model (`Run.engine`), the bank, the stage-2
+encoder and the anchors' Eq. 4 embeddings. `personalize` then costs one encoder pass over the user's history and
+the method's own work (fuse, train the stacked LoRA); `generate` answers queries with it. Each step is the batch
+pipeline's own (`mta.stages.personalize`), on its engine and with its unit seed, so a test user's answers are the
+run's."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mta.baselines import BASELINES
+from mta.data.lamp import MIN_TRAIN_HISTORY, LampDataError, User, validate_user
+from mta.errors import InputError
+from mta.files import read_json
+from mta.log import log
+from mta.methods import Method, get
+from mta.models.encoders import load_encoder
+from mta.peft.adapter import Adapter, save_adapter
+from mta.peft.export import export_adapter
+from mta.run.pipeline import Run, check_config, load_bank, stage1_select, stored_profile
+from mta.run.rundir import RunDir
+from mta.seeding import derive_seed
+from mta.stages.engine import summarize
+from mta.stages.matching import anchor_embeddings, match_to_anchors
+from mta.stages.personalize import method_prompts, method_setup, prepare_weights
+from mta.stages.procedure import Baseline, load_population_loras
+
+# LaMP's checks ask every query for a gold; a new user's queries have none, so they are checked with this one and
+# hold an empty gold.
+NO_GOLD = "(no gold)"
+
+
+@dataclass
+class Personalized:
+    """One user personalised by one method: the anchors it fused (Eq. 5; none for methods without), the LoRAs it
+    fused (the anchors' meta-LoRAs, or a population LoRA) at weights `alpha` (Eq. 6; [1.0] for a population LoRA),
+    the LoRA it trained on the user's history (Eq. 7; None for methods without), and seconds per phase."""
+
+    user_id: str
+    method: str
+    history: list[dict]
+    anchors: list[str] = field(default_factory=list)
+    alpha: list[float] = field(default_factory=list)
+    fused: list[Adapter] = field(default_factory=list, repr=False)
+    adapter: Adapter | None = field(default=None, repr=False)
+    seconds: dict = field(default_factory=dict)
+    train: dict | None = None
+
+
+class Personalizer:
+    """A finished run's shared parts, loaded once; one user's weights at a time on its engine."""
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.engine = run.engine
+        self.bank, _ = load_bank(run)  # an anchor missing from it fails the users who match it, naming it
+        self.encoder = load_encoder(run.profile.stage2_encoder, device=run.profile.device)
+        anchors = {u.user_id: u for u in run.candidates}
+        self.anchor_ids = [a["user_id"] for a in stage1_select(run)["anchors"]]
+        self.anchor_emb = anchor_embeddings([anchors[a] for a in self.anchor_ids], run.task_spec, self.encoder,
+                                            run.profile.encoder_batch_size, run.profile.stage2_text)
+        self.baselines: dict[str, Baseline] = {}  # Per-Pcs's and PROPER's artifacts, loaded on first use
+        self.current: Personalized | None = None  # whose weights the engine holds
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path) -> Personalizer:
+        """The run in `run_dir` (its config.json: task, seed, profile, data), refused when its data files have
+        changed since; the run's bank must be trained (stage 1b), the population LoRAs and baseline artifacts
+        are loaded when a method first needs them."""
+        config = Path(run_dir) / "config.json"
+        if not config.exists():
+            raise InputError(f"{config}: missing; from_run takes a run directory (runs/<task>/<profile>-seed<k>)")
+        record = read_json(config)
+        run = Run(record["task"], stored_profile(config), Path(record["lamp_dir"]), seed=record["seed"],
+                  methods=("mta",), progress=False, run_dir=RunDir(Path(run_dir)))
+        check_config(config, run.config_record(), run.profile)
+        log(f"personalizer: {run.dir.root} ({run.task_spec.name}, {run.profile.name}, seed {run.seed})")
+        return cls(run)
+
+    def user(self, history: list[dict], queries: Sequence[str] | None = None, user_id: str = "new-user") -> User:
+        """A User of the run's task, checked as LaMP's rows are (`validate_user`, naming the user and field); the
+        queries' ids are their positions and their gold is empty."""
+        row = {"user_id": user_id, "profile": history}
+        if queries is not None:
+            row["query"] = [{"id": str(i), "input": q, "gold": NO_GOLD} for i, q in enumerate(queries)]
+        user = validate_user(row, self.run.task_spec, with_query=queries is not None, source="personalizer")
+        return dataclasses.replace(user, query=[dataclasses.replace(q, gold="") for q in user.query])
+
+    def personalize(self, history: list[dict], method: str = "mta", user_id: str = "new-user") -> Personalized:
+        """Set the engine's weights up for this user as `method` does in the run (stage 2's match to the anchors,
+        then stage 3's fuse and adapt, under the unit seed of (run seed, user id, method)); bad input raises an
+        InputError naming the user and field before any work."""
+        m = get(method)
+        user = self.user(history, user_id=user_id)
+        if (m.recipe != "none" or m.procedure != "fuse_then_train") and len(history) < MIN_TRAIN_HISTORY:
+            raise LampDataError(f"personalizer: user {user_id}: profile: fewer than {MIN_TRAIN_HISTORY} items; "
+                                f"{m.name} trains on a user's items, each predicted from the others")
+        self.engine.reset()
+        self.current = None
+        done = Personalized(user_id, m.name, history)
+        if not m.on_base_weights:
+            match = self.match(user) if m.anchors != "none" else None
+            seed = derive_seed(self.run.seed, user_id, m.name)
+            done = self.fuse_then_train(done, user, m, match, seed) if m.procedure == "fuse_then_train" else \
+                self.procedure(done, user, m, match, seed)
+        self.current = done
+        return done
+
+    def match(self, user: User) -> dict:
+        p = self.run.profile
+        return match_to_anchors([user], self.anchor_ids, self.anchor_emb, self.run.task_spec, self.encoder,
+                                p.encoder_batch_size, False, p.stage2_text)[user.user_id]
+
+    def population(self, m: Method) -> dict[str, Adapter]:
+        if m.population != "none" and m.population not in self.bank:
+            self.bank.update(load_population_loras(self.run, [m]))
+        return self.bank
+
+    def fuse_then_train(self, done: Personalized, user: User, m: Method, match: dict | None,
+                        seed: int) -> Personalized:
+        """Stage 3's set-up of one user on the run's engine: folded (`Engine.personalize`) on the sequential
+        engine, a slot of per-row adapters (`Engine.personalize_many`) on the batched one."""
+        setup = method_setup(self.engine, user, m, match, self.population(m), seed)
+        if self.run.profile.engine == "sequential":
+            log_, phases = self.engine.personalize(setup.adapters, setup.weights, setup.recipe, setup.examples, seed)
+            trained = self.engine.trained_adapter() if setup.recipe else None
+        else:
+            logs, phases = self.engine.personalize_many([setup.adapters], [setup.weights], setup.recipe,
+                                                        [setup.examples], [seed])
+            log_ = logs[0] if logs else None
+            trained = self.engine.slot_adapter(0) if setup.recipe else None
+        return dataclasses.replace(done, anchors=setup.extra.get("anchors", []), alpha=setup.weights,
+                                   fused=setup.adapters, adapter=trained,
+                                   seconds={**setup.seconds, **phases},
+                                   train=summarize(log_) if log_ is not None else None)
+
+    def procedure(self, done: Personalized, user: User, m: Method, match: dict | None, seed: int) -> Personalized:
+        """Per-Pcs or PROPER for one user as the sequential engine runs it (`prepare_weights`)."""
+        if m.procedure not in self.baselines:
+            self.baselines[m.procedure] = Baseline(BASELINES[m.procedure], BASELINES[m.procedure].load(self.run))
+        seconds, extra = prepare_weights(self.engine, user, m, match, self.bank, seed, self.baselines)
+        return dataclasses.replace(done, seconds=seconds, train=extra.get("train"))
+
+    def generate(self, queries: Sequence[str]) -> list[dict]:
+        """The answers of the user `personalize` last set up: per query its output, the task's parsed prediction
+        and whether the test-time cap cut its prompt."""
+        if self.current is None:
+            raise InputError("personalizer: no user personalised; call personalize(history, method) first")
+        done, m = self.current, get(self.current.method)
+        user = self.user(done.history, queries, done.user_id)
+        prompts = method_prompts(self.engine.task, user, m, self.run.profile.prompt_style)
+        slotted = self.run.profile.engine == "batched" and m.procedure == "fuse_then_train" and \
+            not m.on_base_weights
+        tic = time.perf_counter()
+        outputs = self.engine.generate(prompts, slots=[0] * len(prompts) if slotted else None)
+        done.seconds["generate"] = time.perf_counter() - tic
+        return [{"query": q, "output": o, "prediction": self.engine.task.parse(o),
+                 "prompt_cut": self.engine.prompt_cut(p)} for q, p, o in zip(queries, prompts, outputs, strict=True)]
+
+    def answer(self, history: list[dict], queries: Sequence[str], method: str = "mta",
+               user_id: str = "new-user") -> list[dict]:
+        """`personalize` then `generate`; the queries are checked before any work."""
+        self.user(history, queries, user_id)
+        self.personalize(history, method, user_id)
+        return self.generate(queries)
+
+    def export(self, done: Personalized, path: str | Path) -> Path:
+        """`done`'s adapter as one PEFT LoRA folder (`mta.peft.export.export_adapter`): its fused LoRAs at `alpha`
+        under its trained LoRA, for PEFT, vLLM or llama.cpp-style servers on the run's base model."""
+        if done.adapter is None:
+            raise InputError(f"export: user {done.user_id}, {done.method}: the method trains no LoRA to export")
+        save_adapter(export_adapter(done.fused, done.alpha, done.adapter, self.run.profile.merge_space,
+                                    self.run.profile.llm), path)
+        return Path(path)

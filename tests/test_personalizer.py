@@ -1,0 +1,136 @@
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from mta.data.lamp import LampDataError, load_test_users
+from mta.errors import InputError
+from mta.peft.adapter import load_adapter
+from mta.run.rundir import RunDir
+from tests.conftest import N_USERS
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "running.md"
+
+
+@pytest.fixture(scope="module")
+def personalizer(tiny_run):
+    import mta
+
+    return mta.Personalizer.from_run(tiny_run[0])
+
+
+@pytest.fixture(scope="module")
+def user(tiny_run):
+    """The run's first test user: MTA's output differs from the base model's for this one."""
+    lamp = json.loads((tiny_run[0] / "config.json").read_text())["lamp_dir"]
+    return load_test_users(lamp, "news_headline")[0]
+
+
+@pytest.fixture(scope="module")
+def sequential(tiny_run_inputs, tmp_path_factory):
+    """MTA alone, on the tiny inputs and the sequential engine: (run directory, results)."""
+    from mta.run import pipeline
+    from mta.run.cli import main
+    from tests.fixtures import make_profile
+
+    lamp, llm, bert = tiny_run_inputs
+    root = tmp_path_factory.mktemp("sequential")
+    argv = ["--profile", str(make_profile(root / "tiny.json", llm, bert, engine="sequential")), "--lamp-dir",
+            str(lamp), "--users", str(N_USERS), "--methods", "mta", "--runs", str(root / "runs"), "--no-progress"]
+    result = main("test", pipeline.reproduce, argv)
+    return root / "runs" / "news_headline" / "tiny-seed0", result
+
+
+def run_outputs(result: dict, user_id: str, method: str) -> list[str]:
+    return [q["output"] for q in result["per_user"][user_id][method]["queries"]]
+
+
+@pytest.mark.parametrize("method", ["mta", "rag1"])
+def test_a_test_users_answers_are_the_runs(tiny_run, personalizer, user, method):
+    result = tiny_run[2]
+    answers = personalizer.answer(user.history, [q.input for q in user.query], method, user.user_id)
+    assert [a["output"] for a in answers] == run_outputs(result, user.user_id, method)
+    assert all(set(a) == {"query", "output", "prediction", "prompt_cut"} for a in answers)
+
+
+def test_on_the_sequential_engine_too_and_each_engine_sets_a_user_up_as_its_run_does(personalizer, sequential,
+                                                                                   user):
+    from mta.run.personalizer import Personalizer
+
+    run_dir, result = sequential
+    folding = Personalizer.from_run(run_dir)
+    answers = folding.answer(user.history, [q.input for q in user.query], "mta", user.user_id)
+    assert [a["output"] for a in answers] == run_outputs(result, user.user_id, "mta")
+    assert folding.engine.folded  # W0 + the fused LoRA, the trained LoRA on top
+    personalizer.personalize(user.history, "mta", user.user_id)
+    assert not personalizer.engine.folded  # W0 as it is, the user's LoRAs in a slot of per-row adapters
+
+
+def test_personalize_fuses_the_runs_anchors_at_its_alpha_and_trains_its_lora(tiny_run, personalizer, user):
+    run_dir = tiny_run[0]
+    unit = json.loads(RunDir(run_dir).user_result(user.user_id, "mta").read_text())
+    done = personalizer.personalize(user.history, "mta", user.user_id)
+    assert done.anchors == unit["anchors"]
+    assert done.alpha == pytest.approx(unit["weights"], abs=1e-6)
+    assert done.train["first_loss"] == pytest.approx(unit["train"]["first_loss"], rel=1e-5)
+    assert done.adapter is not None and {"match", "fuse", "adapt"} <= set(done.seconds)
+
+
+def test_the_docs_example_runs(tiny_run, user, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    section = DOCS.read_text().split("## Personalising a new user from Python")[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    scope = {"run_dir": tiny_run[0], "history": user.history, "queries": [q.input for q in user.query]}
+    exec(code, scope)
+    assert scope["user"].user_id == "new-user" and (tmp_path / "new-user-lora" / "adapter_config.json").exists()
+    assert [set(a) for a in scope["answers"]] == [{"query", "output", "prediction", "prompt_cut"}] * len(user.query)
+
+
+def test_the_export_is_one_lora_of_the_fused_and_trained_ranks(personalizer, user, tmp_path):
+    done = personalizer.personalize(user.history, "mta", "someone")
+    exported = load_adapter(personalizer.export(done, tmp_path / "lora"))
+    p = personalizer.run.profile
+    assert exported.config.r == p.bank.rank + p.stack.rank
+    with pytest.raises(InputError, match="trains no LoRA"):
+        personalizer.export(personalizer.personalize(user.history, "rag1"), tmp_path / "none")
+
+
+@pytest.mark.parametrize(("history", "queries", "method", "named"), [
+    ([], ["Generate a headline for the following article: x"], "mta", "profile: empty"),
+    ([{"text": "a"}], ["Generate a headline for the following article: x"], "rag1", r"profile\[0\]\.title"),
+    (None, [3], "rag1", r"query\[0\]\.input"),
+    (None, [], "rag1", "query: empty"),
+    ("one", ["Generate a headline for the following article: x"], "mta", "fewer than 2 items"),
+])
+def test_bad_input_is_named_before_any_work(personalizer, user, history, queries, method, named):
+    history = user.history if history is None else user.history[:1] if history == "one" else history
+    before = personalizer.current
+    with pytest.raises(LampDataError, match=named):
+        personalizer.answer(history, queries, method, "newcomer")
+    assert personalizer.current is before
+
+
+def test_generate_needs_a_personalised_user_and_a_known_method(tiny_run, user):
+    from mta.run.personalizer import Personalizer
+
+    fresh = Personalizer.from_run(tiny_run[0])
+    with pytest.raises(InputError, match="call personalize"):
+        fresh.generate(["Generate a headline for the following article: x"])
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        fresh.personalize(user.history, "nope")
+
+
+def test_from_run_refuses_a_folder_that_is_no_run(tmp_path):
+    from mta.run.personalizer import Personalizer
+
+    with pytest.raises(InputError, match=r"config\.json: missing"):
+        Personalizer.from_run(tmp_path)
+
+
+def test_importing_mta_stays_light():
+    import subprocess
+    import sys
+
+    code = "import sys, mta; assert 'torch' not in sys.modules; mta.Personalizer; assert 'torch' in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
