@@ -47,6 +47,11 @@ class Method:
             raise ValueError(f"method {self.name}: tables must be among {TABLES}, got {self.tables}")
 
     @property
+    def trains_on_history(self) -> bool:
+        """Trains on the user's own items, each predicted from the others (a recipe, or a baseline's user stage)."""
+        return self.recipe != "none" or self.procedure != "fuse_then_train"
+
+    @property
     def on_base_weights(self) -> bool:
         """Generates with W0 as it is: such methods share one batched generation."""
         return (self.anchors, self.recipe, self.procedure, self.population) == ("none", "none", "fuse_then_train",

@@ -99,7 +99,7 @@ class Personalizer:
         InputError naming the user and field before any work."""
         m = get(method)
         user = self.user(history, user_id=user_id)
-        if (m.recipe != "none" or m.procedure != "fuse_then_train") and len(history) < MIN_TRAIN_HISTORY:
+        if m.trains_on_history and len(history) < MIN_TRAIN_HISTORY:
             raise LampDataError(f"personalizer: user {user_id}: profile: fewer than {MIN_TRAIN_HISTORY} items; "
                                 f"{m.name} trains on a user's items, each predicted from the others")
         self.engine.reset()

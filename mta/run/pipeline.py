@@ -147,7 +147,7 @@ class Run:
         if overlap:
             raise LampDataError(f"{self.lamp_dir / self.task_spec.name}: test user {overlap[0]!r} is also a bank "
                                 f"candidate ({len(overlap)} such users); bank and test users must be disjoint")
-        trained = [m.name for m in map(get, self.methods) if m.recipe != "none" or m.procedure != "fuse_then_train"]
+        trained = [m.name for m in map(get, self.methods) if m.trains_on_history]
         short = [u.user_id for u in self.all_test_users if len(u.history) < MIN_TRAIN_HISTORY]
         if trained and short:
             raise LampDataError(f"{self.data_files['test_users']}: user {short[0]}: profile: fewer than "
@@ -182,7 +182,7 @@ def check_config(path: Path, config: dict, profile: Profile) -> None:
     """Refuse a run directory whose config.json records another task, seed, profile or data, naming what differs."""
     old = read_json(path)
     changes = [f"{k}: {old.get(k)!r} there, {config[k]!r} now" for k in ("task", "seed") if old.get(k) != config[k]]
-    stored = stored_profile(path)
+    stored = profile_from_dict({**old["profile"], "base": "cpu"}, str(path))
     differ = [f.name for f in dataclasses.fields(Profile)
               if f.name != "notes" and getattr(stored, f.name) != getattr(profile, f.name)]
     if differ:
