@@ -31,5 +31,7 @@ setup(
         "plot": ["matplotlib>=3.7"],
         # `--executor ray` (mta.run.executor): imported only when chosen.
         "ray": ["ray>=2.9"],
+        # `mta serve` (mta.run.serve): imported only by that command and its tests.
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
     },
 )

@@ -21,6 +21,7 @@ from tests.test_integrity import comparable
 ARTIFACTS = {
     "stage-1 anchors": ("stage1/anchors.json", "stage2/matches.json"),
     "stage-1 user vectors": ("stage1/vectors/*.safetensors", "perpcs/gates/*.safetensors"),
+    "stage-2 anchor embeddings": ("stage2/anchor_embeddings.safetensors", "perpcs/gates/*.safetensors"),
     "meta-LoRA": ("bank/*", "bank/*"),
     "OPPU task LoRA": ("population/oppu_task", "perpcs/task_lora"),
     "Per-Pcs task LoRA": ("perpcs/task_lora", "proper/population_lora"),

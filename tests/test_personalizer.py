@@ -2,6 +2,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mta.data.lamp import LampDataError, load_test_users
@@ -134,3 +135,71 @@ def test_importing_mta_stays_light():
 
     code = "import sys, mta; assert 'torch' not in sys.modules; mta.Personalizer; assert 'torch' in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def users(tiny_run):
+    lamp = json.loads((tiny_run[0] / "config.json").read_text())["lamp_dir"]
+    return load_test_users(lamp, "news_headline")[:N_USERS]
+
+
+@pytest.mark.parametrize("method", ["mta", "rag1", "oppu", "perpcs", "proper"])
+def test_a_group_of_requests_gets_each_users_run_answers(tiny_run, users, method):
+    from mta.run.personalizer import Personalizer, Request
+
+    result = tiny_run[2]
+    personalizer = Personalizer.from_run(tiny_run[0])
+    bad = Request([], ["Generate a headline for the following article: x"], method, "nobody")
+    requests = [Request(u.history, [q.input for q in u.query], method, u.user_id) for u in users]
+    done = personalizer.answer_many([requests[0], bad, *requests[1:]])
+    assert isinstance(done[1], InputError) and "profile: empty" in str(done[1])
+    for request, answered in zip(requests, [done[0], *done[2:]], strict=True):
+        assert [a["output"] for a in answered.answers] == run_outputs(result, request.user_id, method)
+        assert answered.group == len(users) and not answered.kept
+
+
+def test_a_kept_adapter_answers_a_returning_user_without_training(tiny_run, users):
+    from mta.run.personalizer import Personalizer, Request
+
+    result = tiny_run[2]
+    personalizer = Personalizer.from_run(tiny_run[0], keep=2)
+    requests = [Request(users[0].history, [users[0].query[0].input], "mta", "first-out")] + \
+        [Request(u.history, [q.input for q in u.query], "mta", u.user_id) for u in users]
+    first = personalizer.answer_many(requests)
+    assert len(personalizer.kept) == 2 and requests[0].key() not in personalizer.kept  # least recent out
+    again = personalizer.answer_many(requests[1:])
+    assert all(a.kept and "adapt" not in a.personalized.seconds for a in again)
+    for request, a, b in zip(requests[1:], first[1:], again, strict=True):
+        assert [x["output"] for x in b.answers] == [x["output"] for x in a.answers] \
+            == run_outputs(result, request.user_id, "mta")
+    assert Personalizer.from_run(tiny_run[0]).answer_many(requests[:1])[0].personalized.adapter is not None
+    assert not Personalizer.from_run(tiny_run[0]).kept
+    with pytest.raises(ValueError, match="keep"):
+        Personalizer.from_run(tiny_run[0], keep=-1)
+
+
+def test_an_unknown_method_is_named_as_the_requests_field(personalizer, user):
+    from mta.run.personalizer import Request
+
+    [done] = personalizer.answer_many([Request(user.history, ["x"], "nope", "someone")])
+    assert isinstance(done, InputError) and "method: unknown method 'nope'" in str(done)
+
+
+def test_stage_2_keeps_the_anchors_embeddings_so_a_new_user_costs_one_encoder_pass(tiny_run, monkeypatch):
+    from mta.run import pipeline
+    from mta.run.personalizer import Personalizer
+
+    path = RunDir(tiny_run[0]).anchor_embeddings
+    assert path.exists()
+    embedded = []
+    real = pipeline.anchor_embeddings
+    monkeypatch.setattr(pipeline, "anchor_embeddings", lambda *a, **k: embedded.append(1) or real(*a, **k))
+    kept = Personalizer.from_run(tiny_run[0]).anchor_emb
+    assert not embedded and kept.shape[0] == len(json.loads(RunDir(tiny_run[0]).anchors.read_text())["anchors"])
+    before = path.read_bytes()
+    path.write_bytes(before[:-8])  # damaged: embedded again, the run's folder left as it is
+    try:
+        np.testing.assert_allclose(Personalizer.from_run(tiny_run[0]).anchor_emb, kept, atol=1e-5)
+        assert embedded and path.read_bytes() == before[:-8]
+    finally:
+        path.write_bytes(before)

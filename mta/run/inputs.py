@@ -65,6 +65,12 @@ def adapter(run: Run, anchor: User) -> dict:
     return {**_base(run, "meta-LoRA"), "anchor": user_digest(anchor), "settings": settings(run.profile, ADAPTER_FIELDS)}
 
 
+def anchor_embeddings(run: Run) -> dict:
+    """The anchors' whole-history embeddings of stage 2 (Eq. 4's anchor side)."""
+    return {**_base(run, "stage-2 anchor embeddings"), "candidates": run.data_sha256["candidates"],
+            "anchors": digest(stage1(run)), "settings": settings(run.profile, STAGE2_FIELDS)}
+
+
 def match(run: Run, user: User) -> dict:
     return {"artifact": "stage-2 match", "task": run.task_spec.name, "user": user_digest(user),
             "anchors": digest(stage1(run)),

@@ -2,15 +2,18 @@
 user from Python").
 
 `Personalizer.from_run` loads once what every user shares: the base model (`Run.engine`), the bank, the stage-2
-encoder and the anchors' Eq. 4 embeddings. `personalize` then costs one encoder pass over the user's history and
-the method's own work (fuse, train the stacked LoRA); `generate` answers queries with it. Each step is the batch
-pipeline's own (`mta.stages.personalize`), on its engine and with its unit seed, so a test user's answers are the
-run's."""
+encoder and the anchors' Eq. 4 embeddings (stored by stage 2). `personalize` then costs one encoder pass over the
+user's history and the method's own work (fuse, train the stacked LoRA); `generate` answers queries with it;
+`answer_many` does both for a group of users at once. Each step is the batch pipeline's own
+(`mta.stages.personalize`), on its engine and with its unit seed, so a test user's answers are the run's."""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,17 +23,24 @@ from mta.data.lamp import MIN_TRAIN_HISTORY, LampDataError, User, validate_user
 from mta.errors import InputError
 from mta.files import read_json
 from mta.log import log
-from mta.methods import Method, get
+from mta.methods import METHODS, Method, get
 from mta.models.encoders import load_encoder
 from mta.peft.adapter import Adapter, save_adapter
 from mta.peft.export import export_adapter
-from mta.run.pipeline import Run, check_config, load_bank, stage1_select, stored_profile
+from mta.run.pipeline import Run, check_config, load_bank, stage1_select, stage2_anchor_embeddings, stored_profile
 from mta.run.rundir import RunDir
 from mta.seeding import derive_seed
 from mta.stages.engine import summarize
-from mta.stages.matching import anchor_embeddings, match_to_anchors
-from mta.stages.personalize import method_prompts, method_setup, prepare_weights
+from mta.stages.matching import match_to_anchors
+from mta.stages.personalize import method_prompts, method_setup, prepare_weights, run_group, split_outputs
 from mta.stages.procedure import Baseline, load_population_loras
+
+
+def answers(queries: Sequence[str], result: dict) -> list[dict]:
+    """A stage-3 result's rows as a new user's answers: per query its output, prediction and prompt_cut."""
+    return [{"query": q, "output": row["output"], "prediction": row["prediction"], "prompt_cut": row["prompt_cut"]}
+            for q, row in zip(queries, result["queries"], strict=True)]
+
 
 # LaMP's checks ask every query for a gold; a new user's queries have none, so they are checked with this one and
 # hold an empty gold.
@@ -54,23 +64,53 @@ class Personalized:
     train: dict | None = None
 
 
-class Personalizer:
-    """A finished run's shared parts, loaded once; one user's weights at a time on its engine."""
+@dataclass
+class Request:
+    """One user's history and queries for one method: what `answer_many` takes."""
 
-    def __init__(self, run: Run):
+    history: list[dict]
+    queries: list[str]
+    method: str = "mta"
+    user_id: str = "new-user"
+
+    def key(self) -> str:
+        """What a kept adapter is looked up by: the user, the method and a digest of the history."""
+        text = json.dumps([self.user_id, self.method, self.history], sort_keys=True, ensure_ascii=True)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass
+class Answered:
+    """A request's answers (per query: output, prediction, prompt_cut), how its user was personalised, how many
+    users were personalised and decoded together, and whether the adapter was a kept one (no training)."""
+
+    personalized: Personalized
+    answers: list[dict]
+    group: int
+    kept: bool = False
+
+
+class Personalizer:
+    """A finished run's shared parts, loaded once; one user's weights at a time on its engine, or a group's in
+    one pass (`answer_many`). `keep` personalised adapters stay in memory, least recently used first out (0: none,
+    nothing is kept per user)."""
+
+    def __init__(self, run: Run, keep: int = 0):
+        if keep < 0:
+            raise ValueError(f"keep: {keep} adapters; 0 or more")
         self.run = run
+        self.keep = keep
+        self.kept: OrderedDict[str, Personalized] = OrderedDict()
         self.engine = run.engine
         self.bank, _ = load_bank(run)  # an anchor missing from it fails the users who match it, naming it
         self.encoder = load_encoder(run.profile.stage2_encoder, device=run.profile.device)
-        anchors = {u.user_id: u for u in run.candidates}
         self.anchor_ids = [a["user_id"] for a in stage1_select(run)["anchors"]]
-        self.anchor_emb = anchor_embeddings([anchors[a] for a in self.anchor_ids], run.task_spec, self.encoder,
-                                            run.profile.encoder_batch_size, run.profile.stage2_text)
+        self.anchor_emb = stage2_anchor_embeddings(run, self.encoder, write=False)  # (V, D), stored by stage 2
         self.baselines: dict[str, Baseline] = {}  # Per-Pcs's and PROPER's artifacts, loaded on first use
         self.current: Personalized | None = None  # whose weights the engine holds
 
     @classmethod
-    def from_run(cls, run_dir: str | Path) -> Personalizer:
+    def from_run(cls, run_dir: str | Path, keep: int = 0) -> Personalizer:
         """The run in `run_dir` (its config.json: task, seed, profile, data), refused when its data files have
         changed since; the run's bank must be trained (stage 1b), the population LoRAs and baseline artifacts
         are loaded when a method first needs them."""
@@ -82,7 +122,7 @@ class Personalizer:
                   methods=("mta",), progress=False, run_dir=RunDir(Path(run_dir)))
         check_config(config, run.config_record(), run.profile)
         log(f"personalizer: {run.dir.root} ({run.task_spec.name}, {run.profile.name}, seed {run.seed})")
-        return cls(run)
+        return cls(run, keep)
 
     def user(self, history: list[dict], queries: Sequence[str] | None = None, user_id: str = "new-user") -> User:
         """A User of the run's task, checked as LaMP's rows are (`validate_user`, naming the user and field); the
@@ -92,6 +132,96 @@ class Personalizer:
             row["query"] = [{"id": str(i), "input": q, "gold": NO_GOLD} for i, q in enumerate(queries)]
         user = validate_user(row, self.run.task_spec, with_query=queries is not None, source="personalizer")
         return dataclasses.replace(user, query=[dataclasses.replace(q, gold="") for q in user.query])
+
+    def check(self, request: Request) -> tuple[User, Method]:
+        """The request's user with its queries and its method, or an InputError naming the field, before any
+        work: the history and queries as LaMP's rows are checked, the method one of the run's method table, at
+        least 2 items for a method that trains on them."""
+        if request.method not in METHODS:
+            raise InputError(f"user {request.user_id}: method: unknown method {request.method!r}; choose from "
+                             f"{', '.join(METHODS)}")
+        m = get(request.method)
+        user = self.user(request.history, request.queries, request.user_id)
+        if m.trains_on_history and len(request.history) < MIN_TRAIN_HISTORY:
+            raise LampDataError(f"personalizer: user {request.user_id}: profile: fewer than {MIN_TRAIN_HISTORY} "
+                                f"items; {m.name} trains on a user's items, each predicted from the others")
+        return user, m
+
+    def answer_many(self, requests: Sequence[Request]) -> list[Answered | InputError]:
+        """Each request's answers, or the InputError that stopped it (the others go on). Requests of one method
+        run together, `group_size` users at a time, through the pipeline's own `run_group` (one encoder pass
+        matches them, one pass trains their LoRAs, one batch decodes them); a request whose adapter is kept skips
+        the training and is decoded with the others kept."""
+        out: list[Answered | InputError | None] = [None] * len(requests)
+        todo: dict[str, list[tuple[int, User]]] = {}
+        for i, r in enumerate(requests):
+            try:
+                user, m = self.check(r)
+            except InputError as e:
+                out[i] = e
+                continue
+            todo.setdefault(m.name, []).append((i, user))
+        self.current = None
+        size = self.run.profile.group_size
+        for name, items in todo.items():
+            m = get(name)
+            kept = [(i, u) for i, u in items if requests[i].key() in self.kept]
+            fresh = [(i, u) for i, u in items if requests[i].key() not in self.kept]
+            for start in range(0, len(fresh), size):
+                self.run_fresh(requests, fresh[start: start + size], m, out)
+            for start in range(0, len(kept), size):
+                self.run_kept(requests, kept[start: start + size], m, out)
+        return out
+
+    def run_fresh(self, requests: Sequence[Request], items: Sequence[tuple[int, User]], m: Method,
+                  out: list) -> None:
+        users = [u for _, u in items]
+        matches = match_to_anchors(users, self.anchor_ids, self.anchor_emb, self.run.task_spec, self.encoder,
+                                   self.run.profile.encoder_batch_size, False, self.run.profile.stage2_text) \
+            if m.anchors != "none" and not m.on_base_weights else {}
+        if m.procedure != "fuse_then_train" and m.procedure not in self.baselines:
+            self.baselines[m.procedure] = Baseline(BASELINES[m.procedure], BASELINES[m.procedure].load(self.run))
+        held: dict = {}
+        self.engine.reset()
+        results = run_group(self.engine, users, [m], matches, self.population(m), self.run.seed, self.baselines,
+                            kept=held)
+        for i, u in items:
+            result = results[u.user_id][m.name]
+            if "error" in result:
+                out[i] = InputError(result["error"])
+                continue
+            fused, alpha, adapter = held.get(u.user_id, ([], [], None))
+            done = Personalized(u.user_id, m.name, requests[i].history, anchors=result.get("anchors", []),
+                                alpha=alpha, fused=fused, adapter=adapter, seconds=result["seconds"],
+                                train=result.get("train"))
+            if adapter is not None and self.keep:
+                self.kept[requests[i].key()] = done
+                while len(self.kept) > self.keep:
+                    self.kept.popitem(last=False)
+            out[i] = Answered(done, answers(requests[i].queries, result), result.get("group", len(items)))
+
+    def run_kept(self, requests: Sequence[Request], items: Sequence[tuple[int, User]], m: Method,
+                 out: list) -> None:
+        """Kept adapters back in slots, one batched decode of their queries."""
+        done = [self.kept[requests[i].key()] for i, _ in items]
+        for i, _ in items:
+            self.kept.move_to_end(requests[i].key())
+        prompts = [method_prompts(self.engine.task, u, m, self.run.profile.prompt_style) for _, u in items]
+        self.engine.reset()
+        try:
+            self.engine.install_many([d.fused for d in done], [d.alpha for d in done], [d.adapter for d in done])
+            tic = time.perf_counter()
+            outputs = self.engine.generate([p for ps in prompts for p in ps],
+                                           slots=[n for n, ps in enumerate(prompts) for _ in ps])
+            generate = (time.perf_counter() - tic) / len(items)
+        finally:
+            self.engine.reset()
+        pieces = split_outputs(outputs, [len(ps) for ps in prompts])
+        for (i, _), d, ps, piece in zip(items, done, prompts, pieces, strict=True):
+            rows = [{"query": q, "output": o, "prediction": self.engine.task.parse(o),
+                     "prompt_cut": self.engine.prompt_cut(p)} for q, p, o in zip(requests[i].queries, ps, piece,
+                                                                                 strict=True)]
+            out[i] = Answered(dataclasses.replace(d, seconds={"generate": generate}), rows, len(items), kept=True)
 
     def personalize(self, history: list[dict], method: str = "mta", user_id: str = "new-user") -> Personalized:
         """Set the engine's weights up for this user as `method` does in the run (stage 2's match to the anchors,

@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mta.baselines import BASELINES
@@ -32,7 +33,7 @@ from mta.files import atomic_path, read_json, sha256_file, write_json, write_npy
 from mta.log import log
 from mta.methods import DEFAULT, get, units
 from mta.models.checkpoint import load_llm
-from mta.models.encoders import load_encoder
+from mta.models.encoders import Encoder, load_encoder
 from mta.peft.adapter import load_adapter
 from mta.precision import resolve_bf16
 from mta.profiles import Profile, profile_from_dict
@@ -45,10 +46,10 @@ from mta.seeding import derive_seed
 from mta.stages.anchors import select_anchors
 from mta.stages.bank import train_adapter, train_adapters
 from mta.stages.engine import Engine
-from mta.stages.matching import match_anchors
+from mta.stages.matching import anchor_embeddings, match_to_anchors
 from mta.stages.personalize import refuse_on_quantised_base, run_group, run_unit
 from mta.stages.procedure import Baseline, build_population_loras, load_population_loras
-from mta.stamps import current, record_problem, sealed, stale, write_sealed
+from mta.stamps import current, load_tensors, record_problem, save_sealed_tensors, sealed, stale, write_sealed
 
 
 @dataclass
@@ -261,23 +262,44 @@ def bank_group(run: Run, anchor_ids: Sequence[str]) -> None:
 def stage2_match_anchors(run: Run) -> dict:
     """Each test user's similarity to every anchor (Eq. 4). An entry of matches.json made from the run's inputs
     (the user's record, the anchors, the stage-2 settings) is kept; the run's users without one are matched and
-    added (after a run on the first N users, the full run adds the rest)."""
+    added (after a run on the first N users, the full run adds the rest). The anchors' embeddings are kept
+    beside them (`stage2_anchor_embeddings`)."""
     path = run.dir.matches
     matches = stored_matches(run)
     todo = [u for u in run.test_users if u.user_id not in current_matches(run, matches)]
-    if not todo:
+    if not todo and stale(run.dir.anchor_embeddings, inputs.anchor_embeddings(run)) is None:
         return matches
     p = run.profile
-    by_id = {u.user_id: u for u in run.candidates}
     anchor_ids = [a["user_id"] for a in stage1_select(run)["anchors"]]
     log(f"stage 2: matching {len(todo)} users ({len(run.test_users) - len(todo)} matched before) to "
         f"{len(anchor_ids)} anchors with {p.stage2_encoder}")
     encoder = load_encoder(p.stage2_encoder, device=p.device)
-    new = match_anchors(todo, [by_id[a] for a in anchor_ids], run.task_spec, encoder, p.encoder_batch_size,
-                        run.progress, p.stage2_text)
+    start = time.perf_counter()
+    anchor_emb = stage2_anchor_embeddings(run, encoder)  # (V, D)
+    if not todo:
+        return matches
+    new = match_to_anchors(todo, anchor_ids, anchor_emb, run.task_spec, encoder, p.encoder_batch_size,
+                           run.progress, p.stage2_text, start)
     matches = {**matches, **{u.user_id: sealed(new[u.user_id], inputs.match(run, u)) for u in todo}}
     write_json(path, matches)
     return matches
+
+
+def stage2_anchor_embeddings(run: Run, encoder: Encoder, write: bool = True) -> np.ndarray:
+    """Eq. 4's anchor side, (V, D) in stage 1's anchor order: read from stage2/anchor_embeddings.safetensors when
+    it was made from the run's inputs, else embedded (and, with `write`, kept there), so matching a new user
+    costs one encoder pass over that user's history."""
+    path, made_from = run.dir.anchor_embeddings, inputs.anchor_embeddings(run)
+    if current(path, made_from):
+        return load_tensors(path)[0]["embeddings"].numpy().copy()  # not a view of the file
+    by_id = {u.user_id: u for u in run.candidates}
+    p = run.profile
+    emb = anchor_embeddings([by_id[a["user_id"]] for a in stage1_select(run)["anchors"]], run.task_spec, encoder,
+                            p.encoder_batch_size, p.stage2_text)  # (V, D)
+    if write:
+        with atomic_path(path) as tmp:
+            save_sealed_tensors(tmp, {"embeddings": torch.from_numpy(emb)}, made_from)
+    return emb
 
 
 def stored_matches(run: Run) -> dict:

@@ -5,7 +5,7 @@
       run.log (every command's log lines)
       stage1/user_vectors.npy  anchors.json  vectors/<first>-<last>.safetensors (a chunk of stage 1a)
       bank/<anchor_id>/adapter_model.safetensors  adapter_config.json  train_log.json
-      stage2/matches.json
+      stage2/matches.json  anchor_embeddings.safetensors (the anchors' Eq. 4 embeddings)
       perpcs/task_lora/  perpcs/sharers/<anchor_id>/  perpcs/gates/<anchor_id>.safetensors
       proper/population_lora/  proper/group/mixture.safetensors  users.json  train_log.json
       users/<user_id>/<method>.json  <method>.error.json (a failed unit: retried by the next run)
@@ -128,6 +128,10 @@ class RunDir:
     @property
     def matches(self) -> Path:
         return self.artifacts / "stage2" / "matches.json"
+
+    @property
+    def anchor_embeddings(self) -> Path:
+        return self.artifacts / "stage2" / "anchor_embeddings.safetensors"
 
     def user_result(self, user_id: str, method: str) -> Path:
         return self.root / "users" / id_folder(user_id) / f"{method}.json"

@@ -18,7 +18,7 @@ from mta.models.tokenizer import Tokenizer
 from mta.peft.adapter import Adapter, get_adapter
 from mta.peft.fusion import BaseWeights, base_linears, fold_adapters, nf4_base, stack_lora
 from mta.peft.lora import unload_lora
-from mta.peft.multi_lora import generate_many, get_row_adapter, stack_many, unload_row_lora
+from mta.peft.multi_lora import generate_many, get_row_adapter, set_slot, stack_many, unload_row_lora
 from mta.precision import autocast
 from mta.profiles import LoRASpec, Profile
 from mta.seeding import derive_seed, seeded_subset
@@ -194,6 +194,19 @@ class Engine:
         self.model.eval()
         seconds["adapt"] = logs[0].seconds
         return logs, seconds
+
+    def install_many(self, fused: Sequence[Sequence[Adapter]], weights: Sequence[Sequence[float]],
+                     trained: Sequence[Adapter | None]) -> None:
+        """Slots as `personalize_many` leaves them, with LoRAs it trained before: slot u holds the fused LoRA of
+        `fused[u]` and the trained LoRA `trained[u]` on top (all None: none on top)."""
+        config = next((a.config for a in trained if a is not None), None)
+        if config is not None and None in trained:
+            raise ValueError("install_many: every slot or none holds a trained LoRA")
+        self.lora_config = config
+        stack_many(self.model, fused, weights, config, self.profile.merge_space, [0] * len(fused))
+        for slot, adapter in enumerate(trained):
+            if adapter is not None:
+                set_slot(self.model, slot, adapter)
 
     def slot_adapter(self, slot: int) -> Adapter:
         """The LoRA `personalize_many` trained in slot `slot`, detached from the model."""

@@ -126,15 +126,17 @@ def run_unit(engine: Engine, user: User, unit: Sequence[Method], match: dict | N
 
 
 def run_group(engine: Engine, users: Sequence[User], unit: Sequence[Method], matches: dict,
-              bank: dict[str, Adapter], seed: int, baselines: Mapping[str, Baseline] | None = None
-              ) -> dict[str, dict[str, dict]]:
+              bank: dict[str, Adapter], seed: int, baselines: Mapping[str, Baseline] | None = None,
+              kept: dict | None = None) -> dict[str, dict[str, dict]]:
     """`run_unit` for many users at once (the batched engine): user id -> method name -> result.
 
     Methods on W0 decode every user's prompts in batches of similar length. A fuse-then-train method gives
     each user a slot of per-row adapters (its fused LoRA unmerged, its fresh LoRA on top), trains all the
     slots in one pass and decodes them in one batch; each result's seconds are the group's divided by its
     size. Per-Pcs and PROPER make each user's part in turn and decode all of them in one batch
-    (`run_procedure_group`). A user with bad input gets its error rows; the rest go on."""
+    (`run_procedure_group`). A user with bad input gets its error rows; the rest go on. With `kept`, a
+    fuse-then-train method leaves there, by user id, the LoRAs each user's slot held: (fused LoRAs, their
+    weights, the trained LoRA or None)."""
     task, style, size = engine.task, engine.profile.prompt_style, engine.profile.group_size
     method = unit[0]
     if method.on_base_weights:
@@ -176,6 +178,9 @@ def run_group(engine: Engine, users: Sequence[User], unit: Sequence[Method], mat
         outputs = engine.generate([p for ps in prompts for p in ps],
                                   slots=[n for n, ps in enumerate(prompts) for _ in ps])
         phases["generate"] = time.perf_counter() - tic
+        if kept is not None:
+            for n, (u, s) in enumerate(zip(ok, chosen, strict=True)):
+                kept[u.user_id] = (s.adapters, s.weights, engine.slot_adapter(n) if s.recipe else None)
     finally:
         engine.reset()
     pieces = split_outputs(outputs, [len(ps) for ps in prompts])
