@@ -11,7 +11,7 @@ from mta.peft.adapter import load_adapter
 from mta.run.rundir import RunDir
 from tests.conftest import N_USERS
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "running.md"
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "serving.md"
 
 
 @pytest.fixture(scope="module")
@@ -98,10 +98,10 @@ def test_the_export_is_one_lora_of_the_fused_and_trained_ranks(personalizer, use
 
 
 @pytest.mark.parametrize(("history", "queries", "method", "named"), [
-    ([], ["Generate a headline for the following article: x"], "mta", "profile: empty"),
-    ([{"text": "a"}], ["Generate a headline for the following article: x"], "rag1", r"profile\[0\]\.title"),
-    (None, [3], "rag1", r"query\[0\]\.input"),
-    (None, [], "rag1", "query: empty"),
+    ([], ["Generate a headline for the following article: x"], "mta", "history: empty"),
+    ([{"text": "a"}], ["Generate a headline for the following article: x"], "rag1", r"history\[0\]\.title"),
+    (None, [3], "rag1", r"queries\[0\]"),
+    (None, [], "rag1", "queries: empty"),
     ("one", ["Generate a headline for the following article: x"], "mta", "fewer than 2 items"),
 ])
 def test_bad_input_is_named_before_any_work(personalizer, user, history, queries, method, named):
@@ -152,7 +152,7 @@ def test_a_group_of_requests_gets_each_users_run_answers(tiny_run, users, method
     bad = Request([], ["Generate a headline for the following article: x"], method, "nobody")
     requests = [Request(u.history, [q.input for q in u.query], method, u.user_id) for u in users]
     done = personalizer.answer_many([requests[0], bad, *requests[1:]])
-    assert isinstance(done[1], InputError) and "profile: empty" in str(done[1])
+    assert isinstance(done[1], InputError) and "history: empty" in str(done[1])
     for request, answered in zip(requests, [done[0], *done[2:]], strict=True):
         assert [a["output"] for a in answered.answers] == run_outputs(result, request.user_id, method)
         assert answered.group == len(users) and not answered.kept
@@ -172,6 +172,10 @@ def test_a_kept_adapter_answers_a_returning_user_without_training(tiny_run, user
     for request, a, b in zip(requests[1:], first[1:], again, strict=True):
         assert [x["output"] for x in b.answers] == [x["output"] for x in a.answers] \
             == run_outputs(result, request.user_id, "mta")
+    one = Personalizer.from_run(tiny_run[0], keep=1)
+    one.answer_many(requests[1:2])
+    newcomer, returning = one.answer_many([requests[2], requests[1]])  # the newcomer's adapter evicts the kept one
+    assert not newcomer.kept and returning.kept and returning.answers == again[0].answers
     assert Personalizer.from_run(tiny_run[0]).answer_many(requests[:1])[0].personalized.adapter is not None
     assert not Personalizer.from_run(tiny_run[0]).kept
     with pytest.raises(ValueError, match="keep"):
@@ -203,3 +207,14 @@ def test_stage_2_keeps_the_anchors_embeddings_so_a_new_user_costs_one_encoder_pa
         assert embedded and path.read_bytes() == before[:-8]
     finally:
         path.write_bytes(before)
+
+
+def test_two_requests_of_one_user_id_are_answered_apart(tiny_run, users):
+    from mta.run.personalizer import Personalizer, Request
+
+    personalizer = Personalizer.from_run(tiny_run[0])
+    requests = [Request(u.history, [q.input for q in u.query], "mta", "same") for u in users[:2]]
+    together = personalizer.answer_many(requests)
+    alone = [personalizer.answer_many([r])[0] for r in requests]
+    assert [a.answers for a in together] == [a.answers for a in alone]
+    assert [a.group for a in together] == [1, 1]

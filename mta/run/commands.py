@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mta.run import cli, compare, download, plan
+from mta.run import cli, compare, download, plan, serve
 from mta.run.pipeline import (
     Run,
     reproduce,
@@ -120,6 +120,7 @@ COMMANDS = {
                            add_args=add_sweep_args),
     "download-lamp": Command("download the official LaMP files, build the stages' layout", download.main),
     "compare-runs": Command("cross-check two runs of one task, method by method", compare.main),
+    "serve": Command("an HTTP JSON service on a finished run: a new user's history in, answers out", serve.main),
 }
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mta.baselines import BASELINES
-from mta.data.lamp import MIN_TRAIN_HISTORY, LampDataError, User, validate_user
+from mta.data.lamp import MIN_TRAIN_HISTORY, LampDataError, User, user_problems, validate_user
 from mta.errors import InputError
 from mta.files import read_json
 from mta.log import log
@@ -40,6 +41,16 @@ def answers(queries: Sequence[str], result: dict) -> list[dict]:
     """A stage-3 result's rows as a new user's answers: per query its output, prediction and prompt_cut."""
     return [{"query": q, "output": row["output"], "prediction": row["prediction"], "prompt_cut": row["prompt_cut"]}
             for q, row in zip(queries, result["queries"], strict=True)]
+
+
+def argument_field(field: str) -> str:
+    """A field of LaMP's row as the Personalizer's arguments name it: `profile[3].title` is `history[3].title`,
+    `query[0].input` is `queries[0]`."""
+    if field.startswith("profile"):
+        return "history" + field.removeprefix("profile")
+    if (m := re.fullmatch(r"query\[(\d+)\](\.input)?", field)) is not None:
+        return f"queries[{m[1]}]"
+    return "queries" + field.removeprefix("query") if field.startswith("query") else field
 
 
 # LaMP's checks ask every query for a gold; a new user's queries have none, so they are checked with this one and
@@ -69,7 +80,7 @@ class Request:
     """One user's history and queries for one method: what `answer_many` takes."""
 
     history: list[dict]
-    queries: list[str]
+    queries: list[str] | None  # None: no queries yet (`personalize`)
     method: str = "mta"
     user_id: str = "new-user"
 
@@ -125,11 +136,16 @@ class Personalizer:
         return cls(run, keep)
 
     def user(self, history: list[dict], queries: Sequence[str] | None = None, user_id: str = "new-user") -> User:
-        """A User of the run's task, checked as LaMP's rows are (`validate_user`, naming the user and field); the
-        queries' ids are their positions and their gold is empty."""
+        """A User of the run's task, checked as LaMP's rows are (`user_problems`; each problem named by the user
+        and this method's own argument, `history[3].title`, `queries[0]`); the queries' ids are their positions
+        and their gold is empty."""
         row = {"user_id": user_id, "profile": history}
         if queries is not None:
             row["query"] = [{"id": str(i), "input": q, "gold": NO_GOLD} for i, q in enumerate(queries)]
+        problems = [f"{argument_field(f)}: {what}" for f, what in
+                    user_problems(row, self.run.task_spec, with_query=queries is not None)]
+        if problems:
+            raise LampDataError(f"personalizer: user {user_id}: " + "; ".join(problems))
         user = validate_user(row, self.run.task_spec, with_query=queries is not None, source="personalizer")
         return dataclasses.replace(user, query=[dataclasses.replace(q, gold="") for q in user.query])
 
@@ -143,7 +159,7 @@ class Personalizer:
         m = get(request.method)
         user = self.user(request.history, request.queries, request.user_id)
         if m.trains_on_history and len(request.history) < MIN_TRAIN_HISTORY:
-            raise LampDataError(f"personalizer: user {request.user_id}: profile: fewer than {MIN_TRAIN_HISTORY} "
+            raise LampDataError(f"personalizer: user {request.user_id}: history: fewer than {MIN_TRAIN_HISTORY} "
                                 f"items; {m.name} trains on a user's items, each predicted from the others")
         return user, m
 
@@ -162,16 +178,26 @@ class Personalizer:
                 continue
             todo.setdefault(m.name, []).append((i, user))
         self.current = None
-        size = self.run.profile.group_size
         for name, items in todo.items():
             m = get(name)
-            kept = [(i, u) for i, u in items if requests[i].key() in self.kept]
-            fresh = [(i, u) for i, u in items if requests[i].key() not in self.kept]
-            for start in range(0, len(fresh), size):
-                self.run_fresh(requests, fresh[start: start + size], m, out)
-            for start in range(0, len(kept), size):
-                self.run_kept(requests, kept[start: start + size], m, out)
+            kept = {i: self.kept[requests[i].key()] for i, _ in items if requests[i].key() in self.kept}
+            for group in self.groups([(i, u) for i, u in items if i not in kept]):
+                self.run_fresh(requests, group, m, out)
+            for group in self.groups([(i, u) for i, u in items if i in kept]):
+                self.run_kept(requests, group, m, [kept[i] for i, _ in group], out)
         return out
+
+    def groups(self, items: list[tuple[int, User]]) -> list[list[tuple[int, User]]]:
+        """`items` in order, in groups of at most `group_size` with one request per user id (a user's results
+        are keyed by the id)."""
+        groups: list[list[tuple[int, User]]] = []
+        for item in items:
+            group = next((g for g in groups if len(g) < self.run.profile.group_size
+                          and all(u.user_id != item[1].user_id for _, u in g)), None)
+            if group is None:
+                groups.append(group := [])
+            group.append(item)
+        return groups
 
     def run_fresh(self, requests: Sequence[Request], items: Sequence[tuple[int, User]], m: Method,
                   out: list) -> None:
@@ -201,11 +227,12 @@ class Personalizer:
             out[i] = Answered(done, answers(requests[i].queries, result), result.get("group", len(items)))
 
     def run_kept(self, requests: Sequence[Request], items: Sequence[tuple[int, User]], m: Method,
-                 out: list) -> None:
-        """Kept adapters back in slots, one batched decode of their queries."""
-        done = [self.kept[requests[i].key()] for i, _ in items]
+                 done: Sequence[Personalized], out: list) -> None:
+        """Kept adapters (`done`, as they were when the requests came) back in slots, one batched decode of their
+        queries."""
         for i, _ in items:
-            self.kept.move_to_end(requests[i].key())
+            if requests[i].key() in self.kept:
+                self.kept.move_to_end(requests[i].key())
         prompts = [method_prompts(self.engine.task, u, m, self.run.profile.prompt_style) for _, u in items]
         self.engine.reset()
         try:
@@ -227,11 +254,7 @@ class Personalizer:
         """Set the engine's weights up for this user as `method` does in the run (stage 2's match to the anchors,
         then stage 3's fuse and adapt, under the unit seed of (run seed, user id, method)); bad input raises an
         InputError naming the user and field before any work."""
-        m = get(method)
-        user = self.user(history, user_id=user_id)
-        if m.trains_on_history and len(history) < MIN_TRAIN_HISTORY:
-            raise LampDataError(f"personalizer: user {user_id}: profile: fewer than {MIN_TRAIN_HISTORY} items; "
-                                f"{m.name} trains on a user's items, each predicted from the others")
+        user, m = self.check(Request(history, None, method, user_id))
         self.engine.reset()
         self.current = None
         done = Personalized(user_id, m.name, history)
