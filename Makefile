@@ -103,6 +103,7 @@ bench: install
 	$(if $(RUN_DIR),$(PY) tools/bench_multi.py --stage3 $(RUN_DIR) --users 16,@echo "bench: stage 3 skipped (RUN_DIR=runs/news_headline/cpu-seed0, a finished run, times it)")
 	$(PY) tools/bench_ray.py
 	$(if $(RUN_DIR),$(PY) tools/bench_ray.py --stage3 $(RUN_DIR) --users 20)
+	$(if $(RUN_DIR),$(PY) tools/bench_serve.py --run-dir $(RUN_DIR))
 
 clean:
 	rm -rf $(VENV) build *.egg-info
