@@ -32,7 +32,6 @@ FUSIONS = ("paper", "authors_code")
 BANK_DATA = ("adaptation", "authors_code")
 EMPTY_CLUSTER = ("most_active", "none")
 BASE_QUANTS = ("none", "q4", "q8")  # mta.models.checkpoint.QUANTS
-ENGINES = ("batched", "sequential")
 TEST_CONDITIONS = ("ours", "authors_code")
 
 
@@ -198,9 +197,8 @@ class Profile:
     # "authors_code": prompts as the released scripts build them; "paper": Appendix E's templates.
     prompt_style: str = "authors_code"
     encoder_batch_size: int = 32
-    # Stage 1b and stage 3: "batched" trains and decodes `group_size` adapters (anchors, or users of one method)
-    # in one pass through per-row adapters; "sequential" one at a time, the reference (docs/defaults/engine.md).
-    engine: str = "batched"
+    # Stage 1b and stage 3 train and decode `group_size` adapters (anchors, or users of one method) in one pass
+    # through per-row adapters (docs/defaults/group-size.md); 1: one at a time.
     group_size: int = 8  # adapter factors and activations grow with it, never a copy of W
     rows_per_pass: int | None = 8  # rows per forward of a batched training step, or of a prefill on W0; None: all
     # bf16 autocast for every training and decoding step (`mta.precision`); None: where the device computes
@@ -263,7 +261,6 @@ class Profile:
         choose(owner, "empty_cluster", self.empty_cluster, EMPTY_CLUSTER)
         choose(owner, "stage1_text", self.stage1_text, STAGE_TEXTS)
         choose(owner, "stage2_text", self.stage2_text, STAGE_TEXTS)
-        choose(owner, "engine", self.engine, ENGINES)
         choose(owner, "test_conditions", self.test_conditions, TEST_CONDITIONS)
         if self.test_conditions == "authors_code" and self.test_chat_template is not None:
             raise ValueError(f"{owner}: test_conditions 'authors_code' sets the test template per task; "
@@ -347,6 +344,16 @@ class Profile:
 
 
 
+# Fields a profile no longer has -> what to do instead; a profile or run config that names one is refused.
+REMOVED = {"engine": "the engine is always the batched one (per-row adapters, one user being a group of one); "
+                     "drop the field, and set group_size=1 to train and decode one adapter at a time"}
+
+
+def refuse_removed(source: str, key: str) -> None:
+    if key in REMOVED:
+        raise ValueError(f"{source}: profile field {key!r} was removed: {REMOVED[key]}")
+
+
 def profile_from_dict(data: dict, source: str = "<profile>", files: tuple[str, ...] = ()) -> Profile:
     """A profile from JSON-like data: `base` names the profile it starts from (default `cpu`),
     every other key replaces a field; the LoRA recipes (`bank`, `oppu`, `stack`, ...) take partial dicts.
@@ -362,6 +369,7 @@ def apply_changes(base: Profile, data: dict, source: str) -> Profile:
     fields = {f.name: f for f in dataclasses.fields(Profile)}
     changes = {}
     for key, value in data.items():
+        refuse_removed(source, key)
         if key not in fields:
             raise ValueError(f"{source}: unknown profile field {key!r}")
         current = getattr(base, key)
@@ -462,8 +470,8 @@ CPU = PAPER.replace(
     proper_group_items=1,
     proper_user=LoRASpec(rank=4, alpha=8.0, targets=FFN, lr=1e-3, epochs=1, batch_size=2, warmup_ratio=0.0),
     proper_router=LoRASpec(rank=4, alpha=8.0, targets=FFN, lr=1e-3, epochs=1, batch_size=2, warmup_ratio=0.0),
-    # The measured per-user PROPER stage cut to fit the rule, then every item cap scaled by 0.6 once the batched
-    # engine and bf16 had shortened the other methods (docs/defaults/baseline-caps.md).
+    # The measured per-user PROPER stage cut to fit the rule, every item cap then scaled by 0.6 to the other
+    # methods' time under group training and bf16 (docs/defaults/baseline-caps.md).
     proper_user_items=2,
     proper_router_items=1,
     per_task={},

@@ -160,7 +160,7 @@ def make_engine(path: Path, task: str = "news_headline", **profile_changes):
     if not (path / "config.json").exists():
         make_llm(path)
     model, tok = load_llm(str(path))
-    profile = CPU.replace(llm=str(path), bf16=False, max_new_tokens=4, **profile_changes)
+    profile = CPU.replace(**{"llm": str(path), "bf16": False, "max_new_tokens": 4, **profile_changes})
     return Engine(profile, get_task(task), model, tok)
 
 

@@ -81,12 +81,12 @@ def damage(root: Path, how: str) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def one_by_one(tiny_run_inputs, tmp_path_factory):
-    """The tiny run on the sequential engine (one anchor, one user at a time), so that an artifact made again has
-    the shapes, hence the arithmetic, of the first (the batched engine's groups change with what is left to do):
-    (run directory, argv, results)."""
+    """The tiny run in groups of one (one anchor, one user at a time), so that an artifact made again has the
+    shapes, hence the arithmetic, of the first (larger groups change with what is left to do): (run directory,
+    argv, results)."""
     lamp, llm, bert = tiny_run_inputs
     root = tmp_path_factory.mktemp("one_by_one")
-    argv = ["--profile", str(make_profile(root / "tiny.json", llm, bert, engine="sequential")), "--lamp-dir",
+    argv = ["--profile", str(make_profile(root / "tiny.json", llm, bert, group_size=1)), "--lamp-dir",
             str(lamp), "--users", str(N_USERS), "--no-progress"]
     result = main("test", pipeline.reproduce, argv + ["--runs", str(root / "runs")])
     return root / "runs" / "news_headline" / "tiny-seed0", argv, result

@@ -363,8 +363,8 @@ def test_each_proper_stage_trains_only_its_own_parameters():
 
 
 def test_many_users_user_and_router_stages_train_together_as_each_alone():
-    """`add_user_slots` + `train_many` over the served banks (the batched engine's PROPER) against each user's user
-    and router stages trained alone with `train` (the sequential engine's): the same initialisation, losses and
+    """`add_user_slots` + `train_many` over the served banks (PROPER's `parts`) against each user's user and router
+    stages trained alone on one mixture with `train` (the reference): the same initialisation, losses and
     probes at every step, the same trained parts; users with different numbers of examples and steps."""
     model, _ = mixture_model()
     with torch.no_grad():
@@ -482,9 +482,9 @@ def test_mixture_dropout_masks_each_lora_path_input_in_training_only():
         torch.testing.assert_close(m(x), y_eval)
 
 
-@pytest.mark.parametrize("engine_kind", ["sequential", "batched"])
-def test_proper_user_and_router_stages_take_their_recipes_dropout_and_warm_up(monkeypatch, engine_kind):
-    """`part` (one user) and `parts` (many) train the user and router stages with the recipe's dropout set on every
+@pytest.mark.parametrize("n_users", [1, 2])
+def test_proper_user_and_router_stages_take_their_recipes_dropout_and_warm_up(monkeypatch, n_users):
+    """`parts`, for one user or many, trains the user and router stages with the recipe's dropout set on every
     mixture, and the recipe's warm-up reaches the schedule: with warm-up the first step's lr is 0."""
     model, _ = mixture_model()
     profile = PAPER.replace(rows_per_pass=4)
@@ -493,19 +493,16 @@ def test_proper_user_and_router_stages_take_their_recipes_dropout_and_warm_up(mo
                              train_config=lambda spec, seed, probe=False: spec.train_config(seed, probe=probe))
     artifacts = proper.Artifacts(None, proper.mixture_state(model), ["a", "b", "c"])
     seen = []
-    trainer = "train" if engine_kind == "sequential" else "train_many"
-    real = getattr(proper, trainer)
+    real = proper.train_many
 
     def spy(model, *args, **kwargs):
         seen.append({(mix.stage, mix.dropout) for mix in proper.mixtures(model).values()})
         return real(model, *args, **kwargs)
 
-    monkeypatch.setattr(proper, trainer, spy)
-    users = [SimpleNamespace(user_id=u, history=[]) for u in ("b", "c")]
-    if engine_kind == "sequential":
-        out = [proper.part(engine, users[0], artifacts, 11)]
-    else:
-        out = proper.parts(engine, users, artifacts, [11, 12])
+    monkeypatch.setattr(proper, "train_many", spy)
+    users = [SimpleNamespace(user_id=u, history=[]) for u in ("b", "c")][:n_users]
+    out = proper.parts(engine, users, artifacts, [11, 12][:n_users])
+    assert len(out) == n_users
     assert seen == [{("user", 0.05)}, {("router", 0.05)}]
     for _, _, details in out:
         for stage in ("train", "train_router"):

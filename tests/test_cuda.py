@@ -1,4 +1,4 @@
-"""The CUDA subset (`pytest -m cuda`, run by tools/gpu_check.py): the kernels and the batched engine on a
+"""The CUDA subset (`pytest -m cuda`, run by tools/gpu_check.py): the kernels and the engine on a
 GPU against the CPU results the other tests check. Skipped where there is no CUDA device."""
 import copy
 import dataclasses

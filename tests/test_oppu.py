@@ -19,7 +19,7 @@ from mta.profiles import CPU, OPPU_TASK, OPPU_USER, PAPER
 from mta.stages import engine as engine_module
 from mta.stages import procedure
 from mta.stages.engine import Engine
-from mta.stages.personalize import method_setup, run_group, run_unit
+from mta.stages.personalize import method_setup, run_group
 from tests.fixtures import make_llm
 
 TASK = get_task("news_headline")
@@ -93,32 +93,24 @@ def test_profiles_hold_the_released_recipes():
         Method("x", "x", ("table1",), 1, "top", "stack", population="oppu_task")
 
 
-@pytest.mark.parametrize("engine_kind", ["sequential", "batched"])
-def test_the_user_lora_trains_on_w0_plus_the_task_lora_and_only_on_q_and_v(llm_dir, monkeypatch, engine_kind):
-    eng = make_engine(llm_dir, engine=engine_kind)
+def test_the_user_lora_trains_on_w0_plus_the_task_lora_and_only_on_q_and_v(llm_dir, monkeypatch):
+    eng = make_engine(llm_dir)
     task = task_lora(eng.model)
     with torch.no_grad():
         expected, w0 = folded_by_hand(eng.model, task)(PROBE), eng.model(PROBE)
     assert not torch.allclose(expected, w0, atol=1e-3)  # the task LoRA moves the model
     seen = {}
-    real = engine_module.train if engine_kind == "sequential" else engine_module.train_many
+    real = engine_module.train_many
 
     def spy(model, *args, **kwargs):
-        with torch.no_grad():
-            if engine_kind == "sequential":
-                seen["logits"] = model(PROBE)
-            else:
-                with rows(model, [0]):
-                    seen["logits"] = model(PROBE)
+        with torch.no_grad(), rows(model, [0]):
+            seen["logits"] = model(PROBE)
         seen["trainable"] = [n for n, p in model.named_parameters() if p.requires_grad]
         return real(model, *args, **kwargs)
 
-    monkeypatch.setattr(engine_module, "train" if engine_kind == "sequential" else "train_many", spy)
+    monkeypatch.setattr(engine_module, "train_many", spy)
     u = user("u1", 6, query=True)
-    if engine_kind == "sequential":
-        out = run_unit(eng, u, [METHODS["oppu"]], None, {"oppu_task": task}, seed=0)[METHODS["oppu"].name]
-    else:
-        out = run_group(eng, [u], [METHODS["oppu"]], {}, {"oppu_task": task}, seed=0)[u.user_id]["oppu"]
+    out = run_group(eng, [u], [METHODS["oppu"]], {}, {"oppu_task": task}, seed=0)[u.user_id]["oppu"]
     assert "error" not in out and out["train"]["steps"] >= 1
     torch.testing.assert_close(seen["logits"], expected, atol=2e-4, rtol=1e-4)  # W = W0 + ΔW_task, B = 0 at init
     assert seen["trainable"]
@@ -128,8 +120,8 @@ def test_the_user_lora_trains_on_w0_plus_the_task_lora_and_only_on_q_and_v(llm_d
 
 
 def test_oppu_without_its_task_lora_is_an_error_not_a_lora_from_w0(llm_dir):
-    eng = make_engine(llm_dir, engine="sequential")
-    out = run_unit(eng, user("u1", 6, query=True), [METHODS["oppu"]], None, {}, seed=0)["oppu"]
+    eng = make_engine(llm_dir)
+    out = run_group(eng, [user("u1", 6, query=True)], [METHODS["oppu"]], {}, {}, seed=0)["u1"]["oppu"]
     assert "oppu_task" in out["error"]
 
 
@@ -225,9 +217,7 @@ def test_population_items_caps_the_users_by_a_seeded_draw(llm_dir):
     assert all(d == sorted(d, key=lambda uid: int(uid[1:])) for d in draws)  # in the file's order
 
 
-def test_a_quantised_base_takes_oppu_on_the_batched_engine_only():
+def test_a_quantised_base_takes_oppu():
     from mta.stages.personalize import refuse_on_quantised_base
 
     refuse_on_quantised_base(CPU.replace(base_quant="q4"), [METHODS["oppu"]])  # its task LoRA stays unmerged
-    with pytest.raises(ValueError, match="method oppu: the sequential engine folds"):
-        refuse_on_quantised_base(CPU.replace(base_quant="q4", engine="sequential"), [METHODS["oppu"]])

@@ -29,16 +29,17 @@ def user(tiny_run):
 
 
 @pytest.fixture(scope="module")
-def sequential(tiny_run_inputs, tmp_path_factory):
-    """MTA alone, on the tiny inputs and the sequential engine: (run directory, results)."""
+def one_at_a_time(tiny_run_inputs, tmp_path_factory):
+    """MTA, Per-Pcs and PROPER on the tiny inputs, one user at a time (group_size=1): (run directory, results)."""
     from mta.run import pipeline
     from mta.run.cli import main
     from tests.fixtures import make_profile
 
     lamp, llm, bert = tiny_run_inputs
-    root = tmp_path_factory.mktemp("sequential")
-    argv = ["--profile", str(make_profile(root / "tiny.json", llm, bert, engine="sequential")), "--lamp-dir",
-            str(lamp), "--users", str(N_USERS), "--methods", "mta", "--runs", str(root / "runs"), "--no-progress"]
+    root = tmp_path_factory.mktemp("one_at_a_time")
+    argv = ["--profile", str(make_profile(root / "tiny.json", llm, bert, group_size=1)), "--lamp-dir",
+            str(lamp), "--users", str(N_USERS), "--methods", "mta,perpcs,proper", "--runs", str(root / "runs"),
+            "--no-progress"]
     result = main("test", pipeline.reproduce, argv)
     return root / "runs" / "news_headline" / "tiny-seed0", result
 
@@ -55,17 +56,18 @@ def test_a_test_users_answers_are_the_runs(tiny_run, personalizer, user, method)
     assert all(set(a) == {"query", "output", "prediction", "prompt_cut"} for a in answers)
 
 
-def test_on_the_sequential_engine_too_and_each_engine_sets_a_user_up_as_its_run_does(personalizer, sequential,
-                                                                                   user):
+@pytest.mark.parametrize("method", ["mta", "perpcs", "proper"])
+def test_a_user_is_set_up_as_a_run_in_groups_of_one_sets_it_up(one_at_a_time, user, method):
+    """`personalize` + `generate` is a group of one on the run's own path: slot 0 of per-row adapters over W0 (or
+    the procedure's population LoRA), token for token the answers of a run with group_size=1."""
     from mta.run.personalizer import Personalizer
 
-    run_dir, result = sequential
-    folding = Personalizer.from_run(run_dir)
-    answers = folding.answer(user.history, [q.input for q in user.query], "mta", user.user_id)
-    assert [a["output"] for a in answers] == run_outputs(result, user.user_id, "mta")
-    assert folding.engine.folded  # W0 + the fused LoRA, the trained LoRA on top
-    personalizer.personalize(user.history, "mta", user.user_id)
-    assert not personalizer.engine.folded  # W0 as it is, the user's LoRAs in a slot of per-row adapters
+    run_dir, result = one_at_a_time
+    single = Personalizer.from_run(run_dir)
+    answers = single.answer(user.history, [q.input for q in user.query], method, user.user_id)
+    assert [a["output"] for a in answers] == run_outputs(result, user.user_id, method)
+    if method == "mta":
+        assert not single.engine.folded  # W0 as it is, the user's LoRAs in a slot of per-row adapters
 
 
 def test_personalize_fuses_the_runs_anchors_at_its_alpha_and_trains_its_lora(tiny_run, personalizer, user):

@@ -277,28 +277,27 @@ def test_several_seeds_give_a_summary_across_them(tiny_run):
         main("test", pipeline.reproduce, argv + ["--seed", "0,1"])
 
 
-def test_both_engines_give_the_same_outputs(tiny_run, tmp_path):
-    """The batched engine (the default: groups of anchors and users through per-row adapters) against the
-    one-at-a-time reference, from cold: the same bank and PROPER losses and the same output for every (user,
-    method)."""
+def test_groups_of_many_and_groups_of_one_give_the_same_outputs(tiny_run, tmp_path):
+    """Groups of anchors and users through per-row adapters (the tiny run) against one at a time
+    (group_size=1), from cold: the same bank and PROPER losses and the same output for every (user, method)."""
     run_dir, argv, result = tiny_run
     runs = argv.index("--runs") + 1
-    seq_argv = [*argv[:runs], str(tmp_path / "runs"), *argv[runs + 1:], "--set", "engine=sequential"]
-    sequential = main("test", pipeline.reproduce, seq_argv)
-    assert result["methods"] and set(sequential["methods"]) == set(result["methods"])
+    ones_argv = [*argv[:runs], str(tmp_path / "runs"), *argv[runs + 1:], "--set", "group_size=1"]
+    ones = main("test", pipeline.reproduce, ones_argv)
+    assert result["methods"] and set(ones["methods"]) == set(result["methods"])
     for uid, rows in result["per_user"].items():
         for m, row in rows.items():
-            assert sequential["per_user"][uid][m]["queries"] == row["queries"], (uid, m)
-    (seq_dir,) = (tmp_path / "runs" / "news_headline").iterdir()
+            assert ones["per_user"][uid][m]["queries"] == row["queries"], (uid, m)
+    (ones_dir,) = (tmp_path / "runs" / "news_headline").iterdir()
     for log in (run_dir / "bank").glob("*/train_log.json"):
-        batched, alone = json.loads(log.read_text()), json.loads((seq_dir / "bank" / log.parent.name /
+        batched, alone = json.loads(log.read_text()), json.loads((ones_dir / "bank" / log.parent.name /
                                                                  "train_log.json").read_text())
         assert batched["group"] > 1 and "group" not in alone
         assert batched["first_loss"] == pytest.approx(alone["first_loss"], rel=1e-5)
         assert batched["last_loss"] == pytest.approx(alone["last_loss"], rel=1e-4)
     compared = 0
-    for uid in result["per_user"]:  # PROPER's user and router stages, many users in one pass against each alone
-        batched, alone = (json.loads((d / "users" / uid / "proper.json").read_text()) for d in (run_dir, seq_dir))
+    for uid in result["per_user"]:  # PROPER's user and router stages, many users in one pass against a group of one
+        batched, alone = (json.loads((d / "users" / uid / "proper.json").read_text()) for d in (run_dir, ones_dir))
         if batched.get("group", 1) == 1:  # recomputed alone by an earlier test
             continue
         compared += 1
@@ -345,8 +344,8 @@ def test_stage3_scores_every_query_of_a_user(tmp_path, monkeypatch):
     monkeypatch.setattr(engine, "personalize_many", lambda *a, **k: trained.append(len(a[0])) or real_train(*a, **k))
     style = engine.profile.prompt_style
     (rag,) = [u for u in units(["base", "rag1"]) if u[0].name == "base"]
-    for out in (personalize.run_group(engine, users, rag, {}, {}, 0),
-                {"u0": personalize.run_unit(engine, users[0], rag, None, {}, 0)}):
+    for out in (personalize.run_group(engine, users, rag, {}, {}, 0), personalize.run_group(engine, users[:1], rag, {},
+                                                                                             {}, 0)):
         rows = out["u0"]["rag1"]["queries"]
         assert [r["query_id"] for r in rows] == ["u0-q0", "u0-q1", "u0-q2"]
         assert [r["gold"] for r in rows] == ["gold 0", "gold 1", "gold 2"]

@@ -29,7 +29,8 @@ from mta.peft.lora import LoRAConfig, LoRALinear, inject_lora, merge_lora
 from mta.profiles import BASE_QUANTS, PROFILES
 from mta.run import pipeline
 from mta.run.cli import main
-from tests.fixtures import SMOLLM_FILE, make_llm, make_profile, smollm_dir
+from mta.run.rundir import RunDir
+from tests.fixtures import SMOLLM_FILE, make_lamp, make_llm, make_profile, smollm_dir
 
 FP32_BOUND, BF16_BOUND = 1e-5, 2.0**-6
 
@@ -248,7 +249,7 @@ def test_fallback_chunks_cover_every_row(monkeypatch):
 
 
 def test_row_lora_on_a_quantised_base_equals_the_dequantised_base():
-    """Per-row adapters (the batched engine's layer) over a QuantLinear: the same outputs and gradients as
+    """Per-row adapters (the engine's layer) over a QuantLinear: the same outputs and gradients as
     over an nn.Linear holding the dequantised weight, with a fused and a stacked term in every row."""
     torch.manual_seed(0)
     q = QuantLinear.from_float(torch.randn(64, 96) * 0.05, "q4_1")
@@ -287,7 +288,7 @@ def test_quantised_layer_follows_bf16_autocast():
 
 
 def test_tiny_run_on_a_quantised_base_equals_the_run_on_its_dequantised_weights(tiny_run_inputs, tmp_path):
-    """Every method a quantised base can take, end to end on the batched engine (the bank, OPPU and the stacked
+    """Every method a quantised base can take, end to end (the bank, OPPU and the stacked
     LoRAs train on it; Merged-only and MTA apply the fused LoRA unmerged): the same outputs as a run on a dense
     checkpoint of the q4 model's dequantised weights, and the same bank losses."""
     lamp, llm, bert = tiny_run_inputs
@@ -325,14 +326,12 @@ def test_a_quantised_base_refuses_a_fold_before_any_work(tiny_run_inputs, tmp_pa
     with pytest.raises(SystemExit, match=r"method perpcs: its 'perpcs' procedure folds a population LoRA into W0, "
                                          r"which a quantised base \(base_quant='q4'\) cannot take"):
         main("test", pipeline.reproduce, argv)
-    with pytest.raises(SystemExit, match=r"method merged_only: the sequential engine folds the fused LoRA into W"):
-        main("test", pipeline.reproduce, argv + ["--methods", "rag1,merged_only", "--set", "engine=sequential"])
     assert not (tmp_path / "runs").exists()
 
 
-def test_a_group_of_one_on_a_quantised_base_takes_the_batched_engine(tiny_run_inputs, tmp_path):
-    """A resume that has one user left (or a last group of one) runs on the same batched engine as every other
-    group, so a quantised base, which the one-user fold path refuses, still serves it."""
+def test_a_resume_with_one_user_left_on_a_quantised_base_finishes(tiny_run_inputs, tmp_path):
+    """A resume that has one user left runs that user as a group of one through per-row adapters, as every other
+    group, so a quantised base (which takes no fold) still serves it."""
     lamp, llm, bert = tiny_run_inputs
     profile = make_profile(tmp_path / "q4.json", llm, bert, base_quant="q4", name="q4")
     argv = ["--profile", str(profile), "--lamp-dir", str(lamp), "--runs", str(tmp_path / "runs"), "--users", "2",
@@ -398,3 +397,25 @@ def test_nf4_code_values_are_exact_and_blocks_are_64():
     # a value on a midpoint goes to the lower code, as the kernel's `x > 0.03979014977812767f` tree
     tie = torch.tensor([[1.0, 0.03979014977812767, -0.8480964004993439] + [0.0] * 61])
     assert quant.nf4_quantize(tie)[0][:3].tolist() == [15, 7, 0]
+
+
+def test_a_quantised_run_whose_last_group_holds_one_user_finishes(tiny_run_inputs, tmp_path):
+    """17 test users in groups of 16 on a q4 base: the 17th user, alone in its group, gets every result of every
+    method a quantised base can take, as the 16 before it do."""
+    from mta.methods import DEFAULT, get
+
+    _, llm, bert = tiny_run_inputs
+    lamp = make_lamp(tmp_path / "lamp", n_test=17)
+    methods = [m for m in DEFAULT if get(m).procedure == "fuse_then_train"]
+    profile = make_profile(tmp_path / "q4.json", llm, bert, base_quant="q4", name="q4", group_size=16)
+    result = main("test", pipeline.reproduce, ["--profile", str(profile), "--lamp-dir", str(lamp), "--runs",
+                                               str(tmp_path / "runs"), "--users", "17", "--methods", ",".join(methods),
+                                               "--no-progress"])
+    assert not any(result["failures"].values()), result["failures"]
+    assert len(result["per_user"]) == 17
+    for uid, rows in result["per_user"].items():
+        assert set(rows) == set(methods), uid
+        assert all(not row.get("error") and len(row["queries"]) == 1 for row in rows.values()), uid
+    last = sorted(result["per_user"], key=lambda uid: int(uid.rpartition("t")[2]))[-1]
+    run = RunDir(tmp_path / "runs" / "news_headline" / "q4-seed0")
+    assert {json.loads(run.user_result(last, m).read_text())["group"] for m in methods} == {1}

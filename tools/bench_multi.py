@@ -21,9 +21,10 @@ losses compared, and together in bf16 where the CPU has it.
 
 With --stage3 RUN_DIR (a finished `make reproduce` directory), stage 3 of the pipeline itself: every method for
 the first --users test users on that run's bank and stage-1/2 artifacts, three ways, each in a fresh process
-(so each peak RSS is its own): one at a time in fp32 (`engine=sequential`, the reference), batched in fp32, and
-batched in bf16 where the CPU has it natively; users per minute, the speed-up of each lever, and the share of
-(user, method) outputs identical to the reference. Group size and rows per pass are today's profile's.
+(so each peak RSS is its own): one user at a time in fp32 (`group_size=1`, the reference), in groups in fp32, and
+in groups in bf16 where the CPU has it natively; users per minute, the speed-up of each lever, and the share of
+(user, method) outputs identical to the reference. The group size and rows per pass of the groups are today's
+profile's.
 """
 from __future__ import annotations
 
@@ -88,7 +89,7 @@ def main() -> None:
     ap.add_argument("--stage3", type=Path, default=None, help="a finished run directory: stage 3 timed (see above)")
     args = ap.parse_args()
     if args.stage3:
-        return stage3_against_sequential(args.stage3, args.users)
+        return stage3_against_one_at_a_time(args.stage3, args.users)
     if args.llm:
         return decode_against_peft(args)
     device = torch.device(args.device)
@@ -258,15 +259,17 @@ def bank_against_loop(model, config: LoRAConfig, seq: int, anchors: int = 8) -> 
               f"largest relative loss difference from one at a time {worst:.1e}")
 
 
-STAGE3_WAYS = (("one at a time, fp32", "sequential", False), ("batched, fp32", "batched", False),
-               ("batched, bf16", "batched", True))
+# (name, group size (None: today's profile's), bf16)
+STAGE3_WAYS = (("one at a time, fp32", 1, False), ("groups, fp32", None, False), ("groups, bf16", None, True))
 
 
-def stage3_way(run_dir: Path, users: int, engine: str, bf16: bool | None, executor=None) -> tuple[float, float, dict]:
-    """Stage 3 of `run_dir`'s run for its first `users` test users under (engine, bf16) and `executor` (the
+def stage3_way(run_dir: Path, users: int, group_size: int | None, bf16: bool | None,
+               executor=None) -> tuple[float, float, dict]:
+    """Stage 3 of `run_dir`'s run for its first `users` test users under (group size, bf16) and `executor` (the
     local one by default), in a scratch directory that shares the run's artifacts: (seconds, the driver's
-    peak RSS in MiB, (user, method) -> output). The run's recipes are its own; its group size and rows per
-    pass are today's profile's of that name, so a run made under an older default is timed as today's."""
+    peak RSS in MiB, (user, method) -> output). The run's recipes are its own; its rows per pass, and its group
+    size unless `group_size` names one, are today's profile's of that name, so a run made under an older default
+    is timed as today's."""
     from mta.files import read_json
     from mta.methods import DEFAULT
     from mta.profiles import PROFILES
@@ -277,7 +280,7 @@ def stage3_way(run_dir: Path, users: int, engine: str, bf16: bool | None, execut
     config = read_json(run_dir / "config.json")
     profile = stored_profile(run_dir / "config.json")
     today = PROFILES.get(profile.name, profile)
-    profile = profile.replace(engine=engine, bf16=bf16, group_size=today.group_size, rows_per_pass=today.rows_per_pass)
+    profile = profile.replace(bf16=bf16, group_size=group_size or today.group_size, rows_per_pass=today.rows_per_pass)
     with tempfile.TemporaryDirectory() as tmp:
         run = Run(task=config["task"], profile=profile, lamp_dir=Path(config["lamp_dir"]), seed=config["seed"],
                   n_users=users, methods=DEFAULT, progress=False, run_dir=RunDir(Path(tmp), shared=run_dir),
@@ -292,20 +295,20 @@ def stage3_way(run_dir: Path, users: int, engine: str, bf16: bool | None, execut
     return seconds, peak_rss_mib(), outputs
 
 
-def stage3_in_fresh_process(run_dir: Path, users: int, engine: str, bf16: bool | None,
+def stage3_in_fresh_process(run_dir: Path, users: int, group_size: int | None, bf16: bool | None,
                             executor=None) -> tuple[float, float, dict]:
     """`stage3_way` in a new process, so that no way inherits another's allocator, caches or threads."""
     if not (run_dir / "config.json").exists():
         raise SystemExit(f"--stage3: {run_dir} has no config.json (give a finished run directory)")
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(stage3_way, run_dir, users, engine, bf16, executor).result()
+        return pool.submit(stage3_way, run_dir, users, group_size, bf16, executor).result()
 
 
-def stage3_against_sequential(run_dir: Path, users: int) -> None:
+def stage3_against_one_at_a_time(run_dir: Path, users: int) -> None:
     ways = [w for w in STAGE3_WAYS if not w[2] or bf16_supported("cpu")]
     results = {}
-    for name, engine, bf16 in ways:
-        results[name] = stage3_in_fresh_process(run_dir, users, engine, bf16)
+    for name, group_size, bf16 in ways:
+        results[name] = stage3_in_fresh_process(run_dir, users, group_size, bf16)
         print(f"  {name}: {results[name][0]:.0f} s", flush=True)
     ref_s, _, ref = results[STAGE3_WAYS[0][0]]
     methods = sorted({m for _, m in ref})
@@ -317,7 +320,7 @@ def stage3_against_sequential(run_dir: Path, users: int) -> None:
                               for m in methods)
         print(f"{name:22}{sec:9.0f}{60 * users / sec:11.2f}{ref_s / sec:9.2f}x{rss:16.0f}   "
               f"{same}/{len(ref)} ({by_method})")
-    print("target: batched >= 2x one at a time (users per minute)")
+    print("target: groups >= 2x one at a time (users per minute)")
 
 
 if __name__ == "__main__":

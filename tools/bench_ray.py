@@ -49,7 +49,7 @@ def stage3_serial_against_ray(run_dir: Path, users: int) -> None:
     ways = {"serial, 2 threads": None, "Ray, 2 workers x 1 thread": Executor("ray", workers=2, threads=1)}
     results = {}
     for name, executor in ways.items():
-        seconds, _, outputs = stage3_in_fresh_process(run_dir, users, "batched", None, executor)
+        seconds, _, outputs = stage3_in_fresh_process(run_dir, users, None, None, executor)
         results[name] = seconds, outputs
         print(f"  {name}: {seconds:.0f} s", flush=True)
     ref_s, ref = results["serial, 2 threads"]

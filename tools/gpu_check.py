@@ -1,5 +1,5 @@
-"""The batched engine at paper scale on one GPU, without weights: a randomly initialised Llama-3-8B-shaped
-model in bf16 (32 layers, 4096 wide, GQA 32/8 heads, 14,336 FFN, 128,256 tokens).
+"""The engine (groups of users through per-row adapters) at paper scale on one GPU, without weights: a randomly
+initialised Llama-3-8B-shaped model in bf16 (32 layers, 4096 wide, GQA 32/8 heads, 14,336 FFN, 128,256 tokens).
 
   bank     8 meta-LoRAs (rank 8, every linear) trained together in one pass (`mta.training.train_many`)
   users    32 users, each fusing 2 of those meta-LoRAs (Eq. 5, unmerged) under a fresh rank-4 stacked LoRA

@@ -301,10 +301,17 @@ def part(engine: Engine, user: User, artifacts: Artifacts, unit_seed: int) -> tu
                                                               "sequences": len(examples), "pieces": named}
 
 
-def install(engine: Engine, adapter: Adapter) -> None:
-    inject_lora(engine.model, adapter.config)
-    set_adapter(engine.model, adapter)
-    engine.model.eval()  # the new LoRA layers' dropout off
+def parts(engine: Engine, users: Sequence[User], artifacts: Artifacts, unit_seeds: Sequence[int]
+          ) -> list[tuple[Adapter, dict, dict] | InputError]:
+    """`part` of each user in turn (each assembly is its own forward over the user's history), or the InputError
+    that stopped it."""
+    out: list = []
+    for user, seed in zip(users, unit_seeds, strict=True):
+        try:
+            out.append(part(engine, user, artifacts, seed))
+        except InputError as e:
+            out.append(e)
+    return out
 
 
 def serve(engine: Engine, adapters: Sequence[Adapter]) -> None:
@@ -312,4 +319,4 @@ def serve(engine: Engine, adapters: Sequence[Adapter]) -> None:
     stack_many(engine.model, [[a] for a in adapters], [[1.0]] * len(adapters), None, "param")
 
 
-PROCEDURE = Procedure(build, load, begin, part, install, serve)
+PROCEDURE = Procedure(build, load, begin, parts, serve)

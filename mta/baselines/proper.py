@@ -379,38 +379,13 @@ def details(user_examples: Sequence, router_examples: Sequence, user_log: TrainL
             "train_router": {"examples": len(router_examples), **summarize(router_log)}}
 
 
-def part(engine: Engine, user: User, artifacts: Artifacts, unit_seed: int) -> tuple[dict, dict, dict]:
-    """PROPER for one target user, on the mixture as the group stage left it (W_l included): a user LoRA trained
-    on the user's history, then the LoRA-aware router W_l alone; generation routes by W_l. The model is left as
-    the router stage set it. (the trained part `user_part`, seconds, details)"""
-    row = torch.tensor([user_row(artifacts, user)], device=engine.model.device)
-    p = engine.profile
-    load_mixture_state(engine.model, artifacts.group, "proper/group")  # W_l back to its start
-    torch.manual_seed(unit_seed)  # the user LoRA's initialisation
-    for m in mixtures(engine.model).values():
-        m.add_user_lora(p.proper_user.rank, p.proper_user.alpha)
-    user_examples, router_examples = stage_examples(engine, user, unit_seed)
-    pad = engine.tok.pad_token_id
-
-    def same_user(batch):
-        set_users(engine.model, row.expand(len(batch)))
-
-    set_stage(engine.model, "user", p.proper_user.dropout)
-    user_log = train(engine.model, user_examples, engine.train_config(p.proper_user, unit_seed, probe=True), pad,
-                     before_forward=same_user)
-    set_stage(engine.model, "router", p.proper_router.dropout)
-    router_log = train(engine.model, router_examples, engine.train_config(p.proper_router, unit_seed, probe=True), pad)
-    engine.model.eval()
-    return (user_part(engine.model), {"adapt": user_log.seconds + router_log.seconds},
-            details(user_examples, router_examples, user_log, router_log))
-
-
 def parts(engine: Engine, users: Sequence[User], artifacts: Artifacts, unit_seeds: Sequence[int]
           ) -> list[tuple[dict, dict, dict] | InputError]:
-    """`part` for many users in one pass each of the user and the router stage (the batched engine): slot u
-    of every mixture holds user u's LoRA, initialised as `part` would under `unit_seeds[u]`, and W_l as the
-    group stage left it (`add_user_slots`); `mta.training.train_many.train_many` trains every slot as `train`
-    would alone. One entry per user: its part, seconds and details, or the InputError that stopped it."""
+    """PROPER for a group of target users (one user is a group of one), on the mixture as the group stage left it
+    (W_l included): slot u of every mixture holds user u's LoRA, initialised under `unit_seeds[u]`, and W_l
+    (`add_user_slots`); one pass of `mta.training.train_many.train_many` trains every slot's user LoRA on its
+    history, then one its LoRA-aware router W_l alone; generation routes by W_l. One entry per user: its part
+    (`user_part`), seconds and details, or the InputError that stopped it."""
     out: list = [None] * len(users)
     slots = []  # one per user with a part to make: (its index in users, its embedding row, user / router examples)
     for i, u in enumerate(users):
@@ -444,5 +419,4 @@ def parts(engine: Engine, users: Sequence[User], artifacts: Artifacts, unit_seed
     return out
 
 
-PROCEDURE = Procedure(build, load, begin, part, lambda engine, part: None,  # the part stays in place
-                      lambda engine, parts: serve_users(engine.model, parts), parts)
+PROCEDURE = Procedure(build, load, begin, parts, lambda engine, parts: serve_users(engine.model, parts))

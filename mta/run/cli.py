@@ -12,7 +12,7 @@ from pathlib import Path
 from mta import methods
 from mta.data.lamp import default_lamp_dir
 from mta.log import log_to
-from mta.profiles import Profile, resolve_profile
+from mta.profiles import Profile, refuse_removed, resolve_profile
 from mta.run.executor import EXECUTORS, Executor
 from mta.run.pipeline import Run
 
@@ -47,6 +47,7 @@ def override(profile: Profile, assignment: str) -> Profile:
     if not sep:
         raise ValueError(f"--set {assignment!r}: expected FIELD=VALUE")
     head, _, leaf = key.partition(".")
+    refuse_removed(f"--set {assignment!r}", head)
     fields = {f.name for f in dataclasses.fields(profile)}
     if head not in fields:
         raise ValueError(f"--set {assignment!r}: profile has no field {head!r}")

@@ -1,4 +1,4 @@
-"""Cross-check two runs of one task (for example the batched engine against the sequential one, or a
+"""Cross-check two runs of one task (for example groups of 16 in bf16 against one user at a time in fp32, or a
 quantised base against fp32): per method, each run's primary score with its 95 % interval, whether each
 lies inside the other's interval, and how many (user, method) outputs are identical on the shared users.
 

@@ -33,7 +33,7 @@ from mta.run.rundir import RunDir
 from mta.seeding import derive_seed
 from mta.stages.engine import summarize
 from mta.stages.matching import match_to_anchors
-from mta.stages.personalize import method_prompts, method_setup, prepare_weights, run_group, split_outputs
+from mta.stages.personalize import method_prompts, method_setup, run_group, serve_procedure, split_outputs
 from mta.stages.procedure import Baseline, load_population_loras
 
 
@@ -262,7 +262,7 @@ class Personalizer:
             match = self.match(user) if m.anchors != "none" else None
             seed = derive_seed(self.run.seed, user_id, m.name)
             done = self.fuse_then_train(done, user, m, match, seed) if m.procedure == "fuse_then_train" else \
-                self.procedure(done, user, m, match, seed)
+                self.procedure(done, user, m, seed)
         self.current = done
         return done
 
@@ -278,28 +278,24 @@ class Personalizer:
 
     def fuse_then_train(self, done: Personalized, user: User, m: Method, match: dict | None,
                         seed: int) -> Personalized:
-        """Stage 3's set-up of one user on the run's engine: folded (`Engine.personalize`) on the sequential
-        engine, a slot of per-row adapters (`Engine.personalize_many`) on the batched one."""
+        """Stage 3's set-up of one user, a group of one: slot 0 of per-row adapters (`Engine.personalize_many`)."""
         setup = method_setup(self.engine, user, m, match, self.population(m), seed)
-        if self.run.profile.engine == "sequential":
-            log_, phases = self.engine.personalize(setup.adapters, setup.weights, setup.recipe, setup.examples, seed)
-            trained = self.engine.trained_adapter() if setup.recipe else None
-        else:
-            logs, phases = self.engine.personalize_many([setup.adapters], [setup.weights], setup.recipe,
-                                                        [setup.examples], [seed])
-            log_ = logs[0] if logs else None
-            trained = self.engine.slot_adapter(0) if setup.recipe else None
+        logs, phases = self.engine.personalize_many([setup.adapters], [setup.weights], setup.recipe,
+                                                    [setup.examples], [seed])
         return dataclasses.replace(done, anchors=setup.extra.get("anchors", []), alpha=setup.weights,
-                                   fused=setup.adapters, adapter=trained,
+                                   fused=setup.adapters, adapter=self.engine.slot_adapter(0) if setup.recipe else None,
                                    seconds={**setup.seconds, **phases},
-                                   train=summarize(log_) if log_ is not None else None)
+                                   train=summarize(logs[0]) if logs else None)
 
-    def procedure(self, done: Personalized, user: User, m: Method, match: dict | None, seed: int) -> Personalized:
-        """Per-Pcs or PROPER for one user as the sequential engine runs it (`prepare_weights`)."""
+    def procedure(self, done: Personalized, user: User, m: Method, seed: int) -> Personalized:
+        """Per-Pcs or PROPER for one user, a group of one: its part in slot 0 (`serve_procedure`)."""
         if m.procedure not in self.baselines:
             self.baselines[m.procedure] = Baseline(BASELINES[m.procedure], BASELINES[m.procedure].load(self.run))
-        seconds, extra = prepare_weights(self.engine, user, m, match, self.bank, seed, self.baselines)
-        return dataclasses.replace(done, seconds=seconds, train=extra.get("train"))
+        setup, (made,) = serve_procedure(self.engine, [user], m, self.run.seed, self.baselines)
+        if isinstance(made, InputError):
+            raise made
+        _, seconds, extra = made
+        return dataclasses.replace(done, seconds={"setup": setup, **seconds}, train=extra.get("train"))
 
     def generate(self, queries: Sequence[str]) -> list[dict]:
         """The answers of the user `personalize` last set up: per query its output, the task's parsed prediction
@@ -309,10 +305,8 @@ class Personalizer:
         done, m = self.current, get(self.current.method)
         user = self.user(done.history, queries, done.user_id)
         prompts = method_prompts(self.engine.task, user, m, self.run.profile.prompt_style)
-        slotted = self.run.profile.engine == "batched" and m.procedure == "fuse_then_train" and \
-            not m.on_base_weights
         tic = time.perf_counter()
-        outputs = self.engine.generate(prompts, slots=[0] * len(prompts) if slotted else None)
+        outputs = self.engine.generate(prompts, slots=None if m.on_base_weights else [0] * len(prompts))
         done.seconds["generate"] = time.perf_counter() - tic
         return [{"query": q, "output": o, "prediction": self.engine.task.parse(o),
                  "prompt_cut": self.engine.prompt_cut(p)} for q, p, o in zip(queries, prompts, outputs, strict=True)]

@@ -44,10 +44,10 @@ from mta.run.provenance import provenance
 from mta.run.rundir import RunDir
 from mta.seeding import derive_seed
 from mta.stages.anchors import select_anchors
-from mta.stages.bank import train_adapter, train_adapters
+from mta.stages.bank import train_adapters
 from mta.stages.engine import Engine
 from mta.stages.matching import anchor_embeddings, match_to_anchors
-from mta.stages.personalize import refuse_on_quantised_base, run_group, run_unit
+from mta.stages.personalize import refuse_on_quantised_base, run_group
 from mta.stages.procedure import Baseline, build_population_loras, load_population_loras
 from mta.stamps import current, load_tensors, record_problem, save_sealed_tensors, sealed, stale, write_sealed
 
@@ -232,9 +232,9 @@ def stage1_bank(run: Run) -> None:
     if not todo:
         return
     p = run.profile
-    size = p.group_size if p.engine == "batched" else 1
+    size = p.group_size
     log(f"stage 1b: training {len(todo)} of {len(anchors)} meta-LoRAs (rank {p.bank.rank}, {p.bank.epochs} epochs, "
-        f"at most {p.max_items_per_anchor or 'all'} items each), {p.engine}, {size} at a time, "
+        f"at most {p.max_items_per_anchor or 'all'} items each), {size} at a time, "
         f"{run.executor.kind} executor")
     jobs = [Job(f"bank: {', '.join(g)}", "bank", tuple(g), size=len(g))
             for g in (todo[i: i + size] for i in range(0, len(todo), size))]
@@ -245,7 +245,7 @@ def stage1_bank(run: Run) -> None:
 
 
 def bank_group(run: Run, anchor_ids: Sequence[str]) -> None:
-    """Train and save the meta-LoRAs of a group of anchors: together on the batched engine, alone otherwise."""
+    """Train and save the meta-LoRAs of a group of anchors together (`train_adapters`)."""
     p = run.profile
     by_id = {u.user_id: u for u in run.candidates}
     seeds = [derive_seed(run.seed, "bank", a) for a in anchor_ids]
@@ -253,10 +253,7 @@ def bank_group(run: Run, anchor_ids: Sequence[str]) -> None:
                 for a, seed in zip(anchor_ids, seeds, strict=True)]
     paths = [run.dir.adapter(a) for a in anchor_ids]
     made_from = [inputs.adapter(run, by_id[a]) for a in anchor_ids]
-    if p.engine == "batched":
-        train_adapters(run.engine, paths, examples, p.bank, seeds, made_from)
-    else:
-        train_adapter(run.engine, paths[0], examples[0], p.bank, seeds[0], made_from=made_from[0])
+    train_adapters(run.engine, paths, examples, p.bank, seeds, made_from)
 
 
 def stage2_match_anchors(run: Run) -> dict:
@@ -411,17 +408,17 @@ def stage3_todo(run: Run) -> dict[str, list[str]]:
 
 
 def stage3_run(run: Run) -> None:
-    """Every (user, method) unit without a result, unit of methods by unit: for `group_size` users at once with
-    the batched engine (`run_group`), for one user at a time otherwise (`run_unit`). Each result is written as
+    """Every (user, method) unit without a result, unit of methods by unit, for `group_size` users at once
+    (`run_group`; the last group may be smaller, down to one user). Each result is written as
     soon as its group ends; a failure is recorded apart (`record_failure`) and retried by the next run, up to
     MAX_ATTEMPTS tries."""
     todo = stage3_todo(run)
     if not todo:
         return
     p = run.profile
-    log(f"stage 3: {sum(map(len, todo.values()))} (user, method) units to run for {len(todo)} users, {p.engine}, "
-        f"{run.executor.kind} executor")
-    size = p.group_size if p.engine == "batched" else 1
+    size = p.group_size
+    log(f"stage 3: {sum(map(len, todo.values()))} (user, method) units to run for {len(todo)} users, {size} at a "
+        f"time, {run.executor.kind} executor")
     by_unit: dict[tuple[str, ...], list[str]] = {}
     for u in run.test_users:
         for unit in units(todo.get(u.user_id, [])):
@@ -438,8 +435,8 @@ def stage3_run(run: Run) -> None:
 
 
 def stage3_group(run: Run, user_ids: Sequence[str], unit: Sequence, cache: dict) -> None:
-    """Run one unit of methods for a group of users and write each (user, method) result: together on the
-    batched engine (`run_group`), one user alone otherwise (`run_unit`). A user's InputError is recorded as its
+    """Run one unit of methods for a group of users together (`run_group`) and write each (user, method) result.
+    A user's InputError is recorded as its
     units' failure; any other exception is recorded as a crash of every unit of the group, then raised."""
     by_id = {u.user_id: u for u in run.test_users}
     try:
@@ -450,11 +447,7 @@ def stage3_group(run: Run, user_ids: Sequence[str], unit: Sequence, cache: dict)
             cache["baselines"] = load_baselines(run)
         matches, bank, baselines = cache["matches"], cache["bank"], cache["baselines"]
         group = [by_id[uid] for uid in user_ids]
-        if run.profile.engine == "sequential":
-            results = {group[0].user_id: run_unit(run.engine, group[0], unit, matches.get(group[0].user_id), bank,
-                                                  run.seed, baselines)}
-        else:
-            results = run_group(run.engine, group, unit, matches, bank, run.seed, baselines)
+        results = run_group(run.engine, group, unit, matches, bank, run.seed, baselines)
     except Exception as e:
         for uid in user_ids:
             for m in unit:

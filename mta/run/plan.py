@@ -61,8 +61,8 @@ class Rates:
 
     items_s: float  # stage-1 encoder: items a second
     documents_s: float  # stage-2 encoder: whole-history documents a second
-    group_tokens_s: float  # training tokens a second of a group of LoRAs in one pass (the batched engine)
-    tokens_s: float  # training tokens a second of one LoRA alone (stage 1c; the sequential engine)
+    group_tokens_s: float  # training tokens a second of a group of `group_size` LoRAs in one pass (stages 1b, 3)
+    tokens_s: float  # training tokens a second of one LoRA alone (stage 1c: a group of one, or a plain training loop)
     forward_tokens_s: float  # tokens a second of a forward without gradient (probes, Per-Pcs's assembly)
     query_s: float  # seconds a test query, decoded in a batch of up to group_size prompts
     load_s: dict  # seconds to load: "llm", "stage1_encoder", "stage2_encoder"
@@ -171,7 +171,6 @@ def planned_anchors(run: Run, pool: Sequence[User]) -> tuple[list[User], str]:
 def count(run: Run, engine: Engine) -> tuple[dict, dict, dict]:
     """(counts, per-stage work, per-method stage-3 work) of a cold run, from the stages' own example builders."""
     p, task = run.profile, run.task_spec
-    trained = "group_tokens" if p.engine == "batched" else "tokens"
     pool = candidate_pool(run.candidates, p.max_candidates, run.seed)
     items = sum(len(embedded_items(u, task, p.stage1_text, p.max_items_embedded, run.seed)) for u in pool)
     anchors, anchors_from = planned_anchors(run, pool)
@@ -179,7 +178,7 @@ def count(run: Run, engine: Engine) -> tuple[dict, dict, dict]:
               "stage1b_bank": {"loads": ["llm"]}}
     for a in anchors:
         lora(stages["stage1b_bank"], history_examples(engine, a.history, derive_seed(run.seed, "bank", a.user_id),
-                                                      p.max_items_per_anchor, bank=True), p.bank, trained, False)
+                                                      p.max_items_per_anchor, bank=True), p.bank, "group_tokens", False)
     population = stages["stage1c_population"] = {}
     for name in dict.fromkeys(get(m).population for m in run.methods if get(m).population != "none"):
         spec = getattr(p, name)
@@ -213,15 +212,15 @@ def count(run: Run, engine: Engine) -> tuple[dict, dict, dict]:
             elif m.procedure == "proper":  # its user and router stages on subsets of the user's examples
                 every = history_examples(engine, u.history, unit_seed)
                 for spec, limit in ((p.proper_user, p.proper_user_items), (p.proper_router, p.proper_router_items)):
-                    lora(work, every.scaled(min(limit or every.n, every.n)), spec, trained)
+                    lora(work, every.scaled(min(limit or every.n, every.n)), spec, "group_tokens")
             elif m.recipe != "none":
                 recipe = getattr(p, m.recipe)
                 lora(work, history_examples(engine, u.history, unit_seed, earlier_only=recipe.earlier_only,
-                                            recipe=recipe), recipe, trained, False)
+                                            recipe=recipe), recipe, "group_tokens", False)
     stages["stage3"] = {}
     for work in methods.values():
         add(stages["stage3"], **work)
-    size = p.group_size if p.engine == "batched" else 1
+    size = p.group_size
     counts = {"candidates_in_file": len(run.candidates), "candidates": len(pool), "items_embedded": items,
               "anchors": len(anchors), "anchors_from": anchors_from, "test_users": len(run.test_users),
               "queries": sum(len(u.query) for u in run.test_users),
@@ -297,12 +296,12 @@ def calibrate_llm(run: Run, engine: Engine, anchors: Sequence[User]) -> dict:
     p, seed = run.profile, derive_seed(run.seed, "plan")
     examples = engine.examples(anchors[0].history, seed, limit=p.max_items_per_anchor, bank=True)
     group, alone = (dataclasses.replace(p.bank, max_steps=CALIBRATION_STEPS[k]) for k in ("group", "one"))
-    size = min(p.group_size, len(anchors)) if p.engine == "batched" else 1
+    size = min(p.group_size, len(anchors))
     engine.reset()
     try:
         logs, _ = engine.personalize_many([[]] * size, [[]] * size, group, [examples] * size, [seed] * size)
         engine.reset()
-        one, _ = engine.personalize([], [], alone, examples, seed, probe=True)
+        (one,), _ = engine.personalize_many([[]], [[]], alone, [examples], [seed], probe=True)
     finally:
         engine.reset()
     prompts = [q for u in run.test_users[: p.group_size]

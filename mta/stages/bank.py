@@ -1,4 +1,4 @@
-"""Stage 1b: LoRAs trained on W0 (plus any folded LoRA) and saved as PEFT adapters with their train logs: the
+"""Stage 1b: LoRAs trained on W0 (plus LoRAs applied unmerged) and saved as PEFT adapters with their train logs: the
 meta-LoRAs of the bank, and the population-level LoRAs of the baselines."""
 
 from __future__ import annotations
@@ -13,23 +13,22 @@ from mta.stages.engine import Engine, Examples, summarize
 
 def train_adapter(engine: Engine, path: Path, examples: Examples, recipe, seed: int, on: Sequence[Adapter] = (),
                   probe: bool = False, made_from: dict | None = None) -> None:
-    """One fresh LoRA on W0 (plus the folded `on`) trained on `examples`, saved as a PEFT adapter with its
-    train_log.json and what it was `made_from` (`mta.stamps`): a meta-LoRA of the bank, a population LoRA, a
-    Per-Pcs sharer (these two `probe`d)."""
-    engine.reset()
-    train_log, _ = engine.personalize(on, [1.0] * len(on), recipe, examples, seed, probe=probe)
-    adapter = engine.trained_adapter()
-    engine.reset()
-    save_trained(adapter, path, examples, train_log, made_from)
+    """One fresh LoRA on W0 (plus `on`, applied unmerged) trained on `examples`: `train_adapters` with a group of
+    one. A population LoRA and a Per-Pcs sharer are `probe`d."""
+    train_adapters(engine, [path], [examples], recipe, [seed], [made_from], on, probe)
 
 
 def train_adapters(engine: Engine, paths: Sequence[Path], examples: Sequence[Examples], recipe,
-                   seeds: Sequence[int], made_from: Sequence[dict | None]) -> None:
-    """`train_adapter` for a group of LoRAs on W0 in one pass (the batched engine), each saved as it would be
-    alone; a killed run loses the group in flight."""
+                   seeds: Sequence[int], made_from: Sequence[dict | None], on: Sequence[Adapter] = (),
+                   probe: bool = False) -> None:
+    """A group of fresh LoRAs, each on W0 plus the same `on` LoRAs (weight 1, applied unmerged; Per-Pcs's task
+    LoRA under a sharer), trained on its `examples` in one pass; each is saved as a PEFT adapter with its
+    train_log.json and what it was `made_from` (`mta.stamps`): the meta-LoRAs of the bank, a population LoRA, a
+    Per-Pcs sharer. A killed run loses the group in flight."""
     engine.reset()
     try:
-        logs, _ = engine.personalize_many([[]] * len(paths), [[]] * len(paths), recipe, examples, seeds)
+        logs, _ = engine.personalize_many([list(on)] * len(paths), [[1.0] * len(on)] * len(paths), recipe, examples,
+                                          seeds, probe)
         adapters = [engine.slot_adapter(u) for u in range(len(paths))]
     finally:
         engine.reset()

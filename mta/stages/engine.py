@@ -1,5 +1,5 @@
-"""The engine: the base model, its tokenizer and a pristine copy of W0, which sets up a method's weights (one
-user's, or a group's as per-row adapters), trains the LoRA on top and generates."""
+"""The engine: the base model, its tokenizer and a pristine copy of W0, which sets up a method's weights for a group
+of users as per-row adapters (one user is a group of one), trains the LoRAs on top and generates."""
 
 from __future__ import annotations
 
@@ -15,14 +15,14 @@ import torch
 from mta.data.lamp import TaskSpec, User, query_prompt, training_pairs
 from mta.models.generation import generate
 from mta.models.tokenizer import Tokenizer
-from mta.peft.adapter import Adapter, get_adapter
-from mta.peft.fusion import BaseWeights, base_linears, fold_adapters, nf4_base, stack_lora
+from mta.peft.adapter import Adapter
+from mta.peft.fusion import BaseWeights, base_linears, fold_adapters, nf4_base
 from mta.peft.lora import unload_lora
 from mta.peft.multi_lora import generate_many, get_row_adapter, set_slot, stack_many, unload_row_lora
 from mta.precision import autocast
 from mta.profiles import LoRASpec, Profile
 from mta.seeding import derive_seed, seeded_subset
-from mta.training.train import TrainConfig, TrainLog, train
+from mta.training.train import TrainConfig, TrainLog
 from mta.training.train_many import train_many
 
 
@@ -71,7 +71,7 @@ class Engine:
     def __post_init__(self):
         self.base = BaseWeights(self.model, targets=self.profile.bank.targets, device="cpu")
         self.folded = False  # whether W differs from W0
-        self.lora_config = None  # of the LoRA `personalize` last trained
+        self.lora_config = None  # of the LoRAs `personalize_many` last trained
         self.conditions = self.profile.test_conditions_for(self.task.name)
         self.nf4_linears = base_linears(self.model) if self.conditions.nf4 else []  # the base's, not an adapter's
         if self.conditions.parse is not None:
@@ -142,45 +142,19 @@ class Engine:
             out.append((ids[:start], ids[start:]))
         return Examples(out, cut)
 
-    def personalize(self, adapters: Sequence[Adapter], weights: Sequence[float], recipe: LoRASpec | None,
-                    examples=(), seed: int = 0, probe: bool = False) -> tuple[TrainLog | None, dict]:
-        """Set up the weights a method generates with: W0 plus the fused LoRA of `adapters` (Eq. 5), and,
-        with a `recipe`, a fresh LoRA on top trained on `examples` (Eq. 7, `mta.peft.fusion.stack_lora`); the
-        trained LoRA stays injected (`trained_adapter`). Returns (training log, seconds per phase)."""
-        mode, seconds = self.profile.merge_space, {}
-        tic = time.perf_counter()
-        if recipe is None:
-            if adapters:
-                fold_adapters(self.model, adapters, weights, mode, self.base)
-        else:
-            torch.manual_seed(seed)  # the fresh LoRA's initialisation
-            self.lora_config = recipe.lora_config(self.profile.llm)
-            stack_lora(self.model, adapters, weights, self.lora_config, mode, self.base)
-        self.folded = bool(adapters)
-        if adapters:
-            seconds["fuse"] = time.perf_counter() - tic
-        if recipe is None:
-            return None, seconds
-        log = train(self.model, examples, self.train_config(recipe, seed, probe), pad_id=self.tok.pad_token_id)
-        self.model.eval()
-        seconds["adapt"] = log.seconds
-        return log, seconds
-
     def train_config(self, recipe: LoRASpec, seed: int, probe: bool = False) -> TrainConfig:
         """`recipe`'s optimiser settings under this run's precision (the profile's resolved `bf16`)."""
         return recipe.train_config(seed, probe=probe, bf16=self.profile.bf16)
 
-    def trained_adapter(self) -> Adapter:
-        """The LoRA `personalize` trained, detached from the model."""
-        return get_adapter(self.model, self.lora_config)
-
     def personalize_many(self, fused: Sequence[Sequence[Adapter]], weights: Sequence[Sequence[float]],
-                         recipe: LoRASpec | None, examples: Sequence = (), seeds: Sequence[int] = ()
-                         ) -> tuple[list[TrainLog] | None, dict]:
-        """`personalize` for U adapters in one pass (the batched engine): slot u holds W0 plus the fused LoRA
-        of `fused[u]` (Eq. 5) applied unmerged and, with a `recipe`, a fresh LoRA trained on `examples[u]`
-        (Eq. 7), initialised as `personalize` would under `seeds[u]` (`mta.peft.multi_lora.stack_many`,
-        `mta.training.train_many.train_many`). Returns (one log per slot, seconds per phase for the whole group)."""
+                         recipe: LoRASpec | None, examples: Sequence = (), seeds: Sequence[int] = (),
+                         probe: bool = False) -> tuple[list[TrainLog] | None, dict]:
+        """Set up the weights of U adapters (one user, or one LoRA, is U = 1) in one pass: slot u holds W0 plus
+        the fused LoRA of `fused[u]` (Eq. 5) applied unmerged and, with a `recipe`, a fresh LoRA trained on
+        `examples[u]` (Eq. 7), initialised as `torch.manual_seed(seeds[u])` + `mta.peft.fusion.stack_lora`
+        would (`mta.peft.multi_lora.stack_many`, `mta.training.train_many.train_many`); `probe` measures each
+        slot's loss on its examples before and after. Returns (one log per slot, seconds per phase for the whole
+        group)."""
         p, seconds = self.profile, {}
         tic = time.perf_counter()
         self.lora_config = recipe.lora_config(p.llm) if recipe else None
@@ -189,8 +163,8 @@ class Engine:
             seconds["fuse"] = time.perf_counter() - tic
         if recipe is None:
             return None, seconds
-        logs = train_many(self.model, examples, [self.train_config(recipe, s) for s in seeds], self.tok.pad_token_id,
-                          p.rows_per_pass)
+        logs = train_many(self.model, examples, [self.train_config(recipe, s, probe) for s in seeds],
+                          self.tok.pad_token_id, p.rows_per_pass)
         self.model.eval()
         seconds["adapt"] = logs[0].seconds
         return logs, seconds

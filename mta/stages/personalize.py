@@ -1,8 +1,8 @@
 """Stage 3: per user, each method of `mta.methods`: fuse its meta-LoRAs (Eq. 5), add a fresh LoRA trained on
 the user's history on top (Eq. 7) as the method's row says, then generate; Per-Pcs and PROPER through their
-own `Procedure`. `run_group` does this for a group of users at once (the default, batched engine): per-row
+own `Procedure`. `run_group` does this for a group of users at once, one user being a group of one: per-row
 adapters hold each user's fused LoRA unmerged and its fresh LoRA, one pass trains and one batch decodes them
-all. `run_unit` does it for one user, folding the fused LoRA into W (the sequential engine)."""
+all."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from mta.profiles import LoRASpec, Profile
 from mta.seeding import derive_seed
 from mta.stages.engine import Engine, summarize
 from mta.stages.matching import fused_anchors
-from mta.stages.procedure import Baseline, Procedure
+from mta.stages.procedure import Baseline
 
 
 def method_prompts(task: TaskSpec, user: User, method: Method, style: str) -> list[str]:
@@ -70,17 +70,6 @@ def method_setup(engine: Engine, user: User, method: Method, match: dict | None,
     return Setup(adapters, weights, recipe, examples, seconds, extra)
 
 
-def prepare_weights(engine: Engine, user: User, method: Method, match: dict | None, bank: dict[str, Adapter],
-                    unit_seed: int, baselines: Mapping[str, Baseline] | None = None) -> tuple[dict, dict]:
-    """Set the model up as the method's row says. Returns (seconds per phase, details for the result)."""
-    if method.procedure != "fuse_then_train":
-        return prepare_procedure(engine, user, method, baselines, unit_seed)
-    setup = method_setup(engine, user, method, match, bank, unit_seed)
-    log, phases = engine.personalize(setup.adapters, setup.weights, setup.recipe, setup.examples, unit_seed)
-    extra = {**setup.extra, **({"train": summarize(log)} if log is not None else {})}
-    return {**setup.seconds, **phases}, extra
-
-
 def unit_results(engine: Engine, user: User, unit: Sequence[Method], prompts: Sequence[Sequence[str]],
                  outputs: Sequence[Sequence[str]], seconds: dict, extra: dict) -> dict[str, dict]:
     """Method name -> the result of one user: a row per query (`queries`, in the user's order), each with its
@@ -104,36 +93,16 @@ def error_results(user: User, unit: Sequence[Method], error: Exception) -> dict[
     return {m.name: {"user_id": user.user_id, "method": m.name, "error": str(error)} for m in unit}
 
 
-def run_unit(engine: Engine, user: User, unit: Sequence[Method], match: dict | None,
-             bank: dict[str, Adapter], seed: int, baselines: Mapping[str, Baseline] | None = None) -> dict[str, dict]:
-    """One unit of stage 3 (`mta.methods.units`) for one user, every query -> method name: {queries: [{output,
-    prediction, gold, ...}], seconds, ...}. A unit's methods share its weights (one personalisation) and one
-    batched generation of all their queries. Bad input (InputError) gives the unit's error rows."""
-    engine.reset()
-    try:
-        seconds, extra = ({}, {}) if unit[0].on_base_weights else prepare_weights(
-            engine, user, unit[0], match, bank, derive_seed(seed, user.user_id, unit[0].name), baselines)
-        prompts = [method_prompts(engine.task, user, m, engine.profile.prompt_style) for m in unit]
-        tic = time.perf_counter()
-        outputs = engine.generate([p for ps in prompts for p in ps])
-        generate = (time.perf_counter() - tic) / len(unit)
-    except InputError as e:
-        return error_results(user, unit, e)
-    finally:
-        engine.reset()
-    return unit_results(engine, user, unit, prompts, split_outputs(outputs, [len(ps) for ps in prompts]),
-                        {**seconds, "generate": generate}, extra)
-
-
 def run_group(engine: Engine, users: Sequence[User], unit: Sequence[Method], matches: dict,
               bank: dict[str, Adapter], seed: int, baselines: Mapping[str, Baseline] | None = None,
               kept: dict | None = None) -> dict[str, dict[str, dict]]:
-    """`run_unit` for many users at once (the batched engine): user id -> method name -> result.
+    """One unit of stage 3 (`mta.methods.units`) for a group of users (one user is a group of one): user id ->
+    method name -> {queries: [{output, prediction, gold, ...}], seconds, ...}. A unit's methods share its weights.
 
     Methods on W0 decode every user's prompts in batches of similar length. A fuse-then-train method gives
     each user a slot of per-row adapters (its fused LoRA unmerged, its fresh LoRA on top), trains all the
     slots in one pass and decodes them in one batch; each result's seconds are the group's divided by its
-    size. Per-Pcs and PROPER make each user's part in turn and decode all of them in one batch
+    size. Per-Pcs and PROPER make their users' parts and decode all of them in one batch
     (`run_procedure_group`). A user with bad input gets its error rows; the rest go on. With `kept`, a
     fuse-then-train method leaves there, by user id, the LoRAs each user's slot held: (fused LoRAs, their
     weights, the trained LoRA or None)."""
@@ -201,10 +170,6 @@ def refuse_on_quantised_base(profile: Profile, methods: Sequence[Method]) -> Non
             raise ValueError(f"method {m.name}: its {m.procedure!r} procedure folds a population LoRA into W0, "
                              f"which a quantised base (base_quant={profile.base_quant!r}) cannot take; leave it "
                              f"out (--methods) or set base_quant='none'")
-        if (m.anchors, m.population) != ("none", "none") and profile.engine == "sequential":
-            raise ValueError(f"method {m.name}: the sequential engine folds the fused LoRA into W, which a "
-                             f"quantised base (base_quant={profile.base_quant!r}) cannot take; engine='batched' "
-                             f"applies it unmerged")
 
 
 def baseline(baselines: Mapping[str, Baseline] | None, method: Method) -> Baseline:
@@ -214,52 +179,40 @@ def baseline(baselines: Mapping[str, Baseline] | None, method: Method) -> Baseli
     return baselines[method.procedure]
 
 
-def prepare_procedure(engine: Engine, user: User, method: Method, baselines: Mapping[str, Baseline] | None,
-                      unit_seed: int) -> tuple[dict, dict]:
-    """One user's weights by the method's procedure, for a one-user decode. (seconds per phase, details)"""
+def serve_procedure(engine: Engine, users: Sequence[User], method: Method, seed: int,
+                    baselines: Mapping[str, Baseline] | None
+                    ) -> tuple[float, list[tuple[object, dict, dict] | InputError]]:
+    """Per-Pcs or PROPER set up for a group of users (one user is a group of one): `begin` once, every user's part
+    (`Procedure.parts`), then the parts in slots 0, 1, ... of the users that have one, ready to decode. Returns
+    (seconds of `begin`, one entry per user: (part, seconds, details) or the InputError that stopped it)."""
     procedure, artifacts = baseline(baselines, method)
     tic = time.perf_counter()
     procedure.begin(engine, artifacts)
     setup = time.perf_counter() - tic
-    part, seconds, extra = procedure.part(engine, user, artifacts, unit_seed)
-    procedure.install(engine, part)
-    return {"setup": setup, **seconds}, extra
-
-
-def part_or_error(procedure: Procedure, engine: Engine, user: User, artifacts: object, unit_seed: int
-                  ) -> tuple[object, dict, dict] | InputError:
-    try:
-        return procedure.part(engine, user, artifacts, unit_seed)
-    except InputError as e:
-        return e
+    made = procedure.parts(engine, users, artifacts, [derive_seed(seed, u.user_id, method.name) for u in users])
+    served = [m[0] for m in made if not isinstance(m, InputError)]
+    if served:
+        procedure.serve(engine, served)
+        engine.model.eval()
+    return setup, made
 
 
 def run_procedure_group(engine: Engine, users: Sequence[User], unit: Sequence[Method], seed: int,
                         baselines: Mapping[str, Baseline] | None) -> dict[str, dict[str, dict]]:
-    """Per-Pcs or PROPER for many users (the batched engine): `begin` once, each user's part as `run_unit` makes
-    it, then all the parts in slots of one batched decode. user id -> method name -> result."""
+    """Per-Pcs or PROPER for a group of users (`serve_procedure`), all the parts decoded in one batch. user id ->
+    method name -> result."""
     method, task, style = unit[0], engine.task, engine.profile.prompt_style
-    procedure, artifacts = baseline(baselines, method)
-    out, parts, done = {}, [], []
+    out, done = {}, []
     engine.reset()
     try:
-        tic = time.perf_counter()
-        procedure.begin(engine, artifacts)
-        setup = time.perf_counter() - tic
-        seeds = [derive_seed(seed, u.user_id, method.name) for u in users]
-        made = procedure.parts(engine, users, artifacts, seeds) if procedure.parts else \
-            [part_or_error(procedure, engine, u, artifacts, s) for u, s in zip(users, seeds, strict=True)]
+        setup, made = serve_procedure(engine, users, method, seed, baselines)
         for u, m in zip(users, made, strict=True):
             if isinstance(m, InputError):
                 out[u.user_id] = error_results(u, unit, m)
-                continue
-            part, seconds, extra = m
-            parts.append(part)
-            done.append((u, seconds, extra))
+            else:
+                done.append((u, m[1], m[2]))
         if not done:
             return out
-        procedure.serve(engine, parts)
-        engine.model.eval()
         prompts = [method_prompts(task, u, method, style) for u, _, _ in done]
         tic = time.perf_counter()
         outputs = engine.generate([p for ps in prompts for p in ps],

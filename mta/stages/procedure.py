@@ -56,18 +56,15 @@ class Procedure:
     """A Table-1 baseline's own set-up of a user's weights (`Method.procedure`). `build` makes its
     population-level artifacts in the run directory (keeping those made from the run's inputs, `mta.stamps`)
     and `load` reads those (None when they are not there). `begin` sets up what every user shares (W0 + its
-    population LoRA, ...); `part` makes one user's own part on it; `install` puts that part in the model for a
-    one-user decode (the sequential engine), `serve` puts many users' parts in slots of one batched decode (the
-    batched engine)."""
+    population LoRA, ...); `parts` makes the own part of each of a group of users (one user is a group of one) on
+    it, each as (part, seconds, details) or the InputError that stopped it; `serve` puts the parts in slots of one
+    batched decode."""
 
     build: Callable[[RunContext], None]
     load: Callable[[RunContext], object | None]
     begin: Callable[[Engine, object | None], None]
-    part: Callable[[Engine, User, object, int], tuple[object, dict, dict]]
-    install: Callable[[Engine, object], None]
+    parts: Callable[[Engine, Sequence[User], object, Sequence[int]], list]
     serve: Callable[[Engine, Sequence], None]
-    # many users' parts at once, each as `part` makes it, or the InputError that stopped it; None: `part` in turn
-    parts: Callable[[Engine, Sequence[User], object, Sequence[int]], list] | None = None
 
 
 class Baseline(NamedTuple):
