@@ -17,7 +17,7 @@ from tests.fixtures import make_bert, make_lamp, make_llm, make_profile
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ("reproduce", "plan", "select-anchors", "train-bank", "match-anchors", "train-baselines", "run-experiment",
-            "sweep", "download-lamp", "compare-runs")
+            "sweep", "download-lamp", "compare-runs", "serve")
 
 
 def test_transformers_llama_peft_and_our_ops_in_one_process():
@@ -64,6 +64,7 @@ def test_mta_help_lists_every_command_and_each_shows_its_flags():
     listing = run("--help")
     assert [line.split()[0] for line in listing.split("commands:\n")[1].splitlines()] == list(COMMANDS)
     assert "--lamp-dir" in run("reproduce", "--help") and "--points" in run("sweep", "--help")
+    assert "--max-wait-ms" in run("serve", "--help")
 
 
 def test_every_stage_script_runs_a_command_that_exists():
