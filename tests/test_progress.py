@@ -111,3 +111,20 @@ def test_local_jobs_show_each_status_and_log_one_line_per_group(tmp_path, monkey
     lines = [line.split("] ", 1)[1] for line in (tmp_path / "run.log").read_text().splitlines()]
     assert lines == ["stage: group 1/2 (2 anchors) done in 0 s; a summary",
                      "stage: group 2/2 (1 user: x+y) done in 0 s; u summary"]
+
+
+def test_a_decode_reports_each_token_and_each_prefill_chunk():
+    from mta.models.generation import generate
+
+    model = tiny()
+    ids = torch.randint(3, model.config.vocab_size, (3, 6))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    seen = []
+    with on_status(seen.append):
+        new = generate(model, ids, mask, max_new_tokens=4, stop_token_ids=(), prefill_rows=2)
+    assert seen[:2] == ["prefill x3: rows 1-2", "prefill x3: rows 3-3"]
+    steps = seen[2:]
+    assert len(steps) == new.shape[1] == 4
+    for k, text in enumerate(steps, 1):
+        assert re.fullmatch(rf"decode x3: token {k}/4, \d+ tok/s", text), text

@@ -11,7 +11,10 @@ nothing is reused):
   kept         a second server with --keep: --hits users answered once, then again (the LRU hit path)
   floor        the peak bf16/fp32 GEMM rate measured here, and the training FLOPs of a user's stacked LoRA
                (4 x linear parameters x tokens: forward, and backward to the activations): the least time the
-               adapt phase can take on this machine, so what a ratio can reach is a number
+               adapt phase can take on this machine, its model FLOPs utilisation (MFU) one at a time and in
+               groups, and two bounds on what grouping can gain: one at a time's seconds per user over that floor
+               (training at the GEMM peak), and over the training seconds per user measured in the largest groups
+               (what grouping gains if decoding and matching cost nothing)
 
 run: python tools/bench_serve.py [--run-dir DIR] [--method mta] [--clients 1,4,16] [--requests 16,48,144]
      [--reference 16] [--hits 16] [--json out.json]
@@ -103,7 +106,7 @@ class Server:
 def load(url: str, bodies: list[dict], clients: int, timeout: float, pid: int) -> dict:
     """`bodies` answered by `clients` threads, each posting its next body when its last one is answered; the
     server's resident set after each answer."""
-    latencies, groups, errors, rss, lock = [], [], [], [], threading.Lock()
+    latencies, groups, adapt, errors, rss, lock = [], [], [], [], [], threading.Lock()
     todo = iter(bodies)
 
     def client() -> None:
@@ -122,6 +125,7 @@ def load(url: str, bodies: list[dict], clients: int, timeout: float, pid: int) -
             with lock:
                 latencies.append(time.perf_counter() - tic)
                 groups.append(out["group"])
+                adapt.append(out["seconds"].get("adapt", 0.0))
                 rss.append(rss_mb(pid))
 
     tic = time.perf_counter()
@@ -135,7 +139,7 @@ def load(url: str, bodies: list[dict], clients: int, timeout: float, pid: int) -
         raise RuntimeError(f"{len(errors)} of {len(bodies)} requests failed, first: {errors[0]}")
     return {"clients": clients, "requests": len(bodies), "seconds": wall, "users_per_min": 60 * len(bodies) / wall,
             "p50_s": statistics.median(latencies), "p95_s": percentile(latencies, 95),
-            "mean_group": statistics.fmean(groups), "rss_mb": rss}
+            "mean_group": statistics.fmean(groups), "adapt_s": statistics.fmean(adapt), "rss_mb": rss}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -158,8 +162,10 @@ def timed(fn) -> float:
 
 
 def linear_params(personalizer: Personalizer) -> int:
-    """Parameters of the base model's linear layers: those a training token's forward and backward multiply by."""
-    return sum(m.weight.numel() for m in personalizer.engine.model.modules() if isinstance(m, torch.nn.Linear))
+    """Parameters of the decoder's linear layers: those every training token's forward and backward multiply by
+    (the head, applied to response tokens only, and attention's own products are left out: a lower bound)."""
+    return sum(m.weight.numel() for name, m in personalizer.engine.model.named_modules()
+               if isinstance(m, torch.nn.Linear) and name != "lm_head")
 
 
 def main() -> None:
@@ -213,7 +219,9 @@ def main() -> None:
     print(f"one at a time, in process: {ref_s:.2f} s/user ({60 / ref_s:.1f} users/min), adapt "
           f"{statistics.fmean(adapt):.2f} s on {statistics.fmean(tokens):.0f} tokens")
     print(f"peak {'bf16' if bf16 else 'fp32'} GEMM {peak / 1e12:.2f} TFLOP/s: the adapt phase needs at least "
-          f"{floor:.2f} s/user here (MFU {out['floor']['adapt_mfu']:.0%} one at a time)")
+          f"{floor:.2f} s/user here (MFU {out['floor']['adapt_mfu']:.0%} one at a time), so no grouping can answer "
+          f"more than {ref_s / floor:.2f}x the users a minute of one at a time")
+    out["floor"]["most_speedup"] = ref_s / floor
     del personalizer
 
     server = Server(args.run_dir, 0, args.start_timeout, args.max_wait_ms)
@@ -226,15 +234,22 @@ def main() -> None:
             sent += count
             level["speedup"] = level["users_per_min"] / out["reference"]["users_per_min"]
             level["server_peak_rss_mb"] = rss_mb(server.proc.pid, "VmHWM")
+            level["adapt_mfu"] = out["floor"]["adapt_floor_s"] / level["adapt_s"] if level["adapt_s"] else None
             levels.append(level)
             print(f"{c:3d} clients: {count} requests in {level['seconds']:.0f} s, {level['users_per_min']:.1f} "
                   f"users/min ({level['speedup']:.2f}x one at a time), p50 {level['p50_s']:.1f} s, p95 "
-                  f"{level['p95_s']:.1f} s, groups of {level['mean_group']:.1f}; server RSS after its first "
+                  f"{level['p95_s']:.1f} s, groups of {level['mean_group']:.1f}, adapt {level['adapt_s']:.2f} s/user "
+                  f"(MFU {level['adapt_mfu']:.0%}); server RSS after its first "
                   f"{c} answers {max(level['rss_mb'][:c]):.0f} MiB, at most {max(level['rss_mb']):.0f} MiB over "
                   f"{count}, peak {level['server_peak_rss_mb']:.0f} MiB after {sent + 1} requests")
     finally:
         server.stop()
     out["levels"] = levels
+    top = levels[-1]
+    out["grouping_bound"] = ref_s / top["adapt_s"] if top["adapt_s"] else None
+    print(f"training a user takes {out['reference']['adapt_s']:.2f} s alone and {top['adapt_s']:.2f} s in groups of "
+          f"{top['mean_group']:.0f}: with decoding and matching free, grouping could answer at most "
+          f"{out['grouping_bound']:.2f}x the users a minute of one at a time here")
 
     if args.hits:
         server = Server(args.run_dir, args.hits, args.start_timeout, args.max_wait_ms)

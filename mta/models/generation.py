@@ -4,9 +4,11 @@ over left-padded prompts that fills a KV cache, then one token per step until ev
 from __future__ import annotations
 
 import functools
+import time
 
 import torch
 
+from mta.log import status
 from mta.models.llama import KVCache, LlamaForCausalLM, position_ids_from_mask
 
 
@@ -64,8 +66,10 @@ def generate(
     if repetition_penalty != 1.0:
         seen = torch.zeros(B, logits.shape[-1], dtype=torch.long, device=device)  # (B, vocab)
         seen.scatter_add_(1, input_ids, attention_mask.long())
-    out = []
+    out, start = [], time.perf_counter()
     for step in range(max_new_tokens):
+        status(f"decode x{B}: token {step + 1}/{max_new_tokens}, "
+               f"{B * step / max(time.perf_counter() - start, 1e-9):.0f} tok/s")
         if seen is not None:
             logits = penalize_repetition(logits, seen > 0, repetition_penalty)
         token = sample_next_token(logits, temperature, top_k, top_p, generator) if do_sample else logits.argmax(-1)
@@ -100,6 +104,7 @@ def prefill(model: LlamaForCausalLM, input_ids, attention_mask, cache: KVCache, 
         start = 0 if mask is None else T - int(mask.sum(1).max())  # columns of padding in every row
         view = cache.rows(index)
         view.length = start  # positions [0, start) stay empty: masked, as padding is
+        status(f"prefill x{B}: rows {r + 1}-{min(r + rows, B)}")
         out.append(next_logits(model, input_ids[index, start:], mask, view, position_ids[index, start:]))
     cache.length = T
     return torch.cat(out)

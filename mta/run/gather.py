@@ -79,10 +79,12 @@ class Waiting:
 
 
 class Gatherer:
-    """The queue and its worker thread, started here; `answer_many` is called from that thread only."""
+    """The queue and its worker loop (`work`), on a thread started here or, with `start` False, on the caller's
+    thread; `answer_many` is called from that one thread only. `mta serve` runs the loop on the main thread: torch's
+    OpenMP element-wise kernels run about twice as slow from a second thread (measured in docs/serving.md)."""
 
     def __init__(self, answer_many: Callable[[Sequence[Request]], list[Answered | InputError]],
-                 config: GatherConfig):
+                 config: GatherConfig, start: bool = True):
         if config.group_size is None:
             raise ValueError("group_size: None; the Gatherer needs a number (mta serve takes the run profile's)")
         self.answer_many = answer_many
@@ -90,8 +92,9 @@ class Gatherer:
         self.waiting: deque[Waiting] = deque()
         self.cond = threading.Condition()  # guards waiting and closed; an RLock, so a signal handler may close
         self.closed = False
-        self.thread = threading.Thread(target=self.work, name="mta-gatherer", daemon=True)
-        self.thread.start()
+        self.stopped = threading.Event()  # set when `work` returns
+        if start:
+            threading.Thread(target=self.work, name="mta-gatherer", daemon=True).start()
 
     def submit(self, request: Request) -> Future:
         """A future of the request's Outcome; raises Draining once closed, Full when `queue_size` wait."""
@@ -121,14 +124,17 @@ class Gatherer:
         """Close, then wait up to `timeout` seconds (None: as long as it takes) for the worker to answer every
         queued request and the group in flight and stop; True when it has stopped."""
         self.close()
-        self.thread.join(timeout)
-        return not self.thread.is_alive()
+        return self.stopped.wait(timeout)
 
     def work(self) -> None:
-        while (taken := self.take()) is not None:
-            group, started = taken
-            if group:
-                self.run(group, started)
+        """Answer groups until the gatherer is closed and nothing waits."""
+        try:
+            while (taken := self.take()) is not None:
+                group, started = taken
+                if group:
+                    self.run(group, started)
+        finally:
+            self.stopped.set()
 
     def take(self) -> tuple[list[Waiting], float] | None:
         """The next group once it is full, its oldest request has waited `max_wait_ms` or the gatherer is closed;

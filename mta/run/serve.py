@@ -9,13 +9,17 @@ The body is read and checked here, not by pydantic models, so that every refusal
 the request's own field names (`queries[0]`, `history`), a malformed body 400 and an oversized one 413 before it is
 parsed. FastAPI reads the handlers' annotations, so this module does without `from __future__ import annotations`.
 SIGTERM or SIGINT: new requests get 503 and /ready 503, uvicorn stops accepting connections and answers the requests
-in flight, then the lifespan's shutdown drains the queue and stops the worker."""
+in flight, then the lifespan's shutdown drains the queue and stops the worker. `main` runs uvicorn on a thread and
+the worker, which runs the engine, on the main thread (`mta.run.gather.Gatherer`)."""
 
 import argparse
 import asyncio
 import dataclasses
 import json
+import signal
 import sys
+import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -137,9 +141,10 @@ async def read_body(request, limit: int) -> bytes:
     return bytes(body)
 
 
-def app(personalizer: Personalizer, config: ServeConfig) -> "FastAPI":
-    """The service: GET /health, GET /ready, POST /personalize. Its lifespan starts the gatherer (the worker
-    thread that owns `personalizer`) and drains it at shutdown."""
+def app(personalizer: Personalizer, config: ServeConfig, start_worker: bool = True) -> "FastAPI":
+    """The service: GET /health, GET /ready, POST /personalize. Its lifespan makes the gatherer (`api.state.gatherer`,
+    whose worker owns `personalizer`: on a thread of its own, or with `start_worker` False on whichever thread
+    calls its `work`) and drains it at shutdown."""
     from fastapi import FastAPI
     from fastapi import Request as HTTPRequest
     from fastapi.responses import JSONResponse
@@ -152,7 +157,7 @@ def app(personalizer: Personalizer, config: ServeConfig) -> "FastAPI":
 
     @asynccontextmanager
     async def lifespan(api: FastAPI) -> AsyncIterator[None]:
-        api.state.gatherer = Gatherer(personalizer.answer_many, gather)
+        api.state.gatherer = Gatherer(personalizer.answer_many, gather, start=start_worker)
         yield
         await asyncio.to_thread(api.state.gatherer.drain)
 
@@ -248,7 +253,16 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     try:
         config = ServeConfig(args.run_dir, args.host, args.port, args.keep, args.max_body_bytes,
                              GatherConfig(args.max_wait_ms, args.queue_size, args.timeout_s, args.group_size))
-        api = app(Personalizer.from_run(config.run_dir, keep=config.keep), config)
+        api = app(Personalizer.from_run(config.run_dir, keep=config.keep), config, start_worker=False)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
-    server(api, config).run()
+    serving = server(api, config)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, serving.handle_exit)
+    http = threading.Thread(target=serving.run, name="uvicorn")  # its own event loop; no signal handlers there
+    http.start()
+    while http.is_alive() and getattr(api.state, "gatherer", None) is None:
+        time.sleep(0.05)
+    if http.is_alive():
+        api.state.gatherer.work()  # the engine's work on the main thread, until SIGTERM has drained the queue
+    http.join()
