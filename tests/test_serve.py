@@ -202,13 +202,19 @@ def post_in_thread(port, payload, out):
     return thread
 
 
+def in_flight_and_queued(port, fake, out):
+    """Request "a" taken by the blocked `fake`, then request "b" behind it: their threads."""
+    threads = [post_in_thread(port, body("a"), out)]
+    assert fake.started.wait(10)
+    threads.append(post_in_thread(port, body("b"), out))
+    return threads
+
+
 def test_a_full_queue_is_429_a_crash_500_and_the_server_goes_on():
     fake = Fake(blocking=True)
     with serving(SlowPersonalizer(fake), gather={"max_wait_ms": 0, "queue_size": 1, "group_size": 1}) as (_, api, port):
         out = []
-        threads = [post_in_thread(port, body("a"), out)]
-        assert fake.started.wait(10)
-        threads.append(post_in_thread(port, body("b"), out))
+        threads = in_flight_and_queued(port, fake, out)
         until(lambda: api.state.gatherer.queued() == 1)
         status, refused = call(port, "POST", "/personalize", body("c"))
         assert status == 429 and "queue_size = 1" in refused["error"]
@@ -227,9 +233,7 @@ def test_a_request_past_its_timeout_is_504_in_flight_or_queued():
     fake = Fake(blocking=True)
     with serving(SlowPersonalizer(fake), gather={"max_wait_ms": 0, "group_size": 1, "timeout_s": 0.5}) as (_, _, port):
         out = []
-        threads = [post_in_thread(port, body("a"), out)]
-        assert fake.started.wait(10)
-        threads.append(post_in_thread(port, body("b"), out))
+        threads = in_flight_and_queued(port, fake, out)
         for t in threads:
             t.join(30)
         fake.gate.set()
@@ -243,9 +247,7 @@ def test_sigterm_answers_the_requests_in_flight_and_queued_and_refuses_new_ones(
     with serving(SlowPersonalizer(fake), gather={"max_wait_ms": 0, "group_size": 1}) as (server, api, port):
         assert call(port, "GET", "/ready", timeout=10)[0] == 200
         out = []
-        threads = [post_in_thread(port, body("a"), out)]
-        assert fake.started.wait(10)
-        threads.append(post_in_thread(port, body("b"), out))
+        threads = in_flight_and_queued(port, fake, out)
         gatherer = api.state.gatherer
         until(lambda: gatherer.queued() == 1)
         server.handle_exit(signal.SIGTERM, None)
