@@ -1,6 +1,7 @@
 """What a person watching a run sees: a status every training step, one log line per finished group, the log file,
 and every step's loss, lr and gradient norm in the train log."""
 import copy
+import json
 import math
 import re
 from types import SimpleNamespace
@@ -128,3 +129,40 @@ def test_a_decode_reports_each_token_and_each_prefill_chunk():
     assert len(steps) == new.shape[1] == 4
     for k, text in enumerate(steps, 1):
         assert re.fullmatch(rf"decode x3: token {k}/4, \d+ tok/s", text), text
+
+
+def test_report_to_tensorboard_writes_every_training_step_of_the_run(tiny_run_inputs, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mta.run import pipeline
+    from mta.run.cli import main
+    from tests.conftest import N_USERS
+    from tests.fixtures import make_profile
+
+    lamp, llm, bert = tiny_run_inputs
+    argv = ["--profile", str(make_profile(tmp_path / "tiny.json", llm, bert)), "--lamp-dir", str(lamp), "--users",
+            str(N_USERS), "--methods", "mta,oppu", "--runs", str(tmp_path / "runs"), "--no-progress",
+            "--report-to", "tensorboard"]
+    main("test", pipeline.reproduce, argv)
+    run_dir = tmp_path / "runs" / "news_headline" / "tiny-seed0"
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    trained = [*sorted((run_dir / "bank").iterdir()), run_dir / "population" / "oppu_task"]
+    for path in trained:
+        saved = json.loads((path / "train_log.json").read_text())
+        tag = f"{path.parent.name}/{path.name}"
+        assert [e.value for e in events.Scalars(f"{tag}/loss")] == pytest.approx(saved["losses"], rel=1e-5)
+        assert [e.step for e in events.Scalars(f"{tag}/lr")] == list(range(1, saved["steps"] + 1))
+    users = {t.split("/")[2] for t in tags if t.startswith("stage3/mta/")}
+    assert len(users) == N_USERS and {f"stage3/oppu/{u}/grad_norm" for u in users} <= tags
+
+
+def test_report_to_tensorboard_without_tensorboard_says_how_to_install_it(monkeypatch, tmp_path):
+    import sys
+
+    from mta.run.tensorboard import INSTALL, reporting
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    with pytest.raises(ValueError, match=re.escape(INSTALL)), reporting("tensorboard", tmp_path):
+        pass

@@ -15,6 +15,7 @@ from mta.log import log_to
 from mta.profiles import Profile, refuse_removed, resolve_profile
 from mta.run.executor import EXECUTORS, Executor
 from mta.run.pipeline import Run
+from mta.run.tensorboard import REPORT_TO, reporting
 
 
 def parser(description: str, prog: str | None = None) -> argparse.ArgumentParser:
@@ -38,6 +39,9 @@ def parser(description: str, prog: str | None = None) -> argparse.ArgumentParser
     ap.add_argument("--workers", type=int, default=2, help="Ray workers (each loads the model once)")
     ap.add_argument("--worker-threads", type=int, default=1, help="torch threads (and Ray CPUs) per CPU worker")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--report-to", default="none", choices=REPORT_TO,
+                    help="tensorboard: every training step's loss, lr and gradient norm in <run>/tensorboard/ "
+                         "(the tensorboard extra)")
     return ap
 
 
@@ -120,7 +124,8 @@ def main(description: str, stage, argv: list[str] | None = None, add_args=None, 
             run.check_inputs()
         outputs = []
         for run in runs:
-            with run.dir.lock(), log_to(run.dir.root / "run.log"):
+            with run.dir.lock(), log_to(run.dir.root / "run.log"), \
+                    reporting(args.report_to, run.dir.root / "tensorboard"):
                 run.write_config()
                 outputs.append(stage(run, args) if add_args else stage(run))
         return across_seeds(runs, outputs) if len(runs) > 1 else outputs[0]

@@ -30,7 +30,7 @@ from mta.data.lamp import (
 from mta.errors import InputError
 from mta.eval import multiseed, report
 from mta.files import atomic_path, read_json, sha256_file, write_json, write_npy
-from mta.log import log
+from mta.log import log, report_steps
 from mta.methods import DEFAULT, get, units
 from mta.models.checkpoint import load_llm
 from mta.models.encoders import Encoder, load_encoder
@@ -460,6 +460,9 @@ def stage3_group(run: Run, user_ids: Sequence[str], unit: Sequence, cache: dict)
                 record_failure(run, by_id[uid], m, result["error"], "input")
             else:
                 record_result(run, by_id[uid], m, result)
+                if (train := result.get("train")) is not None:
+                    report_steps(f"stage3/{m}/{uid}", loss=train["losses"], lr=train["lrs"],
+                                 grad_norm=train["grad_norms"])
 
 
 def run_job(run: Run, job: Job, cache: dict) -> None:

@@ -7,6 +7,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from mta.log import report_steps
 from mta.peft.adapter import Adapter, save_adapter
 from mta.stages.engine import Engine, Examples, summarize
 
@@ -41,3 +42,4 @@ def save_trained(adapter: Adapter, path: Path, examples: Examples, log, made_fro
     train_log = {"examples": len(examples), "prompts_cut": examples.cut, **summarize(log),
                  **({"group": group} if group > 1 else {})}
     save_adapter(adapter, path, extra={"train_log.json": json.dumps(train_log, indent=2)}, made_from=made_from)
+    report_steps(f"{path.parent.name}/{path.name}", loss=log.losses, lr=log.lrs, grad_norm=log.grad_norms)
