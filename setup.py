@@ -33,5 +33,7 @@ setup(
         "ray": ["ray>=2.9"],
         # `mta serve` (mta.run.serve): imported only by that command and its tests.
         "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
+        # `--report-to tensorboard` (mta.run.tensorboard): imported only when chosen.
+        "tensorboard": ["tensorboard>=2.14"],
     },
 )
