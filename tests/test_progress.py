@@ -103,15 +103,18 @@ def test_local_jobs_show_each_status_and_log_one_line_per_group(tmp_path, monkey
         for k in range(1, 3):
             status(f"{job.ids[0]} step {k}/2")
         status(f"{job.ids[0]} summary")
+        if job.kind == "stage3":
+            status("decode x1: token 1/1, 9 tok/s")
 
     monkeypatch.setattr("mta.run.executor.tqdm", Bar)
     jobs = [Job("bank: a, b", "bank", ("a", "b"), size=2), Job("stage 3, x+y: u", "stage3", ("u",), ("x", "y"), 2)]
     with log_to(tmp_path / "run.log"):
         assert run_jobs(SimpleNamespace(progress=True, executor=Executor()), jobs, work, "stage") == {}
-    assert shown == ["a step 1/2", "a step 2/2", "a summary", "+2", "u step 1/2", "u step 2/2", "u summary", "+2"]
+    assert shown == ["a step 1/2", "a step 2/2", "a summary", "+2", "u step 1/2", "u step 2/2", "u summary",
+                     "decode x1: token 1/1, 9 tok/s", "+2"]
     lines = [line.split("] ", 1)[1] for line in (tmp_path / "run.log").read_text().splitlines()]
     assert lines == ["stage: group 1/2 (2 anchors) done in 0 s; a summary",
-                     "stage: group 2/2 (1 user: x+y) done in 0 s; u summary"]
+                     "stage: group 2/2 (1 user: x+y) done in 0 s; u summary; decode x1: token 1/1, 9 tok/s"]
 
 
 def test_a_decode_reports_each_token_and_each_prefill_chunk():

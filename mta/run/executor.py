@@ -79,16 +79,17 @@ def run_jobs(run, jobs: Sequence[Job], work: Work, desc: str) -> dict[Job, str]:
 
 def watched(run, job: Job, work: Work, cache: dict, show: Callable[[str], None]) -> str:
     """Run `job`, passing each `mta.log.status` of its work to `show`; returns "done in <seconds>" and the last
-    status, if any (a training's summary)."""
-    last, tic = [""], time.perf_counter()
+    status of each kind (its first word: a training's summary, a decode's last token), in the order they came."""
+    last: dict[str, str] = {}
+    tic = time.perf_counter()
 
     def keep(text: str) -> None:
-        last[0] = f"; {text}"
+        last[text.split(" ", 1)[0]] = text
         show(text)
 
     with on_status(keep):
         work(run, job, cache)
-    return f"done in {time.perf_counter() - tic:.0f} s{last[0]}"
+    return "; ".join([f"done in {time.perf_counter() - tic:.0f} s", *last.values()])
 
 
 class Worker:
