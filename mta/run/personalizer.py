@@ -202,15 +202,11 @@ class Personalizer:
     def run_fresh(self, requests: Sequence[Request], items: Sequence[tuple[int, User]], m: Method,
                   out: list) -> None:
         users = [u for _, u in items]
-        matches = match_to_anchors(users, self.anchor_ids, self.anchor_emb, self.run.task_spec, self.encoder,
-                                   self.run.profile.encoder_batch_size, False, self.run.profile.stage2_text) \
-            if m.anchors != "none" and not m.on_base_weights else {}
-        if m.procedure != "fuse_then_train" and m.procedure not in self.baselines:
-            self.baselines[m.procedure] = Baseline(BASELINES[m.procedure], BASELINES[m.procedure].load(self.run))
+        matches = self.matches(users) if m.anchors != "none" and not m.on_base_weights else {}
         held: dict = {}
         self.engine.reset()
-        results = run_group(self.engine, users, [m], matches, self.population(m), self.run.seed, self.baselines,
-                            kept=held)
+        results = run_group(self.engine, users, [m], matches, self.population(m), self.run.seed,
+                            self.procedures(m), kept=held)
         for i, u in items:
             result = results[u.user_id][m.name]
             if "error" in result:
@@ -245,10 +241,8 @@ class Personalizer:
             self.engine.reset()
         pieces = split_outputs(outputs, [len(ps) for ps in prompts])
         for (i, _), d, ps, piece in zip(items, done, prompts, pieces, strict=True):
-            rows = [{"query": q, "output": o, "prediction": self.engine.task.parse(o),
-                     "prompt_cut": self.engine.prompt_cut(p)} for q, p, o in zip(requests[i].queries, ps, piece,
-                                                                                 strict=True)]
-            out[i] = Answered(dataclasses.replace(d, seconds={"generate": generate}), rows, len(items), kept=True)
+            out[i] = Answered(dataclasses.replace(d, seconds={"generate": generate}),
+                              self.rows(requests[i].queries, ps, piece), len(items), kept=True)
 
     def personalize(self, history: list[dict], method: str = "mta", user_id: str = "new-user") -> Personalized:
         """Set the engine's weights up for this user as `method` does in the run (stage 2's match to the anchors,
@@ -259,22 +253,36 @@ class Personalizer:
         self.current = None
         done = Personalized(user_id, m.name, history)
         if not m.on_base_weights:
-            match = self.match(user) if m.anchors != "none" else None
+            match = self.matches([user])[user.user_id] if m.anchors != "none" else None
             seed = derive_seed(self.run.seed, user_id, m.name)
             done = self.fuse_then_train(done, user, m, match, seed) if m.procedure == "fuse_then_train" else \
                 self.procedure(done, user, m, seed)
         self.current = done
         return done
 
-    def match(self, user: User) -> dict:
+    def matches(self, users: Sequence[User]) -> dict[str, dict]:
+        """Stage 2 for new users: one encoder pass over their histories, cosine to the stored anchor embeddings."""
         p = self.run.profile
-        return match_to_anchors([user], self.anchor_ids, self.anchor_emb, self.run.task_spec, self.encoder,
-                                p.encoder_batch_size, False, p.stage2_text)[user.user_id]
+        return match_to_anchors(users, self.anchor_ids, self.anchor_emb, self.run.task_spec, self.encoder,
+                                p.encoder_batch_size, False, p.stage2_text)
 
     def population(self, m: Method) -> dict[str, Adapter]:
         if m.population != "none" and m.population not in self.bank:
             self.bank.update(load_population_loras(self.run, [m]))
         return self.bank
+
+    def procedures(self, m: Method) -> dict[str, Baseline]:
+        """The baselines loaded so far, with `m`'s procedure (Per-Pcs's or PROPER's artifacts) loaded on first use."""
+        if m.procedure != "fuse_then_train" and m.procedure not in self.baselines:
+            self.baselines[m.procedure] = Baseline(BASELINES[m.procedure], BASELINES[m.procedure].load(self.run))
+        return self.baselines
+
+    def rows(self, queries: Sequence[str], prompts: Sequence[str], outputs: Sequence[str]) -> list[dict]:
+        """Per query: the query, the output, the task's parsed prediction and whether the test-time cap cut its
+        prompt."""
+        task, cut = self.engine.task, self.engine.prompt_cut
+        return [{"query": q, "output": o, "prediction": task.parse(o), "prompt_cut": cut(p)}
+                for q, p, o in zip(queries, prompts, outputs, strict=True)]
 
     def fuse_then_train(self, done: Personalized, user: User, m: Method, match: dict | None,
                         seed: int) -> Personalized:
@@ -289,9 +297,7 @@ class Personalizer:
 
     def procedure(self, done: Personalized, user: User, m: Method, seed: int) -> Personalized:
         """Per-Pcs or PROPER for one user, a group of one: its part in slot 0 (`serve_procedure`)."""
-        if m.procedure not in self.baselines:
-            self.baselines[m.procedure] = Baseline(BASELINES[m.procedure], BASELINES[m.procedure].load(self.run))
-        setup, (made,) = serve_procedure(self.engine, [user], m, self.run.seed, self.baselines)
+        setup, (made,) = serve_procedure(self.engine, [user], m, self.run.seed, self.procedures(m))
         if isinstance(made, InputError):
             raise made
         _, seconds, extra = made
@@ -308,8 +314,7 @@ class Personalizer:
         tic = time.perf_counter()
         outputs = self.engine.generate(prompts, slots=None if m.on_base_weights else [0] * len(prompts))
         done.seconds["generate"] = time.perf_counter() - tic
-        return [{"query": q, "output": o, "prediction": self.engine.task.parse(o),
-                 "prompt_cut": self.engine.prompt_cut(p)} for q, p, o in zip(queries, prompts, outputs, strict=True)]
+        return self.rows(queries, prompts, outputs)
 
     def answer(self, history: list[dict], queries: Sequence[str], method: str = "mta",
                user_id: str = "new-user") -> list[dict]:
