@@ -409,9 +409,8 @@ def stage3_todo(run: Run) -> dict[str, list[str]]:
 
 def stage3_run(run: Run) -> None:
     """Every (user, method) unit without a result, unit of methods by unit, for `group_size` users at once
-    (`run_group`; the last group may be smaller, down to one user). Each result is written as
-    soon as its group ends; a failure is recorded apart (`record_failure`) and retried by the next run, up to
-    MAX_ATTEMPTS tries."""
+    (`run_group`; the last group may be smaller, down to one user). Each result is written as soon as its group
+    ends; a failure is recorded apart (`record_failure`) and retried by the next run, up to MAX_ATTEMPTS tries."""
     todo = stage3_todo(run)
     if not todo:
         return
@@ -436,8 +435,8 @@ def stage3_run(run: Run) -> None:
 
 def stage3_group(run: Run, user_ids: Sequence[str], unit: Sequence, cache: dict) -> None:
     """Run one unit of methods for a group of users together (`run_group`) and write each (user, method) result.
-    A user's InputError is recorded as its
-    units' failure; any other exception is recorded as a crash of every unit of the group, then raised."""
+    A user's InputError is recorded as its units' failure; any other exception is recorded as a crash of every
+    unit of the group, then raised."""
     by_id = {u.user_id: u for u in run.test_users}
     try:
         if "bank" not in cache:  # once per process: the driver's, or a Ray worker's
