@@ -1,8 +1,8 @@
 """bf16 autocast where the hardware computes it natively (CUDA bf16, or a CPU with AVX512-BF16 / AMX).
 
 Autocast keeps the parameters, the optimizer state and the loss in fp32 and runs the matrix products in
-bf16 with fp32 accumulation. A profile's `bf16 = None` means "where the device has it", resolved once per
-run by `resolve_bf16` and recorded in the run's config.json; the library functions take a plain bool.
+bf16 with fp32 accumulation. A profile's `bf16 = "auto"` is settled once per run (`mta.run.calibrate`:
+measured on a CPU with native bf16) and recorded in the run's config.json; the library functions take a bool.
 
 Autocast caches the bf16 copy of a trainable weight for the length of its context, but casts a frozen one
 again at every call: with a frozen base that is a copy of every weight per forward, and per decode step the
@@ -26,13 +26,12 @@ def bf16_supported(device: torch.device | str) -> bool:
     return False
 
 
-def resolve_bf16(bf16: bool | None, device: torch.device | str) -> bool:
-    """A profile's choice as a bool: None turns bf16 on where `device` has it natively; True where it has
-    not is an error, raised before any work."""
-    if bf16 and not bf16_supported(device):
+def check_bf16(bf16: bool | str, device: torch.device | str) -> None:
+    """A profile's `bf16 = True` on a device without native bf16 is an error, raised before any work ("auto" is
+    settled at the start of a run, `mta.run.calibrate`)."""
+    if bf16 is True and not bf16_supported(device):
         raise ValueError(f"profile field bf16 is True, but {device} has no native bf16 (needs CUDA bf16, "
-                         f"AVX512-BF16 or AMX); use bf16=None (where native) or False")
-    return bf16_supported(device) if bf16 is None else bf16
+                         f"AVX512-BF16 or AMX); use bf16='auto' (measured) or False")
 
 
 def gemm_input(x: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,9 @@ BANK_DATA = ("adaptation", "authors_code")
 EMPTY_CLUSTER = ("most_active", "none")
 BASE_QUANTS = ("none", "q4", "q8")  # mta.models.checkpoint.QUANTS
 TEST_CONDITIONS = ("ours", "authors_code")
+# "auto": chosen per machine by measurement at the start of a run (`mta.run.calibrate`), for these fields only
+AUTO = "auto"
+MEASURED = ("bf16", "group_size", "rows_per_pass")
 
 
 def choose(owner: str, field: str, value, allowed: tuple) -> None:
@@ -199,12 +202,13 @@ class Profile:
     encoder_batch_size: int = 32
     # Stage 1b and stage 3 train and decode `group_size` adapters (anchors, or users of one method) in one pass
     # through per-row adapters (docs/defaults/group-size.md); 1: one at a time.
-    group_size: int = 8  # adapter factors and activations grow with it, never a copy of W
-    rows_per_pass: int | None = 8  # rows per forward of a batched training step, or of a prefill on W0; None: all
-    # bf16 autocast for every training and decoding step (`mta.precision`); None: where the device computes
-    # bf16 natively (CUDA, AVX512-BF16 or AMX), fp32 elsewhere. A run records the resolved choice. The `cpu`
-    # profile keeps None because bf16 passed the cross-check (docs/defaults/precision.md).
-    bf16: bool | None = None
+    group_size: int | str = 8  # adapter factors and activations grow with it, never a copy of W
+    rows_per_pass: int | str | None = 8  # rows a forward of a batched training step, or of a prefill on W0; None: all
+    # bf16 autocast for every training and decoding step (`mta.precision`); "auto": measured on a CPU, where the
+    # device computes bf16 natively elsewhere (docs/defaults/precision.md).
+    # Each of these three may be "auto": chosen at the start of a run by a short calibration on the machine
+    # (`mta.run.calibrate`), cached per machine and torch build; the run's config.json records the choice.
+    bf16: bool | str = AUTO
     # ---- the two trained baselines of Table 1 (docs/baselines.md); defaults: their releases.
     # Bank candidates whose one population example (their LaMP query with gold, else their last history item
     # over the rest; `Engine.population_examples`) each population LoRA trains on, drawn seeded; None: all.
@@ -281,14 +285,17 @@ class Profile:
                              f"with top_k = {self.top_k}")
         if self.fusion == "authors_code" and self.top_k != 2:
             raise ValueError(f"{owner}: fusion 'authors_code' merges exactly 2 anchors; top_k is {self.top_k}")
+        for name in MEASURED:
+            if isinstance(getattr(self, name), str) and getattr(self, name) != AUTO:
+                raise ValueError(f"{owner}: {name} must be {AUTO!r} or a setting; got {getattr(self, name)!r}")
         for name in ("n_anchors", "min_anchor_items", "kmeans_n_init", "max_prompt_tokens", "max_new_tokens",
                      "encoder_batch_size", "perpcs_top_k", "perpcs_assembly_batch", "proper_experts", "group_size"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) != AUTO and getattr(self, name) < 1:
                 raise ValueError(f"{owner}: {name} must be at least 1; got {getattr(self, name)}")
         for name in ("rows_per_pass", "max_candidates", "max_items_embedded", "max_items_per_anchor",
                      "population_items", "perpcs_sharer_items", "perpcs_user_items", "proper_group_items",
                      "proper_user_items", "proper_router_items"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
+            if getattr(self, name) not in (None, AUTO) and getattr(self, name) < 1:
                 raise ValueError(f"{owner}: {name} must be at least 1 or None")
         if self.max_candidates is not None and self.max_candidates < self.n_anchors:
             raise ValueError(f"{owner}: max_candidates = {self.max_candidates} is below n_anchors = {self.n_anchors}")
@@ -337,7 +344,7 @@ class Profile:
                 f"training prompts capped at {self.max_prompt_tokens} tokens (bank {self.bank.max_tokens or 'same'}, "
                 f"stacked {self.stack.max_tokens or 'same'}), test prompts at {self.max_test_tokens or 'no cap'}; "
                 f"greedy decoding of at most {self.max_new_tokens} tokens; test conditions {self.test_conditions}; "
-                f"arithmetic {({True: 'bf16 autocast', False: 'fp32', None: 'bf16 where native'})[self.bf16]}")
+                f"arithmetic {({True: 'bf16 autocast', False: 'fp32', AUTO: 'measured per machine'})[self.bf16]}")
 
     def replace(self, **changes) -> Profile:
         return dataclasses.replace(self, **changes)
@@ -425,10 +432,9 @@ CPU = PAPER.replace(
     dtype="float32",
     device="cpu",
     n_anchors=16,
-    # 16 users (or anchors) a group: a decode batch of 16 rows runs at nearly twice the rows per second of 8 on
-    # 2 cores, while a training pass stays at `rows_per_pass` rows (16 users' stage 3: 200 s against 236 s).
-    group_size=16,
-    rows_per_pass=8,
+    # Users (or anchors) a group and rows a training pass: measured per machine (docs/defaults/group-size.md).
+    group_size=AUTO,
+    rows_per_pass=AUTO,
     max_items_per_anchor=48,
     # Stage 1a within 5 minutes on 2 cores on the official LaMP-4 pool; the 263 dev candidates (at most 206 items)
     # stay whole (docs/defaults/candidate-pool.md).

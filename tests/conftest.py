@@ -9,6 +9,14 @@ N_USERS = 2  # of the tiny data's 4 test users, so its report is results-2-users
 RESULTS_JSON, RESULTS_MD = f"results-{N_USERS}-users.json", f"results-{N_USERS}-users.md"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def calibration_cache(tmp_path_factory):
+    """Per-machine calibrations (mta.run.calibrate) cached in the session's own folder, never the user's."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MTA_CACHE", str(tmp_path_factory.mktemp("mta-cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_run_inputs(tmp_path_factory):
     """(lamp_dir, llm_dir, bert_dir) of tiny self-made inputs, shared by the pipeline tests."""

@@ -134,7 +134,8 @@ def make_profile(path: Path, llm: Path, encoder: Path, **overrides) -> Path:
     profile = {"base": "cpu", "name": "tiny", "llm": str(llm), "stage1_encoder": str(encoder),
                "stage2_encoder": str(encoder), "n_anchors": 3, "min_anchor_items": 11, "max_items_per_anchor": 6,
                "max_new_tokens": 6, "max_prompt_tokens": 256, "notes": ["tiny random models, for tests"],
-               "bf16": False,  # the same arithmetic on every CPU
+               # the same arithmetic and grouping on every CPU (tests/test_calibrate.py measures "auto")
+               "bf16": False, "group_size": 16, "rows_per_pass": 8,
                "bank": {"epochs": 1, "batch_size": 4}, "oppu": {"epochs": 1, "batch_size": 4, "lr": 2e-3},
                "stack": {"epochs": 1, "batch_size": 2, "lr": 3e-2},
                # Per-Pcs and PROPER: one or two optimizer steps per trained part
@@ -160,7 +161,8 @@ def make_engine(path: Path, task: str = "news_headline", **profile_changes):
     if not (path / "config.json").exists():
         make_llm(path)
     model, tok = load_llm(str(path))
-    profile = CPU.replace(**{"llm": str(path), "bf16": False, "max_new_tokens": 4, **profile_changes})
+    profile = CPU.replace(**{"llm": str(path), "bf16": False, "group_size": 16, "rows_per_pass": 8, "max_new_tokens": 4,
+                             **profile_changes})
     return Engine(profile, get_task(task), model, tok)
 
 

@@ -33,7 +33,8 @@ def llm_dir(tmp_path_factory):
 
 def make_engine(llm_dir, **changes) -> Engine:
     oppu = dataclasses.replace(CPU.oppu, epochs=1, batch_size=4)
-    profile = CPU.replace(llm=str(llm_dir), bf16=False, max_prompt_tokens=256, max_new_tokens=2, oppu=oppu,
+    profile = CPU.replace(llm=str(llm_dir), bf16=False, group_size=16, rows_per_pass=8, max_prompt_tokens=256,
+                          max_new_tokens=2, oppu=oppu,
                           **changes)
     model, tok = load_llm(profile.llm, dtype=profile.torch_dtype, device="cpu")
     return Engine(profile, TASK, model, tok)

@@ -5,7 +5,7 @@ every method, on LaMP-4 (no template at test) and LaMP-2 (the chat template and 
 
 The `--set` overrides change sizes and the device only, never a structural choice of `paper`:
 - `llm`, `stage1_encoder`, `stage2_encoder`: the tiny checkpoints instead of the Hub's;
-- `device=cpu`: no GPU here (`dtype` stays bfloat16 and `bf16` None, resolved for this CPU);
+- `device=cpu`: no GPU here (`dtype` stays bfloat16 and `bf16` 'auto', measured on this CPU);
 - `n_anchors=3`: V = 50 needs 50 candidates; the tiny data has 12, 8 of them with more than 10 items;
 - `bank.epochs`, `stack.epochs`, `oppu.epochs`, `oppu_task.epochs`, `proper_population.epochs`,
   `proper_group.epochs` to 1, `perpcs_sharer.max_steps` and `perpcs_gate.max_steps` (100 and 200) to 2: fewer

@@ -307,20 +307,23 @@ def test_groups_of_many_and_groups_of_one_give_the_same_outputs(tiny_run, tmp_pa
     assert compared
 
 
-def test_bf16_where_native_is_resolved_and_recorded(tiny_run, tmp_path):
-    """`bf16 = None`, the cpu profile's choice, turns bf16 autocast on where this CPU has it (every method then
-    trains and decodes under it) and records the resolved bool; True on a CPU without it fails before any work."""
+def test_bf16_where_native_runs_every_method_and_is_recorded(tiny_run, tmp_path):
+    """`bf16 = True` where this CPU has native bf16: every method trains and decodes under bf16 autocast, and
+    config.json records it; on a CPU without it, True fails before any work. ("auto", the cpu profile's choice, is
+    measured: tests/test_calibrate.py.)"""
     _, argv, _ = tiny_run
     runs = argv.index("--runs") + 1
     here = [*argv[:runs], str(tmp_path / "runs"), *argv[runs + 1:], "--users", "1"]
-    result = main("test", pipeline.reproduce, [*here, "--set", "bf16=None"])
-    (run_dir,) = (tmp_path / "runs" / "news_headline").iterdir()
-    assert json.loads((run_dir / "config.json").read_text())["profile"]["bf16"] is bf16_supported("cpu")
-    rows = [row for per in result["per_user"].values() for row in per.values()]
-    assert set(result["methods"]) == set(DEFAULT) and not any(row.get("error") for row in rows)
     if not bf16_supported("cpu"):
         with pytest.raises(SystemExit, match="no native bf16"):
             main("test", pipeline.reproduce, [*here, "--set", "bf16=True"])
+        assert not (tmp_path / "runs").exists()
+        return
+    result = main("test", pipeline.reproduce, [*here, "--set", "bf16=True"])
+    (run_dir,) = (tmp_path / "runs" / "news_headline").iterdir()
+    assert json.loads((run_dir / "config.json").read_text())["profile"]["bf16"] is True
+    rows = [row for per in result["per_user"].values() for row in per.values()]
+    assert set(result["methods"]) == set(DEFAULT) and not any(row.get("error") for row in rows)
 
 
 def test_stage3_scores_every_query_of_a_user(tmp_path, monkeypatch):

@@ -23,8 +23,8 @@ With --stage3 RUN_DIR (a finished `make reproduce` directory), stage 3 of the pi
 the first --users test users on that run's bank and stage-1/2 artifacts, three ways, each in a fresh process
 (so each peak RSS is its own): one user at a time in fp32 (`group_size=1`, the reference), in groups in fp32, and
 in groups in bf16 where the CPU has it natively; users per minute, the speed-up of each lever, and the share of
-(user, method) outputs identical to the reference. The group size and rows per pass of the groups are today's
-profile's.
+(user, method) outputs identical to the reference. The group size and rows per pass of the groups are the
+run's own (its config.json, as the calibration chose them).
 """
 from __future__ import annotations
 
@@ -259,7 +259,7 @@ def bank_against_loop(model, config: LoRAConfig, seq: int, anchors: int = 8) -> 
               f"largest relative loss difference from one at a time {worst:.1e}")
 
 
-# (name, group size (None: today's profile's), bf16)
+# (name, group size (None: the run's own), bf16)
 STAGE3_WAYS = (("one at a time, fp32", 1, False), ("groups, fp32", None, False), ("groups, bf16", None, True))
 
 
@@ -267,20 +267,17 @@ def stage3_way(run_dir: Path, users: int, group_size: int | None, bf16: bool | N
                executor=None) -> tuple[float, float, dict]:
     """Stage 3 of `run_dir`'s run for its first `users` test users under (group size, bf16) and `executor` (the
     local one by default), in a scratch directory that shares the run's artifacts: (seconds, the driver's
-    peak RSS in MiB, (user, method) -> output). The run's recipes are its own; its rows per pass, and its group
-    size unless `group_size` names one, are today's profile's of that name, so a run made under an older default
-    is timed as today's."""
+    peak RSS in MiB, (user, method) -> output). The run's recipes, rows per pass and group size (unless
+    `group_size` names one) are its own: those its config.json records, as the calibration chose them."""
     from mta.files import read_json
     from mta.methods import DEFAULT
-    from mta.profiles import PROFILES
     from mta.run.executor import Executor
     from mta.run.pipeline import Run, collect, stage3_run, stored_profile
     from mta.run.rundir import RunDir
 
     config = read_json(run_dir / "config.json")
     profile = stored_profile(run_dir / "config.json")
-    today = PROFILES.get(profile.name, profile)
-    profile = profile.replace(bf16=bf16, group_size=group_size or today.group_size, rows_per_pass=today.rows_per_pass)
+    profile = profile.replace(bf16=bf16, group_size=group_size or profile.group_size)
     with tempfile.TemporaryDirectory() as tmp:
         run = Run(task=config["task"], profile=profile, lamp_dir=Path(config["lamp_dir"]), seed=config["seed"],
                   n_users=users, methods=DEFAULT, progress=False, run_dir=RunDir(Path(tmp), shared=run_dir),

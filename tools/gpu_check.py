@@ -47,7 +47,6 @@ from mta.peft.multi_lora import generate_many, get_row_adapter, stack_many, unlo
 from mta.profiles import PAPER
 from mta.run import pipeline
 from mta.run.cli import override
-from mta.stages.engine import Engine
 from mta.training.train import TrainConfig
 from mta.training.train_many import train_many
 from tests.fixtures import make_bge, make_deberta, make_lamp, make_llama3
@@ -176,7 +175,7 @@ def check_pipeline(args, device: torch.device) -> None:
     with torch.device(device):
         model = LlamaForCausalLM(dataclasses.replace(SHAPES[args.shape], vocab_size=max(
             SHAPES[args.shape].vocab_size, tok.vocab_size))).to(profile.torch_dtype).eval()
-    run.engine = Engine(run.profile, run.task_spec, model, tok)  # in memory: no checkpoint to write and read back
+    run.llm = model, tok  # in memory: no checkpoint to write and read back
     print(f"paper profile, {args.shape} on {device}: {len(run.candidates)} candidates, V = {sizes['anchors']}, "
           f"{len(run.test_users)} test users, methods {', '.join(DEFAULT)}; run directory {run.dir.root}", flush=True)
     with run.dir.lock():

@@ -35,9 +35,10 @@ from mta.methods import DEFAULT, get, units
 from mta.models.checkpoint import load_llm
 from mta.models.encoders import Encoder, load_encoder
 from mta.peft.adapter import load_adapter
-from mta.precision import resolve_bf16
+from mta.precision import check_bf16
 from mta.profiles import Profile, profile_from_dict
 from mta.run import inputs
+from mta.run.calibrate import measured, settle
 from mta.run.executor import Executor, Job, run_jobs
 from mta.run.preflight import preflight
 from mta.run.provenance import provenance
@@ -66,13 +67,13 @@ class Run:
     progress: bool = True
     run_dir: RunDir | None = None  # default: <runs>/<task>/<profile>-seed<seed>
     executor: Executor = field(default_factory=Executor)  # where stage 1b's and stage 3's groups run (mta.run.executor)
+    calibration: dict | None = None  # how `settle` chose the profile's "auto" fields on this machine, if it measured
 
     def __post_init__(self):
         for m in self.methods:
             get(m)
         self.profile = self.profile.for_task(self.task_spec.name)  # the settings of this task (Table 4)
-        # bf16 = None: on where the device has it natively; config.json records the choice made here
-        self.profile = self.profile.replace(bf16=resolve_bf16(self.profile.bf16, self.profile.device))
+        check_bf16(self.profile.bf16, self.profile.device)
         refuse_on_quantised_base(self.profile, [get(m) for m in self.methods])
 
     @property
@@ -133,11 +134,25 @@ class Run:
         return [a["user_id"] for a in stage1_select(self)["anchors"]]
 
     @cached_property
-    def engine(self) -> Engine:
+    def llm(self) -> tuple:
+        """(model, tokenizer) of the profile's LLM, loaded once."""
         p = self.profile
         log(f"loading {p.llm} ({p.dtype}, {p.device})")
-        model, tok = load_llm(p.llm, dtype=p.torch_dtype, device=p.device, quant=p.base_quant)
-        return Engine(p, self.task_spec, model, tok)  # the templates of training and test prompts: `Engine`
+        return load_llm(p.llm, dtype=p.torch_dtype, device=p.device, quant=p.base_quant)
+
+    @cached_property
+    def engine(self) -> Engine:
+        return Engine(self.profile, self.task_spec, *self.llm)  # the templates of training and test prompts: `Engine`
+
+    def settle(self) -> None:
+        """The profile's "auto" fields chosen (`mta.run.calibrate`): as the run directory's config.json records them
+        when it exists (a resumed run keeps its choice), else by this machine's calibration."""
+        if measured(self.profile) and self.dir.config.exists():
+            stored = stored_profile(self.dir.config)
+            self.profile = self.profile.replace(**{f: getattr(stored, f) for f in measured(self.profile)})
+            check_bf16(self.profile.bf16, self.profile.device)
+        if measured(self.profile):
+            self.profile, self.calibration = settle(self.profile, self.task_spec, lambda: self.llm)
 
     def check_inputs(self) -> None:
         """Check everything before anything is written: the device, the models and the Ray cluster
@@ -168,7 +183,10 @@ class Run:
         `mta.run.provenance`); a later command checks it against its own and stops, naming what changed, when
         the profile or a data file differs (notes change no result). Every command's provenance is added to
         provenance.json; what a killed run left under temporary names is cleared."""
+        self.settle()
         config = self.config_record()
+        if self.calibration is not None:
+            config["calibration"] = self.calibration
         made_with = provenance(self.profile.device, {str(self.data_files[r]): h for r, h in self.data_sha256.items()})
         if self.dir.config.exists():
             check_config(self.dir.config, config, self.profile)

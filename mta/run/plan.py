@@ -29,6 +29,7 @@ from mta.models.checkpoint import MODELS, load_llm
 from mta.models.encoders import REGISTRY, load_encoder, user_item_embeddings
 from mta.profiles import CPU, LoRASpec, resolve_profile
 from mta.run import cli, download
+from mta.run.calibrate import measured
 from mta.run.pipeline import Run
 from mta.run.preflight import PreflightError, check_device
 from mta.seeding import derive_seed, seeded_subset
@@ -52,6 +53,8 @@ CALIBRATION_STEPS = {"group": 2, "one": 8}
 # Counting: a history of more items, or a population draw of more users, is counted on a seeded sample of this many
 COUNT_ITEMS = 64
 COUNT_USERS = 512
+# What a plan counts with for a profile's "auto" settings where it cannot calibrate (a 2-core AVX512-BF16 EPYC's)
+UNMEASURED = {"bf16": True, "group_size": 16, "rows_per_pass": 8}
 
 
 @dataclass(frozen=True)
@@ -338,11 +341,17 @@ def make_plan(run: Run, asked: str = "auto", notes: Sequence[str] = ()) -> dict:
                          f"shared the cores, so these times are too long for a machine of its own")
         encoders = calibrate_encoders(run, anchors)  # before the LLM is loaded, as in the run
         tic = time.perf_counter()
-        engine = run.engine
+        run.llm  # noqa: B018 (loaded here, to time the load)
         load_llm_s = time.perf_counter() - tic
+        run.settle()  # the "auto" settings this machine gets (mta.run.calibrate)
+        p, engine = run.profile, run.engine
     else:
         why = f"{p.device} is not available here" if not here else f"not on this machine: {', '.join(missing)}"
         notes.append(f"no calibration ({why}); the plan downloads nothing, so its rates are stated")
+        if measured(p):
+            assumed = {f: UNMEASURED[f] for f in measured(p)}
+            p = run.profile = p.replace(**assumed)
+            notes.append(f"settings not measured here, counted as {assumed}")
         if CPU.llm != p.llm:  # a small model, never the profile's own (8 B weights on a CPU to count tokens)
             notes.append(f"tokens counted with {CPU.llm}'s tokenizer in place of {p.llm}'s")
         engine = Engine(p, run.task_spec, *load_llm(CPU.llm))

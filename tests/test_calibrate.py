@@ -1,0 +1,137 @@
+"""Per-machine settings (`mta.run.calibrate`): "auto" fields are measured once per machine, torch build and model,
+cached, recorded in config.json, and kept by a resumed run, a Ray worker's copy and an engine; explicit values are
+never measured."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from mta.data.lamp import get_task
+from mta.models.checkpoint import load_llm
+from mta.profiles import AUTO, CPU, resolve_profile
+from mta.run import calibrate
+from mta.run.calibrate import choose, settle
+from mta.run.cli import main
+from mta.stages.engine import Engine
+from tests.fixtures import make_llm, make_profile
+
+TASK = get_task("news_headline")
+
+
+@pytest.fixture(scope="module")
+def llm_dir(tmp_path_factory):
+    return make_llm(tmp_path_factory.mktemp("calibrate") / "llm")
+
+
+def auto(llm_dir, **changes):
+    return CPU.replace(llm=str(llm_dir), bf16=AUTO, group_size=AUTO, rows_per_pass=AUTO, **changes)
+
+
+def refuse_loading():
+    raise AssertionError("the LLM was loaded: the calibration was not taken from the cache")
+
+
+def test_choices_follow_the_measurements():
+    times = {"precision": {"fp32": 1.0, "bf16": 0.85}, "rows_per_pass": {"4": 3.0, "8": 2.0, "16": 1.95},
+             "group_size": {"4": 0.4, "8": 0.5, "16": 0.7, "32": 1.3}}
+    assert choose(times) == {"bf16": True, "rows_per_pass": 8, "group_size": 16}
+    times["precision"]["bf16"] = 0.95  # faster, but by less than BF16_GAIN: fp32, the more exact, stays
+    times["rows_per_pass"] = {"4": 1.0, "8": 2.0, "16": 3.0}
+    times["group_size"] = {"4": 0.2, "8": 0.8, "16": 3.2, "32": 6.4}  # per user: 0.05, 0.1, 0.2, 0.2
+    assert choose(times) == {"bf16": False, "rows_per_pass": 4, "group_size": 4}
+    del times["precision"]["bf16"]  # not measured: no native bf16
+    assert choose(times)["bf16"] is False
+
+
+def test_a_calibration_is_measured_once_per_machine_and_model(llm_dir, monkeypatch, tmp_path):
+    monkeypatch.setenv("MTA_CACHE", str(tmp_path))
+    loads = []
+    profile, record = settle(auto(llm_dir), TASK, lambda: loads.append(1) or load_llm(str(llm_dir)))
+    assert loads == [1]
+    assert {f: getattr(profile, f) for f in ("bf16", "group_size", "rows_per_pass")} == record["chosen"]
+    assert set(record["measured"]) == {"precision", "rows_per_pass", "group_size"}
+    assert profile.group_size in calibrate.GROUPS and profile.rows_per_pass in calibrate.ROWS
+    cached = [*tmp_path.glob("calibration/*.json")]
+    assert len(cached) == 1 and json.loads(cached[0].read_text())["chosen"] == record["chosen"]
+
+    again, _ = settle(auto(llm_dir), TASK, refuse_loading)
+    assert again == profile
+    # only the fields left "auto" are taken from it
+    mixed, record = settle(auto(llm_dir).replace(group_size=3), TASK, refuse_loading)
+    assert mixed.group_size == 3 and record["fields"] == ["bf16", "rows_per_pass"]
+    assert settle(auto(llm_dir).replace(bf16=False, group_size=3, rows_per_pass=None), TASK, refuse_loading)[1] is None
+
+    # another torch build, or another model, is another machine's calibration
+    real = calibrate.machine
+    monkeypatch.setattr(calibrate, "machine", lambda: {**real(), "torch": "0.0"})
+    with pytest.raises(AssertionError, match="not taken from the cache"):
+        settle(auto(llm_dir), TASK, refuse_loading)
+
+
+def test_an_unreadable_cache_is_measured_again(llm_dir, monkeypatch, tmp_path):
+    monkeypatch.setenv("MTA_CACHE", str(tmp_path))
+    settle(auto(llm_dir), TASK, lambda: load_llm(str(llm_dir)))
+    [cached] = tmp_path.glob("calibration/*.json")
+    cached.write_text('{"key": ')
+    with pytest.raises(AssertionError, match="not taken from the cache"):
+        settle(auto(llm_dir), TASK, refuse_loading)
+
+
+def test_without_native_bf16_fp32_is_chosen_without_timing_bf16(llm_dir, monkeypatch, tmp_path):
+    monkeypatch.setenv("MTA_CACHE", str(tmp_path))
+    monkeypatch.setattr(calibrate, "bf16_supported", lambda device: False)
+    profile, record = settle(auto(llm_dir), TASK, lambda: load_llm(str(llm_dir)))
+    assert profile.bf16 is False and set(record["measured"]["precision"]) == {"fp32"}
+
+
+def test_off_the_cpu_bf16_follows_the_device_and_the_rest_must_be_numbers(llm_dir, monkeypatch):
+    monkeypatch.setattr(calibrate, "bf16_supported", lambda device: True)
+    profile, record = settle(auto(llm_dir, device="cuda").replace(group_size=8, rows_per_pass=4), TASK,
+                             refuse_loading)
+    assert profile.bf16 is True and "native bf16" in record["source"]
+    with pytest.raises(ValueError, match="group_size, rows_per_pass = 'auto' is measured on the CPU only"):
+        settle(auto(llm_dir, device="cuda"), TASK, refuse_loading)
+
+
+def test_an_engine_refuses_unsettled_fields(llm_dir):
+    model, tok = load_llm(str(llm_dir))
+    with pytest.raises(ValueError, match="group_size, rows_per_pass still 'auto'"):
+        Engine(auto(llm_dir).replace(bf16=False), TASK, model, tok)
+
+
+def test_profile_fields_take_auto_or_a_setting():
+    with pytest.raises(ValueError, match="group_size must be 'auto' or a setting"):
+        CPU.replace(group_size="big")
+    with pytest.raises(ValueError, match="bf16 must be 'auto' or a setting"):
+        CPU.replace(bf16="yes")
+
+
+def test_a_run_records_its_calibration_and_keeps_it_when_resumed(tiny_run_inputs, tmp_path, monkeypatch):
+    lamp, llm, bert = tiny_run_inputs
+    profile = make_profile(tmp_path / "tiny.json", llm, bert, bf16=AUTO, group_size=AUTO, rows_per_pass=AUTO)
+    argv = ["--profile", str(profile), "--lamp-dir", str(lamp), "--runs", str(tmp_path / "runs"), "--users", "2",
+            "--no-progress"]
+    runs = []
+    main("test", runs.append, argv)
+    config = json.loads(runs[0].dir.config.read_text())
+    chosen = config["calibration"]["chosen"]
+    assert {f: config["profile"][f] for f in chosen} == chosen
+    assert {f: getattr(runs[0].profile, f) for f in chosen} == chosen
+    # a Ray worker's copy of the run keeps the driver's choice
+    assert dataclasses.replace(runs[0]).profile == runs[0].profile
+
+    # resumed on a machine whose calibration would choose otherwise: the run keeps what config.json records
+    before = runs[0].dir.config.read_bytes()
+    monkeypatch.setenv("MTA_CACHE", str(tmp_path / "elsewhere"))
+    monkeypatch.setattr(calibrate, "measure", lambda engine: pytest.fail("a resumed run was calibrated again"))
+    main("test", runs.append, argv)
+    assert runs[1].profile == runs[0].profile
+    assert runs[0].dir.config.read_bytes() == before
+
+
+def test_the_cpu_profile_measures_its_three_settings():
+    assert {f: getattr(resolve_profile("cpu"), f) for f in ("bf16", "group_size", "rows_per_pass")} == \
+        dict.fromkeys(("bf16", "group_size", "rows_per_pass"), AUTO)
