@@ -104,6 +104,7 @@ bench: install
 	$(PY) tools/bench_ray.py
 	$(if $(RUN_DIR),$(PY) tools/bench_ray.py --stage3 $(RUN_DIR) --users 20)
 	$(if $(RUN_DIR),$(PY) tools/bench_serve.py --run-dir $(RUN_DIR))
+	$(if $(PIPELINE),$(PY) tools/bench_pipeline.py --lamp-dir $(LAMP_DIR) --users 20,@echo "bench: the pipeline against transformers + peft skipped (PIPELINE=1 runs it on 20 users, about an hour on 2 cores)")
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -288,6 +288,10 @@ class Profile:
         for name in MEASURED:
             if isinstance(getattr(self, name), str) and getattr(self, name) != AUTO:
                 raise ValueError(f"{owner}: {name} must be {AUTO!r} or a setting; got {getattr(self, name)!r}")
+        measured_off_cpu = [f for f in ("group_size", "rows_per_pass") if getattr(self, f) == AUTO]
+        if self.device != "cpu" and measured_off_cpu:
+            raise ValueError(f"{owner}: {', '.join(measured_off_cpu)} = {AUTO!r} is measured on the CPU only; set a "
+                             f"number for device {self.device}")
         for name in ("n_anchors", "min_anchor_items", "kmeans_n_init", "max_prompt_tokens", "max_new_tokens",
                      "encoder_batch_size", "perpcs_top_k", "perpcs_assembly_batch", "proper_experts", "group_size"):
             if getattr(self, name) != AUTO and getattr(self, name) < 1:

@@ -8,6 +8,7 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
 from mta.data.lamp import get_task
 from mta.models.checkpoint import load_llm
@@ -48,9 +49,10 @@ def test_choices_follow_the_measurements():
 
 def test_a_calibration_is_measured_once_per_machine_and_model(llm_dir, monkeypatch, tmp_path):
     monkeypatch.setenv("MTA_CACHE", str(tmp_path))
-    loads = []
+    loads, state = [], torch.random.get_rng_state()
     profile, record = settle(auto(llm_dir), TASK, lambda: loads.append(1) or load_llm(str(llm_dir)))
     assert loads == [1]
+    assert torch.equal(torch.random.get_rng_state(), state)  # the run's random state is its own
     assert {f: getattr(profile, f) for f in ("bf16", "group_size", "rows_per_pass")} == record["chosen"]
     assert set(record["measured"]) == {"precision", "rows_per_pass", "group_size"}
     assert profile.group_size in calibrate.GROUPS and profile.rows_per_pass in calibrate.ROWS
@@ -89,11 +91,11 @@ def test_without_native_bf16_fp32_is_chosen_without_timing_bf16(llm_dir, monkeyp
 
 def test_off_the_cpu_bf16_follows_the_device_and_the_rest_must_be_numbers(llm_dir, monkeypatch):
     monkeypatch.setattr(calibrate, "bf16_supported", lambda device: True)
-    profile, record = settle(auto(llm_dir, device="cuda").replace(group_size=8, rows_per_pass=4), TASK,
+    profile, record = settle(CPU.replace(llm=str(llm_dir), device="cuda", group_size=8, rows_per_pass=4), TASK,
                              refuse_loading)
     assert profile.bf16 is True and "native bf16" in record["source"]
     with pytest.raises(ValueError, match="group_size, rows_per_pass = 'auto' is measured on the CPU only"):
-        settle(auto(llm_dir, device="cuda"), TASK, refuse_loading)
+        auto(llm_dir).replace(device="cuda")
 
 
 def test_an_engine_refuses_unsettled_fields(llm_dir):

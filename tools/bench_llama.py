@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib
 import resource
 import sys
 import time
@@ -28,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mta.models.checkpoint import load_llm
 from mta.models.generation import generate
+from tools.hf_twin import hf_twin
 
 PROMPTS = [
     "What is the capital of France?",
@@ -42,21 +42,8 @@ PROMPTS = [
 
 
 def reference_model(ours):
-    """A transformers.LlamaForCausalLM holding exactly our weights, in our dtype."""
-    try:
-        transformers = importlib.import_module("transformers")
-    except ImportError:
-        sys.exit("bench_llama: the reference needs transformers: pip install -e '.[test]'")
-    c = ours.config
-    config = transformers.LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps,
-        rope_theta=c.rope_theta, max_position_embeddings=c.max_position_embeddings,
-        tie_word_embeddings=c.tie_word_embeddings, attn_implementation="sdpa",
-    )
-    ref = transformers.LlamaForCausalLM(config).to(ours.dtype).eval()
-    ref.load_state_dict(ours.state_dict(), strict=True)
+    """A transformers.LlamaForCausalLM holding exactly our weights, in our dtype, with no stop or pad token."""
+    ref = hf_twin(ours)
     ref.generation_config.eos_token_id = None
     ref.generation_config.pad_token_id = 0
     return ref

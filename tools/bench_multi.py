@@ -16,8 +16,8 @@ tokens each, ours in one batch vs ours one user at a time (fold, then a batch-1 
 vs PEFT's mixed-adapter batch (`generate(..., adapter_names=...)`, one rank-12 adapter per user holding
 the fused and the stacked factors), with each side's agreement with ours one at a time and peak RSS;
 and the bank figure: 8 fresh rank-8 meta-LoRAs, 4 items of --seq + 16 tokens each (2 steps at batch 2),
-trained one at a time (train) vs together (train_many, 8 rows per pass as the cpu profile), with their
-losses compared, and together in bf16 where the CPU has it.
+trained one at a time (train) vs together (train_many, 8 rows per pass), with their losses compared, and
+together in bf16 where the CPU has it; each with its model FLOPs utilisation (tools/model_flops.py).
 
 With --stage3 RUN_DIR (a finished `make reproduce` directory), stage 3 of the pipeline itself: every method for
 the first --users test users on that run's bank and stage-1/2 artifacts, three ways, each in a fresh process
@@ -52,6 +52,7 @@ from mta.peft.multi_lora import generate_many, row_layers, rows, set_slot, stack
 from mta.precision import bf16_supported
 from mta.training.train import TrainConfig, train
 from mta.training.train_many import train_many
+from tools.model_flops import linear_params, peak_gemm_flops
 
 
 def random_adapter(model, config, seed, std=0.05):
@@ -237,17 +238,25 @@ def bank_against_loop(model, config: LoRAConfig, seq: int, anchors: int = 8) -> 
     item = lambda n: torch.randint(3, vocab, (n,), generator=g).tolist()  # noqa: E731
     data = [[(item(seq), item(16)) for _ in range(4)] for _ in range(anchors)]
     tc = TrainConfig(lr=1e-4, batch_size=2, progress=False)
-    loop, t = [], time.perf_counter()
+    device = next(model.parameters()).device
+    native = bf16_supported(device)
+    peak = {bf16: peak_gemm_flops(torch.bfloat16 if bf16 else torch.float32) for bf16 in (False, True)[: 1 + native]}
+    linear = linear_params(model)
+    loop, tokens, t = [], 0, time.perf_counter()
     for a in range(anchors):
         m = copy.deepcopy(model)
         torch.manual_seed(a)
         inject_lora(m, config)
-        loop.append(train(m, data[a], tc).losses)
+        log = train(m, data[a], tc)
+        loop.append(log.losses)
+        tokens += log.tokens
         del m
     alone = time.perf_counter() - t
-    print(f"bank, {anchors} meta-LoRAs x 2 steps, one at a time in fp32: {alone:.1f} s (target: together >= 1.5x)")
-    device = next(model.parameters()).device
-    for bf16 in (False, True) if bf16_supported(device) else (False,):
+    mfu = lambda seconds, bf16: 4 * linear * tokens / seconds / peak[bf16]  # noqa: E731 (forward, backward to x)
+    print(f"bank, {anchors} meta-LoRAs x 2 steps, one at a time in fp32: {alone:.1f} s, MFU {mfu(alone, False):.0%} "
+          f"(peak GEMM " + ", ".join(f"{'bf16' if k else 'fp32'} {v / 1e12:.2f}" for k, v in peak.items())
+          + " TFLOP/s; target: together >= 1.5x)")
+    for bf16 in (False, True)[: 1 + native]:
         many = copy.deepcopy(model)
         stack_many(many, [[]] * anchors, [[]] * anchors, config, "param", list(range(anchors)))
         t = time.perf_counter()
@@ -255,8 +264,9 @@ def bank_against_loop(model, config: LoRAConfig, seq: int, anchors: int = 8) -> 
         together = time.perf_counter() - t
         worst = max(abs(a - b) / abs(b) for log, ref in zip(logs, loop, strict=True)
                     for a, b in zip(log.losses, ref, strict=True))
-        print(f"  together in {'bf16' if bf16 else 'fp32'}: {together:.1f} s, {alone / together:.2f}x; "
-              f"largest relative loss difference from one at a time {worst:.1e}")
+        print(f"  together in {'bf16' if bf16 else 'fp32'}: {together:.1f} s, {alone / together:.2f}x, MFU "
+              f"{mfu(together, bf16):.0%}; largest relative loss difference from one at a time {worst:.1e}")
+
 
 
 # (name, group size (None: the run's own), bf16)

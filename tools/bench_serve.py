@@ -41,6 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mta.run.personalizer import Personalizer, Request
+from tools.model_flops import linear_params, peak_gemm_flops
 
 
 def cpu_name() -> str:
@@ -147,25 +148,10 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-def peak_gemm_flops(dtype: torch.dtype, n: int = 2048, repeat: int = 5) -> float:
-    """FLOP/s of an (n, n) @ (n, n) matmul in `dtype` on this CPU, best of `repeat`."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    a @ b
-    best = min(timed(lambda: a @ b) for _ in range(repeat))
-    return 2 * n**3 / best
-
-
 def timed(fn) -> float:
     tic = time.perf_counter()
     fn()
     return time.perf_counter() - tic
-
-
-def linear_params(personalizer: Personalizer) -> int:
-    """Parameters of the decoder's linear layers: those every training token's forward and backward multiply by
-    (the head, applied to response tokens only, and attention's own products are left out: a lower bound)."""
-    return sum(m.weight.numel() for name, m in personalizer.engine.model.named_modules()
-               if isinstance(m, torch.nn.Linear) and name != "lm_head")
 
 
 def main() -> None:
@@ -200,7 +186,7 @@ def main() -> None:
 
     bf16 = personalizer.run.profile.bf16
     peak = peak_gemm_flops(torch.bfloat16 if bf16 else torch.float32)
-    n_lin = linear_params(personalizer)
+    n_lin = linear_params(personalizer.engine.model)
     personalizer.answer_many([Request(users[-1].history, [q.input for q in users[-1].query], args.method,
                                       "warm-up")])  # first-call costs (kernel set-up) are not a user's
     tic, adapt, tokens = time.perf_counter(), [], []

@@ -12,7 +12,7 @@ What is timed, each workload the same for every candidate (synthetic token ids, 
   group_size     a greedy decode of `DECODE_TOKENS` tokens for `GROUPS` users with per-row adapters, rows per second
 
 Rows per pass and group size take the smallest candidate within `TIE` of the fastest (less memory). On a device
-other than the CPU, `bf16 = "auto"` follows the device's native support and the other two must be numbers.
+other than the CPU, `bf16 = "auto"` follows the device's native support and the other two are numbers (`Profile`).
 """
 
 from __future__ import annotations
@@ -80,11 +80,7 @@ def settle(profile: Profile, task: TaskSpec, llm: Callable[[], tuple]) -> tuple[
     fields = measured(profile)
     if not fields:
         return profile, None
-    if profile.device != "cpu":
-        numbers = [f for f in fields if f != "bf16"]
-        if numbers:
-            raise ValueError(f"profile {profile.name}: {', '.join(numbers)} = 'auto' is measured on the CPU only; "
-                             f"set a number for {profile.device}")
+    if profile.device != "cpu":  # bf16 alone (`Profile`): where the device has it
         return profile.replace(bf16=bf16_supported(profile.device)), {"source": f"native bf16 on {profile.device}"}
     key = {"machine": machine(), "llm": profile.llm, "base_quant": profile.base_quant, "dtype": profile.dtype}
     path, record = cache_path(key), None
@@ -99,7 +95,8 @@ def settle(profile: Profile, task: TaskSpec, llm: Callable[[], tuple]) -> tuple[
         tic, busy = time.perf_counter(), os.getloadavg()[0]
         log(f"calibrating {', '.join(fields)} on this machine (once; cached in {path})")
         model, tok = llm()
-        times = measure(Engine(profile.replace(bf16=False, group_size=1, rows_per_pass=None), task, model, tok))
+        with torch.random.fork_rng(devices=[]):  # the run's own random state is left as it was
+            times = measure(Engine(profile.replace(bf16=False, group_size=1, rows_per_pass=None), task, model, tok))
         record = {"key": key, "measured": times, "chosen": choose(times), "load_average": busy,
                   "seconds": round(time.perf_counter() - tic, 1)}
         write_json(path, record)
