@@ -298,7 +298,8 @@ def stage3_way(run_dir: Path, users: int, group_size: int | None, bf16: bool | N
         stage3_run(run)
         seconds = time.perf_counter() - t
         rows = collect(run)
-    outputs = {(uid, m): r.get("output", r.get("error")) for m, per in rows.items() for uid, r in per.items()}
+    outputs = {(uid, m): tuple(q["output"] for q in r["queries"]) if "queries" in r else r.get("error")
+               for m, per in rows.items() for uid, r in per.items()}
     return seconds, peak_rss_mib(), outputs
 
 
