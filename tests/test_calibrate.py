@@ -133,6 +133,13 @@ def test_a_run_records_its_calibration_and_keeps_it_when_resumed(tiny_run_inputs
     assert runs[1].profile == runs[0].profile
     assert runs[0].dir.config.read_bytes() == before
 
+    # a bf16 directory resumed where bf16 is not native stops, naming config.json
+    config["profile"]["bf16"] = True
+    runs[0].dir.config.write_text(json.dumps(config))
+    monkeypatch.setattr("mta.precision.bf16_supported", lambda device: False)
+    with pytest.raises(SystemExit, match=r"config\.json: this run directory computes in bf16 autocast"):
+        main("test", runs.append, argv)
+
 
 def test_the_cpu_profile_measures_its_three_settings():
     assert {f: getattr(resolve_profile("cpu"), f) for f in ("bf16", "group_size", "rows_per_pass")} == \

@@ -150,7 +150,12 @@ class Run:
         if measured(self.profile) and self.dir.config.exists():
             stored = stored_profile(self.dir.config)
             self.profile = self.profile.replace(**{f: getattr(stored, f) for f in measured(self.profile)})
-            check_bf16(self.profile.bf16, self.profile.device)
+            try:
+                check_bf16(self.profile.bf16, self.profile.device)
+            except ValueError:
+                raise ValueError(f"{self.dir.config}: this run directory computes in bf16 autocast, which this "
+                                 f"{self.profile.device} lacks natively; resume it on such a machine, or use another "
+                                 f"--runs folder") from None
         if measured(self.profile):
             self.profile, self.calibration = settle(self.profile, self.task_spec, lambda: self.llm)
 

@@ -54,7 +54,7 @@ CALIBRATION_STEPS = {"group": 2, "one": 8}
 COUNT_ITEMS = 64
 COUNT_USERS = 512
 # What a plan counts with for a profile's "auto" settings where it cannot calibrate (a 2-core AVX512-BF16 EPYC's)
-UNMEASURED = {"bf16": True, "group_size": 16, "rows_per_pass": 8}
+UNMEASURED = {"bf16": True, "group_size": 32, "rows_per_pass": 8}
 
 
 @dataclass(frozen=True)
