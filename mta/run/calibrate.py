@@ -1,5 +1,5 @@
 """Per-machine settings by measurement: a profile's `bf16`, `group_size` and `rows_per_pass` set to "auto" are
-chosen at the start of a run from a short calibration of the run's own LLM on this machine (about 30 s for
+chosen at the start of a run from a short calibration of the run's own LLM on this machine (about 40 s for
 SmolLM2 on 2 cores), cached per machine, torch build and model, and recorded in the run's config.json (so a
 resumed run, a Ray worker or a sweep point keeps the choice its run made, whatever the cache holds later).
 
@@ -9,7 +9,7 @@ What is timed, each workload the same for every candidate (synthetic token ids, 
                  autocast; bf16 only where the device computes it natively, and only if at least `BF16_GAIN`
                  faster (fp32 is the more exact)
   rows_per_pass  one training step of 8 users (16 rows) in the chosen precision, `ROWS` rows per forward
-  group_size     a greedy decode of `DECODE_TOKENS` tokens for `GROUPS` users with per-row adapters, rows per second
+  group_size     a greedy decode of `DECODE_TOKENS` tokens for `GROUPS` users with per-row adapters, seconds per user
 
 Rows per pass and group size take the smallest candidate within `TIE` of the fastest (less memory). On a device
 other than the CPU, `bf16 = "auto"` follows the device's native support and the other two are numbers (`Profile`).
