@@ -288,7 +288,7 @@ class Profile:
         for name in MEASURED:
             if isinstance(getattr(self, name), str) and getattr(self, name) != AUTO:
                 raise ValueError(f"{owner}: {name} must be {AUTO!r} or a setting; got {getattr(self, name)!r}")
-        measured_off_cpu = [f for f in ("group_size", "rows_per_pass") if getattr(self, f) == AUTO]
+        measured_off_cpu = [f for f in self.unsettled if f != "bf16"]
         if self.device != "cpu" and measured_off_cpu:
             raise ValueError(f"{owner}: {', '.join(measured_off_cpu)} = {AUTO!r} is measured on the CPU only; set a "
                              f"number for device {self.device}")
@@ -349,6 +349,11 @@ class Profile:
                 f"stacked {self.stack.max_tokens or 'same'}), test prompts at {self.max_test_tokens or 'no cap'}; "
                 f"greedy decoding of at most {self.max_new_tokens} tokens; test conditions {self.test_conditions}; "
                 f"arithmetic {({True: 'bf16 autocast', False: 'fp32', AUTO: 'measured per machine'})[self.bf16]}")
+
+    @property
+    def unsettled(self) -> list[str]:
+        """The fields still "auto" (`MEASURED`), which a run settles on its machine (`mta.run.calibrate`)."""
+        return [f for f in MEASURED if getattr(self, f) == AUTO]
 
     def replace(self, **changes) -> Profile:
         return dataclasses.replace(self, **changes)

@@ -33,7 +33,7 @@ from mta.files import read_json, write_json
 from mta.log import log
 from mta.peft.multi_lora import generate_many, stack_many
 from mta.precision import bf16_supported
-from mta.profiles import AUTO, MEASURED, Profile
+from mta.profiles import MEASURED, Profile
 from mta.stages.engine import Engine, Examples
 
 TOKENS = 96  # tokens per training row: 80 of prompt, 16 of target
@@ -44,11 +44,6 @@ REPEATS = 2  # timed runs of each workload after its warm-up; the least counts
 BF16_GAIN = 0.10
 TIE = 0.10
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-
-
-def measured(profile: Profile) -> list[str]:
-    """The profile's fields a calibration chooses (those set to "auto")."""
-    return [f for f in MEASURED if getattr(profile, f) == AUTO]
 
 
 def machine() -> dict:
@@ -77,7 +72,7 @@ def cache_path(key: dict) -> Path:
 def settle(profile: Profile, task: TaskSpec, llm: Callable[[], tuple]) -> tuple[Profile, dict | None]:
     """`profile` with every "auto" field chosen, and the record of how (None when none was "auto"). `llm()` gives
     the run's (model, tokenizer), loaded only when the cache has no calibration for this machine."""
-    fields = measured(profile)
+    fields = profile.unsettled
     if not fields:
         return profile, None
     if profile.device != "cpu":  # bf16 alone (`Profile`): where the device has it

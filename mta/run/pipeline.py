@@ -38,7 +38,7 @@ from mta.peft.adapter import load_adapter
 from mta.precision import check_bf16
 from mta.profiles import Profile, profile_from_dict
 from mta.run import inputs
-from mta.run.calibrate import measured, settle
+from mta.run.calibrate import settle
 from mta.run.executor import Executor, Job, run_jobs
 from mta.run.preflight import preflight
 from mta.run.provenance import provenance
@@ -147,16 +147,16 @@ class Run:
     def settle(self) -> None:
         """The profile's "auto" fields chosen (`mta.run.calibrate`): as the run directory's config.json records them
         when it exists (a resumed run keeps its choice), else by this machine's calibration."""
-        if measured(self.profile) and self.dir.config.exists():
+        if self.profile.unsettled and self.dir.config.exists():
             stored = stored_profile(self.dir.config)
-            self.profile = self.profile.replace(**{f: getattr(stored, f) for f in measured(self.profile)})
+            self.profile = self.profile.replace(**{f: getattr(stored, f) for f in self.profile.unsettled})
             try:
                 check_bf16(self.profile.bf16, self.profile.device)
             except ValueError:
                 raise ValueError(f"{self.dir.config}: this run directory computes in bf16 autocast, which this "
                                  f"{self.profile.device} lacks natively; resume it on such a machine, or use another "
                                  f"--runs folder") from None
-        if measured(self.profile):
+        if self.profile.unsettled:
             self.profile, self.calibration = settle(self.profile, self.task_spec, lambda: self.llm)
 
     def check_inputs(self) -> None:

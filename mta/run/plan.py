@@ -29,7 +29,6 @@ from mta.models.checkpoint import MODELS, load_llm
 from mta.models.encoders import REGISTRY, load_encoder, user_item_embeddings
 from mta.profiles import CPU, LoRASpec, resolve_profile
 from mta.run import cli, download
-from mta.run.calibrate import measured
 from mta.run.pipeline import Run
 from mta.run.preflight import PreflightError, check_device
 from mta.seeding import derive_seed, seeded_subset
@@ -348,8 +347,8 @@ def make_plan(run: Run, asked: str = "auto", notes: Sequence[str] = ()) -> dict:
     else:
         why = f"{p.device} is not available here" if not here else f"not on this machine: {', '.join(missing)}"
         notes.append(f"no calibration ({why}); the plan downloads nothing, so its rates are stated")
-        if measured(p):
-            assumed = {f: UNMEASURED[f] for f in measured(p)}
+        if p.unsettled:
+            assumed = {f: UNMEASURED[f] for f in p.unsettled}
             p = run.profile = p.replace(**assumed)
             notes.append(f"settings not measured here, counted as {assumed}")
         if CPU.llm != p.llm:  # a small model, never the profile's own (8 B weights on a CPU to count tokens)

@@ -20,7 +20,7 @@ from mta.peft.fusion import BaseWeights, base_linears, fold_adapters, nf4_base
 from mta.peft.lora import unload_lora
 from mta.peft.multi_lora import generate_many, get_row_adapter, set_slot, stack_many, unload_row_lora
 from mta.precision import autocast
-from mta.profiles import AUTO, MEASURED, LoRASpec, Profile
+from mta.profiles import AUTO, LoRASpec, Profile
 from mta.seeding import derive_seed, seeded_subset
 from mta.training.train import TrainConfig, TrainLog
 from mta.training.train_many import train_many
@@ -69,10 +69,9 @@ class Engine:
     tok: Tokenizer
 
     def __post_init__(self):
-        auto = [f for f in MEASURED if getattr(self.profile, f) == AUTO]
-        if auto:
-            raise ValueError(f"profile {self.profile.name}: {', '.join(auto)} still {AUTO!r}; a run settles them on "
-                             f"its machine (`Run.settle`, mta.run.calibrate) before its engine is built")
+        if self.profile.unsettled:
+            raise ValueError(f"profile {self.profile.name}: {', '.join(self.profile.unsettled)} still {AUTO!r}; a run "
+                             f"settles them on its machine (`Run.settle`, mta.run.calibrate) before building an engine")
         self.base = BaseWeights(self.model, targets=self.profile.bank.targets, device="cpu")
         self.folded = False  # whether W differs from W0
         self.lora_config = None  # of the LoRAs `personalize_many` last trained
