@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mta.models.generation import generate, prefill, sample_next_token
-from mta.models.llama import KVCache, LlamaConfig, LlamaForCausalLM
+from mta.models.llama import KVCache, LlamaConfig, LlamaForCausalLM, attention_bias_mask
 
 transformers = pytest.importorskip("transformers")
 
@@ -255,17 +255,27 @@ def test_training_forward_backward_with_right_padding():
     assert (logits.detach()[mask.bool()] - ref[mask.bool()]).abs().max().item() <= 1e-4
 
 
-def test_attention_under_cpu_bf16_autocast_runs_in_fp32():
-    """Under CPU bf16 autocast, attention itself runs in fp32 (faster there, and exact): the same as SDPA on
-    the fp32 inputs, not as autocast's bf16 SDPA."""
+def test_attention_under_cpu_bf16_autocast():
+    """Under CPU bf16 autocast a forward of several positions runs as bf16 GEMMs (`mta.ops.attention` on the bf16
+    casts of q, k, v), causal or masked; a one-token step runs SDPA in fp32 on the fp32 inputs (exact), not
+    autocast's bf16 SDPA."""
     from mta.models.llama import attention
+    from mta.ops.attention import gemm_attention
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, h, 7, 16, generator=g) for h in (4, 2, 2))
+    keep = torch.ones(2, 7, dtype=torch.bool)
+    keep[1, :2] = False
+    mask, step_mask = attention_bias_mask(keep, 7), attention_bias_mask(keep, 1)
+    bf = [t.bfloat16() for t in (q, k, v)]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = attention(q, k, v, None, True, n_rep=2)
-        bf16 = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    assert got.dtype == torch.float32 and bf16.dtype == torch.bfloat16
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        causal = attention(q, k, v, None, True, n_rep=2)
+        masked = attention(q, k, v, mask, False, n_rep=2)
+        step = attention(q[:, :, -1:], k, v, step_mask, False, n_rep=2)
+        bf16 = torch.nn.functional.scaled_dot_product_attention(q[:, :, -1:], k, v, attn_mask=step_mask,
+                                                                enable_gqa=True)
+    assert torch.equal(causal, gemm_attention(*bf)) and torch.equal(masked, gemm_attention(*bf, mask))
+    want = torch.nn.functional.scaled_dot_product_attention(q[:, :, -1:], k, v, attn_mask=step_mask, enable_gqa=True)
+    assert step.dtype == torch.float32 and bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(step, want, rtol=1e-6, atol=1e-6)
     assert not torch.allclose(bf16.float(), want, rtol=1e-6, atol=1e-6)

@@ -216,10 +216,11 @@ def test_batched_generation_equals_one_user_at_a_time():
     mask = torch.zeros_like(ids)
     for n, p in enumerate(prompts):  # left padding
         ids[n, T - len(p):], mask[n, T - len(p):] = p, 1
-    got = generate_many(many, ids, mask, slots, max_new_tokens=limits, **kw)
-    for n, want in enumerate(alone):
-        row = got[n].tolist()
-        assert row[: len(want)] == want and all(t == 0 for t in row[len(want):])
+    for prefill_rows in (None, 2):  # each prefill forward of 2 rows serves those rows' slots
+        got = generate_many(many, ids, mask, slots, max_new_tokens=limits, prefill_rows=prefill_rows, **kw)
+        for n, want in enumerate(alone):
+            row = got[n].tolist()
+            assert row[: len(want)] == want and all(t == 0 for t in row[len(want):])
     assert len(alone[2]) == 3 and stop not in alone[2]  # ended by its own length
     assert any(3 < len(w) < 10 for w in alone) and any(len(w) == 10 for w in alone)  # by the stop token, or not
     if bf16_supported("cpu"):  # bf16 autocast decodes too (tokens may differ from fp32: no comparison)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -28,6 +29,7 @@ def generate(
     compile: bool = False,
     prefill_rows: int | None = None,
     repetition_penalty: float = 1.0,
+    prefill_select: Callable[[slice], None] | None = None,
 ) -> torch.Tensor:
     """New tokens (B, n <= max_new_tokens) for left-padded prompts input_ids (B, T).
 
@@ -36,7 +38,9 @@ def generate(
     stops early once every row has ended.
     compile=True runs each one-token step through torch.compile (compiled once per model, dynamic
     shapes; worth it for long or many generations, as in gpt-fast): same tokens, less overhead per step.
-    prefill_rows: prompts per prefill forward (`prefill`); None: all at once.
+    prefill_rows: prompts per prefill forward (`prefill`); None: all at once. prefill_select(rows) is called before
+    each such forward with its rows of the batch, and with slice(None) after the prefill (per-row adapters:
+    `mta.peft.multi_lora.generate_many`).
     repetition_penalty: transformers' `RepetitionPenaltyLogitsProcessor` (CTRL's): the logit of every token
     already in the row, prompt included, divided by it where positive and multiplied where negative; a row's
     left padding does not count (transformers counts it in a padded batch; the authors decode one prompt at
@@ -59,7 +63,8 @@ def generate(
     next_pos = positions[:, -1:] + 1  # (B, 1)
 
     cache = KVCache(model.config, B, T + max_new_tokens, model.dtype, device)
-    logits = prefill(model, input_ids, attention_mask if padded else None, cache, positions, prefill_rows)
+    logits = prefill(model, input_ids, attention_mask if padded else None, cache, positions, prefill_rows,
+                     prefill_select)
     step_logits = compiled_next_logits(model) if compile else functools.partial(next_logits, model)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     seen = None
@@ -85,15 +90,15 @@ def generate(
     return torch.stack(out, dim=1)
 
 
-def prefill(model: LlamaForCausalLM, input_ids, attention_mask, cache: KVCache, position_ids, rows: int | None
-            ) -> torch.Tensor:
+def prefill(model: LlamaForCausalLM, input_ids, attention_mask, cache: KVCache, position_ids, rows: int | None,
+            select: Callable[[slice], None] | None = None) -> torch.Tensor:
     """fp32 logits (B, vocab) after each left-padded prompt of input_ids (B, T), filling an empty cache.
 
     With `rows`, the prompts go through in chunks of that many rows, each without the leading columns that
     are padding in all of its rows (similar lengths side by side leave a chunk little padding): rows never
     interact, and padded keys are masked either way, so each row's logits and cache are what one forward
     over the whole batch computes, up to the rounding of GEMMs of other shapes. Activations stay those of
-    `rows` prompts."""
+    `rows` prompts. `select(index)` is called before the forward of rows `index`, `select(slice(None))` after."""
     B, T = input_ids.shape
     if rows is None or rows >= B:
         return next_logits(model, input_ids, attention_mask, cache, position_ids)
@@ -102,11 +107,15 @@ def prefill(model: LlamaForCausalLM, input_ids, attention_mask, cache: KVCache, 
         index = slice(r, r + rows)
         mask = None if attention_mask is None else attention_mask[index]  # (b, T)
         start = 0 if mask is None else T - int(mask.sum(1).max())  # columns of padding in every row
+        if select is not None:
+            select(index)
         view = cache.rows(index)
         view.length = start  # positions [0, start) stay empty: masked, as padding is
         status(f"prefill x{B}: rows {r + 1}-{min(r + rows, B)}")
         out.append(next_logits(model, input_ids[index, start:], mask, view, position_ids[index, start:]))
     cache.length = T
+    if select is not None:
+        select(slice(None))
     return torch.cat(out)
 
 

@@ -191,10 +191,12 @@ def generate_many(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | 
     """One batched decode for many users: row n of the left-padded prompts uses slot `slots[n]`'s adapters.
 
     Every row has its own KV cache rows and ends at its own stop token (then holds the pad id), as in
-    `LlamaForCausalLM.generate`, which takes the other arguments. `bf16`: bf16 autocast (`mta.precision`).
+    `LlamaForCausalLM.generate`, which takes the other arguments (with `prefill_rows`, each prefill forward serves
+    its rows' slots). `bf16`: bf16 autocast (`mta.precision`).
     """
     slots = torch.as_tensor(slots, dtype=torch.long)
     if slots.shape != (input_ids.shape[0],):
         raise ValueError(f"generate_many: {slots.numel()} slots for {input_ids.shape[0]} prompts")
     with rows(model, slots), autocast(input_ids.device, bf16, model):
-        return generate(model, input_ids, attention_mask, **kwargs)
+        return generate(model, input_ids, attention_mask, prefill_select=lambda index: set_rows(model, slots[index]),
+                        **kwargs)

@@ -190,21 +190,26 @@ class Engine:
         return get_row_adapter(self.model, slot, self.lora_config)
 
     def generate(self, prompts: Sequence[str], slots: Sequence[int] | None = None) -> list[str]:
-        """Greedy outputs for left-padded prompts; with `slots`, prompt n uses slot `slots[n]`'s adapters."""
+        """Greedy outputs for left-padded prompts; with `slots`, prompt n uses slot `slots[n]`'s adapters. The
+        prompts prefill `rows_per_pass` at a time, the longest together (little padding), then decode in one batch."""
         budget, tok = self.test_budget(), self.test_tok
         seqs = [tok.chat_prompt(p if budget is None else fit_text(tok, p, budget)) for p in prompts]
-        ids, mask = tok.pad(seqs, side="left")
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+        ids, mask = tok.pad([seqs[i] for i in order], side="left")
         ids, mask = ids.to(self.profile.device), mask.to(self.profile.device)
         kw = dict(max_new_tokens=self.conditions.max_new_tokens or self.profile.max_new_tokens,
-                  stop_token_ids=tok.eos_token_ids,
-                  pad_token_id=tok.pad_token_id, repetition_penalty=self.conditions.repetition_penalty)
+                  stop_token_ids=tok.eos_token_ids, pad_token_id=tok.pad_token_id,
+                  repetition_penalty=self.conditions.repetition_penalty, prefill_rows=self.profile.rows_per_pass)
         with nf4_base(self.nf4_linears) if self.conditions.nf4 else nullcontext():
-            if slots is None:  # on shared weights the prompts (sorted by length) prefill a pass of rows at a time
+            if slots is None:
                 with autocast(self.profile.device, self.profile.bf16, self.model):
-                    new = generate(self.model, ids, mask, prefill_rows=self.profile.rows_per_pass, **kw)
+                    new = generate(self.model, ids, mask, **kw)
             else:
-                new = generate_many(self.model, ids, mask, slots, self.profile.bf16, **kw)
-        return [self.tok.decode(row.tolist()).strip() for row in new]
+                new = generate_many(self.model, ids, mask, [slots[i] for i in order], self.profile.bf16, **kw)
+        outputs = [""] * len(seqs)
+        for row, i in zip(new, order, strict=True):
+            outputs[i] = self.tok.decode(row.tolist()).strip()
+        return outputs
 
     def reset(self) -> None:
         """Back to the plain base model: no LoRA layers, W = W0."""
