@@ -6,7 +6,10 @@ the decode step compiled), prefill tokens/s, the ratios ours/transformers and pe
 for batch-1 decode, >= 1.0x elsewhere. Batch-1 decode streams every weight once per token, so the time
 of exactly that (one F.linear per weight matrix, nothing else) is printed as its roofline. Then the
 quantised bases (--quants q4,q8): decode at batch 1 and 8 against transformers fp32 (target >= 3x at
-batch 1), bytes read per token, peak RSS, and one LoRA training step against our fp32.
+batch 1), bytes read per token, peak RSS, and one LoRA training step against our fp32. Then attention alone
+(--attention: only that): forward and backward of a causal pass at SmolLM2's heads, ours under bf16 autocast
+(`mta.ops.attention`, per-row bf16 GEMMs) against PyTorch's SDPA in fp32 (its flash kernel) and in bf16 (what
+autocast gives transformers).
 transformers runs eager, its default; the first compiled run pays the compile (minutes on a CPU), which
 the warm-up absorbs. Runs are interleaved (ours, theirs, ours, ...) and the best of --repeats is kept,
 so load from other processes hits both sides alike.
@@ -191,6 +194,39 @@ def bench_quant(args) -> None:
           + "  (rank 8 on every linear, batch 4 x 128 tokens, best of 2 epochs of 2 steps)")
 
 
+def attention_step(fn, dtype: torch.dtype, qkv: list[torch.Tensor], grad: torch.Tensor) -> None:
+    q, k, v = (t.detach().to(dtype).requires_grad_() for t in qkv)
+    fn(q, k, v).backward(grad.to(dtype))
+
+
+def bench_attention(args) -> None:
+    """Forward + backward of causal attention, 8 rows, 9 query heads sharing 3 kv heads of dim 64 (SmolLM2), by
+    sequence length: best of --repeats, interleaved."""
+    import torch.nn.functional as F
+
+    from mta.ops.attention import gemm_attention
+    from mta.precision import bf16_supported
+
+    if not bf16_supported("cpu"):
+        print("attention: this CPU has no native bf16; fp32 runs SDPA, so there is nothing to compare")
+        return
+    sdpa = functools.partial(F.scaled_dot_product_attention, is_causal=True, enable_gqa=True)
+    ways = {"ours, bf16 GEMMs": (gemm_attention, torch.bfloat16), "SDPA fp32 (flash)": (sdpa, torch.float32),
+            "SDPA bf16": (sdpa, torch.bfloat16)}
+    print(f"\n{'attention fwd+bwd':18s}" + "".join(f"{name:>20s}" for name in ways) + "   ours vs fp32 flash")
+    for T in (128, 256, 384):
+        g = torch.Generator().manual_seed(T)
+        base = [torch.randn(8, h, T, 64, generator=g) for h in (9, 3, 3)]
+        grad = torch.randn(8, 9, T, 64, generator=g)
+
+        best = {name: float("inf") for name in ways}
+        for _ in range(args.repeats + 1):  # the first round warms up
+            for name, (fn, dtype) in ways.items():
+                best[name] = min(best[name], timed(functools.partial(attention_step, fn, dtype, base, grad)))
+        ratio = best["SDPA fp32 (flash)"] / best["ours, bf16 GEMMs"]
+        print(f"{f'T = {T}':18s}" + "".join(f"{1e3 * t:17.1f} ms" for t in best.values()) + f"   {ratio:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -201,12 +237,16 @@ def main() -> None:
     parser.add_argument("--quants", default="q4,q8", help="quantised bases to compare ('' for none)")
     parser.add_argument("--quant-dtype", default="float32",
                         help="our models' dtype beside the quantised bases (bfloat16: torch's int4/int8 CPU kernels)")
+    parser.add_argument("--attention", action="store_true", help="only the attention figure")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.attention:
+        return bench_attention(args)
     for dtype in filter(None, args.dtypes.split(",")):
         bench(args, getattr(torch, dtype))
     if args.quants:
         bench_quant(args)
+    bench_attention(args)
 
 
 if __name__ == "__main__":

@@ -150,7 +150,7 @@ def attention(q, k, v, mask, is_causal: bool, n_rep: int) -> torch.Tensor:
     """Scaled dot-product attention; GQA: query heads h*n_rep .. (h+1)*n_rep-1 share kv head h (no copies).
 
     Under CPU bf16 autocast a forward of more than one query position (training, scoring, prefill) runs as bf16
-    GEMMs (`mta.ops.attention`, about 2.5x faster there than the flash kernel), and a one-token decode step as SDPA
+    GEMMs (`mta.ops.attention`, 2.5-3x faster there than the flash kernel), and a one-token decode step as SDPA
     in fp32 (its flash kernel is faster in fp32 than in bf16, and the fp32 KV cache is not recast).
     """
     if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):

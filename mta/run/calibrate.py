@@ -1,5 +1,5 @@
 """Per-machine settings by measurement: a profile's `bf16`, `group_size` and `rows_per_pass` set to "auto" are
-chosen at the start of a run from a short calibration of the run's own LLM on this machine (about 40 s for
+chosen at the start of a run from a short calibration of the run's own LLM on this machine (about 45 s for
 SmolLM2 on 2 cores), cached per machine, torch build and model, and recorded in the run's config.json (so a
 resumed run, a Ray worker or a sweep point keeps the choice its run made, whatever the cache holds later).
 
