@@ -268,7 +268,6 @@ def bank_against_loop(model, config: LoRAConfig, seq: int, anchors: int = 8) -> 
               f"{mfu(together, bf16):.0%}; largest relative loss difference from one at a time {worst:.1e}")
 
 
-
 # (name, group size (None: the run's own), bf16)
 STAGE3_WAYS = (("one at a time, fp32", 1, False), ("groups, fp32", None, False), ("groups, bf16", None, True))
 
