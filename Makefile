@@ -23,7 +23,7 @@ SEED     ?= 0
 SEEDS    ?= $(SEED)
 USERS    ?= all
 RUNS     ?= runs
-EXECUTOR ?= local
+EXECUTOR ?= auto
 WORKERS  ?= 2
 
 WHAT     ?= alpha

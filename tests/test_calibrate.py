@@ -12,10 +12,11 @@ import torch
 
 from mta.data.lamp import get_task
 from mta.models.checkpoint import load_llm
-from mta.profiles import AUTO, CPU, resolve_profile
+from mta.profiles import AUTO, CPU, MEASURED, resolve_profile
 from mta.run import calibrate
-from mta.run.calibrate import choose, settle
+from mta.run.calibrate import choose, chosen_split, executor_of, settle
 from mta.run.cli import main
+from mta.run.executor import Executor
 from mta.stages.engine import Engine
 from tests.fixtures import make_llm, make_profile
 
@@ -47,14 +48,30 @@ def test_choices_follow_the_measurements():
     assert choose(times)["bf16"] is False
 
 
+def test_worker_processes_only_when_their_throughput_is_measured_higher():
+    # two one-thread processes, each 1.6 s a step, against 1.0 s with both threads in one: 1.25x the steps
+    assert chosen_split({"one process": 1.0, "workers": 2, "threads": 1, "split": 1.6}) == {"workers": 2,
+                                                                                          "threads": 1}
+    assert chosen_split({"one process": 1.0, "workers": 2, "threads": 1, "split": 1.9}) is None  # 1.05x: not enough
+    assert chosen_split({"one process": 1.0}) is None  # one thread: nothing to split
+    record = {"chosen": {"executor": {"workers": 2, "threads": 1}}}
+    assert executor_of(record, Executor("auto", retries=1)) == Executor("processes", 2, 1, retries=1)
+    assert executor_of({"chosen": {"executor": None}}, Executor("auto")).kind == "local"
+    assert executor_of(None, Executor("auto")).kind == "local"  # no calibration (every setting given, or a GPU)
+    assert executor_of(record, Executor("ray", workers=4)) == Executor("ray", workers=4)  # a kind given is kept
+
+
 def test_a_calibration_is_measured_once_per_machine_and_model(llm_dir, monkeypatch, tmp_path):
     monkeypatch.setenv("MTA_CACHE", str(tmp_path))
     loads, state = [], torch.random.get_rng_state()
     profile, record = settle(auto(llm_dir), TASK, lambda: loads.append(1) or load_llm(str(llm_dir)))
     assert loads == [1]
     assert torch.equal(torch.random.get_rng_state(), state)  # the run's random state is its own
-    assert {f: getattr(profile, f) for f in ("bf16", "group_size", "rows_per_pass")} == record["chosen"]
-    assert set(record["measured"]) == {"precision", "rows_per_pass", "group_size"}
+    assert {f: getattr(profile, f) for f in MEASURED} == {f: record["chosen"][f] for f in MEASURED}
+    assert set(record["measured"]) == {"precision", "rows_per_pass", "group_size", "executor"}
+    split = record["measured"]["executor"]  # the same step in 2 one-thread processes at once, on 2+ threads
+    assert set(split) == ({"one process"} if torch.get_num_threads() < 2 else {"one process", "workers", "threads",
+                                                                                "split"})
     assert profile.group_size in calibrate.GROUPS and profile.rows_per_pass in calibrate.ROWS
     cached = [*tmp_path.glob("calibration/*.json")]
     assert len(cached) == 1 and json.loads(cached[0].read_text())["chosen"] == record["chosen"]
@@ -119,18 +136,22 @@ def test_a_run_records_its_calibration_and_keeps_it_when_resumed(tiny_run_inputs
     runs = []
     main("test", runs.append, argv)
     config = json.loads(runs[0].dir.config.read_text())
-    chosen = config["calibration"]["chosen"]
+    chosen = {f: config["calibration"]["chosen"][f] for f in MEASURED}
     assert {f: config["profile"][f] for f in chosen} == chosen
     assert {f: getattr(runs[0].profile, f) for f in chosen} == chosen
     # a Ray worker's copy of the run keeps the driver's choice
     assert dataclasses.replace(runs[0]).profile == runs[0].profile
+    # the default executor ("auto") is what the calibration measured faster
+    split = config["calibration"]["chosen"]["executor"]
+    assert (runs[0].executor.kind, runs[0].executor.workers) == (("processes", split["workers"]) if split else
+                                                                 ("local", 2))
 
     # resumed on a machine whose calibration would choose otherwise: the run keeps what config.json records
     before = runs[0].dir.config.read_bytes()
     monkeypatch.setenv("MTA_CACHE", str(tmp_path / "elsewhere"))
     monkeypatch.setattr(calibrate, "measure", lambda engine: pytest.fail("a resumed run was calibrated again"))
     main("test", runs.append, argv)
-    assert runs[1].profile == runs[0].profile
+    assert runs[1].profile == runs[0].profile and runs[1].executor == runs[0].executor
     assert runs[0].dir.config.read_bytes() == before
 
     # a bf16 directory resumed where bf16 is not native stops, naming config.json

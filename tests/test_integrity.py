@@ -47,6 +47,11 @@ def comparable(result: dict) -> dict:
     return strip(result)
 
 
+def reference_of(tiny_run) -> dict:
+    """The tiny run's own results (its directory's report may since have been rewritten by other tests)."""
+    return comparable(json.loads(json.dumps(tiny_run[2])))
+
+
 # ----------------------------------------------------------------------------- settings and data, checked first
 
 

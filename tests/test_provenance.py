@@ -48,6 +48,7 @@ def test_config_records_what_the_run_was_made_with(cheap):
     assert not {"pytest", "ruff", "transformers", "ray"} & set(made["packages"])  # extras are not runtime
     assert made["machine"]["threads"] == torch.get_num_threads() and made["machine"]["cpu"]
     assert made["machine"]["gpu"] is None  # a CPU profile
+    assert made["executor"]["kind"] == "local"  # every setting given: no calibration, so "auto" is local
     assert set(made["code"]) in ({"commit", "dirty"}, {"version"})
     assert json.loads((run_dir / "provenance.json").read_text()) == [made]
 

@@ -20,11 +20,12 @@ trained one at a time (train) vs together (train_many, 8 rows per pass), with th
 together in bf16 where the CPU has it; each with its model FLOPs utilisation (tools/model_flops.py).
 
 With --stage3 RUN_DIR (a finished `make reproduce` directory), stage 3 of the pipeline itself: every method for
-the first --users test users on that run's bank and stage-1/2 artifacts, three ways, each in a fresh process
-(so each peak RSS is its own): one user at a time in fp32 (`group_size=1`, the reference), in groups in fp32, and
-in groups in bf16 where the CPU has it natively; users per minute, the speed-up of each lever, and the share of
-(user, method) outputs identical to the reference. The group size and rows per pass of the groups are the
-run's own (its config.json, as the calibration chose them).
+the first --users test users on that run's bank and stage-1/2 artifacts, four ways, each in a fresh process
+(so each peak RSS is its own): one user at a time in fp32 (`group_size=1`, the reference), in groups in fp32, in
+groups in bf16 where the CPU has it natively, and those bf16 groups over 2 one-thread worker processes
+(`--executor processes`); users per minute, the speed-up of each lever, and the share of (user, method) outputs
+identical to the reference. The group size and rows per pass of the groups are the run's own (its config.json,
+as the calibration chose them); the peak RSS is the driver's.
 """
 from __future__ import annotations
 
@@ -268,8 +269,9 @@ def bank_against_loop(model, config: LoRAConfig, seq: int, anchors: int = 8) -> 
               f"{mfu(together, bf16):.0%}; largest relative loss difference from one at a time {worst:.1e}")
 
 
-# (name, group size (None: the run's own), bf16)
-STAGE3_WAYS = (("one at a time, fp32", 1, False), ("groups, fp32", None, False), ("groups, bf16", None, True))
+# (name, group size (None: the run's own), bf16, worker processes (0: this process))
+STAGE3_WAYS = (("one at a time, fp32", 1, False, 0), ("groups, fp32", None, False, 0), ("groups, bf16", None, True, 0),
+               ("groups, bf16, 2 workers", None, True, 2))
 
 
 def stage3_way(run_dir: Path, users: int, group_size: int | None, bf16: bool | None,
@@ -312,10 +314,14 @@ def stage3_in_fresh_process(run_dir: Path, users: int, group_size: int | None, b
 
 
 def stage3_against_one_at_a_time(run_dir: Path, users: int) -> None:
+    from mta.run.executor import Executor
+
     ways = [w for w in STAGE3_WAYS if not w[2] or bf16_supported("cpu")]
     results = {}
-    for name, group_size, bf16 in ways:
-        results[name] = stage3_in_fresh_process(run_dir, users, group_size, bf16)
+    for name, group_size, bf16, workers in ways:
+        executor = Executor("processes", workers=workers, threads=max(1, torch.get_num_threads() // workers)) \
+            if workers else None
+        results[name] = stage3_in_fresh_process(run_dir, users, group_size, bf16, executor)
         print(f"  {name}: {results[name][0]:.0f} s", flush=True)
     ref_s, _, ref = results[STAGE3_WAYS[0][0]]
     methods = sorted({m for _, m in ref})

@@ -163,12 +163,11 @@ def collect(run: Run, engine: Engine, methods: Sequence[str]) -> dict:
     p = run.profile
     timings = read_json(run.dir.timings)
     anchors = [a["user_id"] for a in read_json(run.dir.anchors)["anchors"]]
-    bank = {}
+    bank, bank_train = {}, 0.0
     for a in anchors:
         log = read_json(run.dir.adapter(a) / "train_log.json")
         bank[a] = train_summary(log["losses"], log["tokens"], log["seconds"])
-    # a group of anchors trains together and each of its logs holds the group's seconds: count each group once
-    bank_train = sum(bank[anchors[i]]["seconds"] for i in range(0, len(anchors), p.group_size))
+        bank_train += log["seconds"] / log.get("group", 1)  # a group's log holds the group's seconds: once a group
     users: dict[str, dict] = {m: {} for m in methods}
     for u in run.test_users:
         for m in methods:
@@ -507,6 +506,9 @@ def run_mfu(run_dir: Path) -> dict:
               seed=config["seed"], progress=False)
     if run.dir.root.resolve() != run_dir.resolve():
         raise SystemExit(f"--mfu: {run_dir} is not a run directory (<runs>/<task>/<profile>-seed<seed>)")
+    executor = read_json(run.dir.provenance)[-1].get("executor", {})
+    if executor.get("kind") in ("processes", "ray"):  # each job had one worker's threads: the peak is theirs
+        torch.set_num_threads(executor["threads"])
     side = collect(run, Engine(p, run.task_spec, *load_llm(p.llm, dtype=p.torch_dtype)), run.methods)
     peak = peak_gemm_flops(torch.bfloat16 if p.bf16 else torch.float32)
     out = {"cpu": cpu_name(), "torch": torch.__version__, "threads": torch.get_num_threads(), "run_dir": str(run_dir),

@@ -35,7 +35,7 @@ from mta.peft.lora import LoRALinear, inject_lora, lora_layers
 from mta.peft.multi_lora import stack_many
 from mta.precision import autocast
 from mta.seeding import derive_seed, seeded_subset
-from mta.stages.bank import train_adapter
+from mta.stages.bank import train_adapters
 from mta.stages.engine import Engine, fold_population, summarize
 from mta.stages.procedure import Procedure, RunContext, train_population_lora
 from mta.stamps import current, load_tensors, save_sealed_tensors, stale
@@ -244,16 +244,17 @@ def build(run: RunContext) -> None:
     by_id = {u.user_id: u for u in run.candidates}
     engine = run.engine
     log(f"stage 1c: Per-Pcs sharer LoRAs and gates for {len(todo)} of {len(anchors)} sharers")
-    for a in tqdm(todo, desc="sharers", disable=not run.progress):
-        seed = derive_seed(run.seed, "perpcs", a)
-        examples = engine.examples(by_id[a].history, seed, limit=p.perpcs_sharer_items)
-        if stale(sharer_path(run, a), made_from(f"{SHARER} {a}")) is not None:
-            train_adapter(engine, sharer_path(run, a), examples, p.perpcs_sharer, seed, on=[task], probe=True,
-                          made_from=made_from(f"{SHARER} {a}"))
-        gates, gate_log = train_gates(engine, task, load_adapter(sharer_path(run, a)), examples, seed)
+    seeds = {a: derive_seed(run.seed, "perpcs", a) for a in todo}
+    examples = {a: engine.examples(by_id[a].history, seeds[a], limit=p.perpcs_sharer_items) for a in todo}
+    fresh = [a for a in todo if stale(sharer_path(run, a), made_from(f"{SHARER} {a}")) is not None]
+    for group in (fresh[i: i + p.group_size] for i in range(0, len(fresh), p.group_size)):  # together, as the bank
+        train_adapters(engine, [sharer_path(run, a) for a in group], [examples[a] for a in group], p.perpcs_sharer,
+                       [seeds[a] for a in group], [made_from(f"{SHARER} {a}") for a in group], on=[task], probe=True)
+    for a in tqdm(todo, desc="gates", disable=not run.progress):
+        gates, gate_log = train_gates(engine, task, load_adapter(sharer_path(run, a)), examples[a], seeds[a])
         with atomic_path(gates_path(run, a)) as tmp:
             save_sealed_tensors(tmp, gates, made_from(f"{GATES} {a}"), metadata={
-                "train_log": json.dumps({"examples": len(examples), **summarize(gate_log)})})
+                "train_log": json.dumps({"examples": len(examples[a]), **summarize(gate_log)})})
 
 
 def load(run: RunContext) -> Artifacts | None:

@@ -10,9 +10,13 @@ What is timed, each workload the same for every candidate (synthetic token ids, 
                  faster (fp32 is the more exact)
   rows_per_pass  one training step of 8 users (16 rows) in the chosen precision, `ROWS` rows per forward
   group_size     a greedy decode of `DECODE_TOKENS` tokens for `GROUPS` users with per-row adapters, seconds per user
+  executor       the rows_per_pass step with every thread in one process, against the same step run at the same
+                 time in `WORKERS` spawned processes with the threads divided among them; worker processes (the
+                 `processes` executor) only if their joint throughput is at least `SPLIT_GAIN` higher
 
 Rows per pass and group size take the smallest candidate within `TIE` of the fastest (less memory). On a device
-other than the CPU, `bf16 = "auto"` follows the device's native support and the other two are numbers (`Profile`).
+other than the CPU, `bf16 = "auto"` follows the device's native support and the other two are numbers (`Profile`),
+and an "auto" executor is `local`.
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import multiprocessing
 import os
 import platform
+import queue
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,9 +37,11 @@ import torch
 from mta.data.lamp import TaskSpec
 from mta.files import read_json, write_json
 from mta.log import log
+from mta.models.checkpoint import load_llm
 from mta.peft.multi_lora import generate_many, stack_many
 from mta.precision import bf16_supported
 from mta.profiles import MEASURED, Profile
+from mta.run.executor import Executor
 from mta.stages.engine import Engine, Examples
 
 TOKENS = 96  # tokens per training row: 80 of prompt, 16 of target
@@ -43,6 +51,9 @@ DECODE_TOKENS = 8
 REPEATS = 2  # timed runs of each workload after its warm-up; the least counts
 BF16_GAIN = 0.10
 TIE = 0.10
+WORKERS = 2  # the split candidate: this many worker processes, the threads divided among them
+SPLIT_GAIN = 0.10
+SPLIT_TIMEOUT_S = 600
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
@@ -84,15 +95,20 @@ def settle(profile: Profile, task: TaskSpec, llm: Callable[[], tuple]) -> tuple[
             record = read_json(path)
         except (OSError, ValueError) as e:
             log(f"calibration cache {path} unreadable ({e}); measuring again")
-        if record is not None and (record.get("key") != key or not set(MEASURED) <= set(record.get("chosen", {}))):
+        if record is not None and (record.get("key") != key
+                                   or not {*MEASURED, "executor"} <= set(record.get("chosen", {}))):
             record = None
     if record is None:
         tic, busy = time.perf_counter(), os.getloadavg()[0]
-        log(f"calibrating {', '.join(fields)} on this machine (once; cached in {path})")
+        log(f"calibrating {', '.join(fields)} and the executor on this machine (once; cached in {path})")
         model, tok = llm()
         with torch.random.fork_rng(devices=[]):  # the run's own random state is left as it was
             times = measure(Engine(profile.replace(bf16=False, group_size=1, rows_per_pass=None), task, model, tok))
-        record = {"key": key, "measured": times, "chosen": choose(times), "load_average": busy,
+            chosen = choose(times)
+            times["executor"] = {"one process": times["rows_per_pass"][chosen["rows_per_pass"]],
+                                 **split_step(profile, task, chosen["bf16"], chosen["rows_per_pass"])}
+        record = {"key": key, "measured": times, "chosen": {**chosen, "executor": chosen_split(times["executor"])},
+                  "load_average": busy,
                   "seconds": round(time.perf_counter() - tic, 1)}
         write_json(path, record)
         log(f"calibration: {record['chosen']} in {record['seconds']} s")
@@ -101,6 +117,67 @@ def settle(profile: Profile, task: TaskSpec, llm: Callable[[], tuple]) -> tuple[
                 f"cores, so the choice may not hold on a machine of its own (delete {path} to measure again)")
     chosen = {f: record["chosen"][f] for f in fields}
     return profile.replace(**chosen), {**record, "cache": str(path), "fields": fields}
+
+
+def llm_of(profile: Profile) -> tuple:
+    """(model, tokenizer) of the profile's LLM."""
+    return load_llm(profile.llm, dtype=profile.torch_dtype, device=profile.device, quant=profile.base_quant)
+
+
+def executor_of(record: dict | None, given: Executor) -> Executor:
+    """`given`, its kind "auto" settled by a calibration `record` (None: `local`)."""
+    if given.kind != "auto":
+        return given
+    split = (record or {}).get("chosen", {}).get("executor")
+    if not split:
+        return dataclasses.replace(given, kind="local")
+    return dataclasses.replace(given, kind="processes", workers=split["workers"], threads=split["threads"])
+
+
+def split_gain(seconds: dict) -> float | None:
+    """Steps per second of `WORKERS` processes timed on the same step at the same time, over one process with every
+    thread (None: not measured)."""
+    return seconds["workers"] * seconds["one process"] / seconds["split"] if "workers" in seconds else None
+
+
+def chosen_split(seconds: dict) -> dict | None:
+    """{"workers", "threads"} when the split's throughput was at least `SPLIT_GAIN` higher; else None (`local`)."""
+    gain = split_gain(seconds)
+    return {"workers": seconds["workers"], "threads": seconds["threads"]} if gain and gain >= 1 + SPLIT_GAIN else None
+
+
+def split_step(profile: Profile, task: TaskSpec, bf16: bool, rows_per_pass: int) -> dict:
+    """The rows_per_pass workload's seconds in `WORKERS` spawned processes at once, the threads divided among them:
+    {"workers", "threads", "split": the slowest process's seconds}; {} with fewer threads than workers."""
+    threads = torch.get_num_threads() // WORKERS
+    if threads < 1:
+        return {}
+    ctx = multiprocessing.get_context("spawn")
+    start, results = ctx.Barrier(WORKERS), ctx.Queue()
+    procs = [ctx.Process(target=_split_worker, args=(profile, task, bf16, rows_per_pass, threads, start, results),
+                         daemon=True) for _ in range(WORKERS)]
+    for proc in procs:
+        proc.start()
+    try:
+        seconds = [results.get(timeout=SPLIT_TIMEOUT_S) for _ in procs]
+    except queue.Empty:
+        raise RuntimeError(f"calibration: the {WORKERS} timing processes gave no result in {SPLIT_TIMEOUT_S} s "
+                           f"(exit codes {[p.exitcode for p in procs]})") from None
+    finally:
+        for proc in procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+    return {"workers": WORKERS, "threads": threads, "split": max(seconds)}
+
+
+def _split_worker(profile: Profile, task: TaskSpec, bf16: bool, rows_per_pass: int, threads: int, start, results
+                  ) -> None:
+    torch.set_num_threads(threads)
+    model, tok = llm_of(profile)
+    engine = Engine(profile.replace(bf16=False, group_size=1, rows_per_pass=None), task, model, tok)
+    start.wait()
+    results.put(train_step(engine, bf16, 8, rows_per_pass))
 
 
 def choose(times: dict) -> dict:

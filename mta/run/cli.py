@@ -33,10 +33,12 @@ def parser(description: str, prog: str | None = None) -> argparse.ArgumentParser
                          f"them (default: {','.join(methods.DEFAULT)})")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a profile field, e.g. --set stack.lr=3e-4 --set n_anchors=8")
-    ap.add_argument("--executor", default="local", choices=EXECUTORS,
-                    help="where stage 1b's and stage 3's groups run: here, or on Ray ($RAY_ADDRESS joins a cluster; "
-                         "without it a local one is started and stopped)")
-    ap.add_argument("--workers", type=int, default=2, help="Ray workers (each loads the model once)")
+    ap.add_argument("--executor", default="auto", choices=EXECUTORS,
+                    help="where stage 1b's and stage 3's groups run: in this process, in worker processes here, or on "
+                         "Ray ($RAY_ADDRESS joins a cluster; without it a local one is started and stopped); auto: "
+                         "this process or worker processes, whichever the machine's calibration measured faster")
+    ap.add_argument("--workers", type=int, default=2, help="worker processes or Ray workers (each loads the model "
+                                                           "once)")
     ap.add_argument("--worker-threads", type=int, default=1, help="torch threads (and Ray CPUs) per CPU worker")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--report-to", default="none", choices=REPORT_TO,

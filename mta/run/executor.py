@@ -1,33 +1,43 @@
-"""Where the independent groups of a stage run: in this process (`local`), or on Ray (`ray`).
+"""Where the independent groups of a stage run: in this process (`local`), in worker processes on this machine
+(`processes`), or on Ray (`ray`).
 
 A job is one group of stage 1b (anchors trained together) or of stage 3 (users of one unit of methods),
 and `work(run, job, cache)` runs it and writes its artifacts atomically into the run directory, as a
-local run does. On Ray each worker is an actor that holds one copy of the run (so the base model, the
-bank and the baselines load once per worker, in `cache`) and runs the jobs the driver hands it, one at a
-time. Workers write into the run directory themselves, which must therefore be on storage every worker
-sees (a local disk on one node, a shared file system on a cluster): an adapter is tens of MiB, and the
-atomic rename makes a half-written artifact impossible from any writer. The driver keeps the progress
+local run does. A `processes` worker is a spawned process with `threads` torch threads that loads the run once
+and runs the jobs the driver sends it, one at a time; on a small CPU, two one-thread workers keep both cores
+busier than one two-thread process (`mta.run.calibrate` measures which is faster). On Ray each worker is an
+actor that holds one copy of the run (so the base model, the bank and the baselines load once per worker, in
+`cache`) and runs the jobs the driver hands it, one at a time. Workers write into the run directory
+themselves, which must therefore be on storage every worker sees (a local disk on one node, a shared file
+system on a cluster): an adapter is tens of MiB, and the atomic rename makes a half-written artifact
+impossible from any writer. The driver keeps the progress
 bar, retries a job whose worker died on a fresh worker up to `retries` times, and then records the job
-as failed while the rest of the run goes on. A local run also shows, as the bar's postfix, the training step in
-progress within a job (`mta.log.status`), and logs one line per finished job with its last status (its training's
-steps per second and first and last loss).
+as failed while the rest of the run goes on. A local or `processes` run also shows, as the bar's postfix, the
+training step in progress within each running job (`mta.log.status`), and logs one line per finished job with its
+last status (its training's steps per second and first and last loss).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
+import math
+import multiprocessing
 import os
+import pickle
 import socket
 import time
 import urllib.parse
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
 
 from tqdm.auto import tqdm
 
-from mta.log import log, on_status
+from mta.log import log, log_to, on_report, on_status, report_steps
 
-EXECUTORS = ("local", "ray")
+EXECUTORS = ("auto", "local", "processes", "ray")
 # Fault injection for the tests: a worker exits abruptly on the first attempt at the job with this name.
 CRASH_ENV = "MTA_TEST_CRASH_WORKER_ON"
 IN_FLIGHT = 2  # jobs handed to one worker at a time
@@ -37,8 +47,8 @@ IDS = {"bank": "anchor", "stage3": "user"}  # what a job's ids are, by its kind
 
 @dataclass(frozen=True)
 class Executor:
-    kind: str = "local"
-    workers: int = 2  # Ray actors
+    kind: str = "local"  # "auto": `local` or `processes`, as the run's calibration measured (mta.run.calibrate)
+    workers: int = 2  # worker processes or Ray actors
     threads: int = 1  # torch threads per worker on a CPU (each asks Ray for this many CPUs)
     retries: int = 2  # fresh workers a job gets after its worker died
 
@@ -48,6 +58,10 @@ class Executor:
         if self.workers < 1 or self.threads < 1 or self.retries < 0:
             raise ValueError(f"executor: workers and threads must be at least 1 and retries at least 0; "
                              f"got {self.workers}, {self.threads}, {self.retries}")
+
+    def group_size(self, n: int, size: int) -> int:
+        """Items per job for `n` items in groups of at most `size`: smaller where that gives every worker a job."""
+        return size if self.kind == "local" else max(1, min(size, math.ceil(n / self.workers)))
 
 
 @dataclass(frozen=True)
@@ -70,11 +84,18 @@ def run_jobs(run, jobs: Sequence[Job], work: Work, desc: str) -> dict[Job, str]:
             for k, job in enumerate(jobs, 1):
                 done = watched(run, job, work, cache, bar.set_postfix_str)
                 bar.update(job.size)
-                what = f"{len(job.ids)} {IDS[job.kind]}{'s' * (len(job.ids) > 1)}" \
-                    + (f": {'+'.join(job.methods)}" if job.methods else "")
-                log(f"{desc}: group {k}/{len(jobs)} ({what}) {done}")
+                log(f"{desc}: group {k}/{len(jobs)} ({described(job)}) {done}")
             return {}
-        return _on_ray(run, jobs, work, bar)
+        if run.executor.kind == "processes":
+            return _in_processes(run, jobs, work, bar, desc)
+        if run.executor.kind == "ray":
+            return _on_ray(run, jobs, work, bar)
+        raise RuntimeError(f"executor {run.executor.kind!r}: settle it first (Run.settle)")
+
+
+def described(job: Job) -> str:
+    return f"{len(job.ids)} {IDS[job.kind]}{'s' * (len(job.ids) > 1)}" + (f": {'+'.join(job.methods)}" if job.methods
+                                                                          else "")
 
 
 def watched(run, job: Job, work: Work, cache: dict, show: Callable[[str], None]) -> str:
@@ -90,6 +111,103 @@ def watched(run, job: Job, work: Work, cache: dict, show: Callable[[str], None])
     with on_status(keep):
         work(run, job, cache)
     return "; ".join([f"done in {time.perf_counter() - tic:.0f} s", *last.values()])
+
+
+def _serve(run, threads: int, work: Work, jobs: Sequence[Job], conn: Connection) -> None:
+    """A `processes` worker: run the jobs whose index the driver sends (None: stop), sending back each job's
+    statuses and training series (`mta.log`), then ("done", summary) or ("error", exception)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    cache: dict = {}
+    with log_to(run.dir.root / "run.log"), on_report(lambda tag, series: conn.send(("report", i, (tag, series)))):
+        while (task := conn.recv()) is not None:
+            i, attempt = task
+            if attempt == 0 and os.environ.get(CRASH_ENV) == jobs[i].name:
+                os._exit(1)
+            try:
+                summary = watched(run, jobs[i], work, cache, lambda text, i=i: conn.send(("status", i, text)))
+            except Exception as e:
+                conn.send(("error", i, e if _picklable(e) else RuntimeError(f"{type(e).__name__}: {e}")))
+                return
+            conn.send(("done", i, summary))
+
+
+def _picklable(e: Exception) -> bool:
+    try:
+        pickle.loads(pickle.dumps(e))
+        return True
+    except Exception:
+        return False
+
+
+def _in_processes(run, jobs: Sequence[Job], work: Work, bar, desc: str) -> dict[Job, str]:
+    """`jobs` over `run.executor.workers` spawned worker processes, each fed one job at a time; a job whose worker
+    died goes to a fresh one, up to `retries` times."""
+    ex, ctx = run.executor, multiprocessing.get_context("spawn")
+    spec = dataclasses.replace(run)  # a fresh copy: no loaded model travels to the workers
+    queue = deque((i, 0) for i in range(len(jobs)))  # (job index, attempt)
+    workers: dict[Connection, list] = {}  # the driver's end -> [process, (job index, attempt) running or None]
+    statuses: dict[int, str] = {}  # job index -> its latest status
+    failed: dict[Job, str] = {}
+    finished = 0
+
+    def feed(conn: Connection) -> None:  # the next job, or stop (a job retried later gets a fresh worker)
+        workers[conn][1] = queue.popleft() if queue else None
+        conn.send(workers[conn][1])
+
+    def start() -> None:
+        ours, theirs = ctx.Pipe()
+        process = ctx.Process(target=_serve, args=(spec, ex.threads, work, jobs, theirs), daemon=True)
+        process.start()
+        theirs.close()
+        workers[ours] = [process, None]
+        feed(ours)
+
+    for _ in range(min(ex.workers, len(jobs))):
+        start()
+    try:
+        while any(task is not None for _, task in workers.values()):
+            for conn in wait([c for c, (_, task) in workers.items() if task is not None]):
+                try:
+                    kind, i, payload = conn.recv()
+                except EOFError:  # the worker died
+                    process, (i, attempt) = workers.pop(conn)
+                    process.join()
+                    statuses.pop(i, None)
+                    if attempt < ex.retries:
+                        log(f"{jobs[i].name}: its worker died (exit code {process.exitcode}); retry {attempt + 1} "
+                            f"of {ex.retries}")
+                        queue.append((i, attempt + 1))
+                        start()
+                    else:
+                        failed[jobs[i]] = f"worker died {attempt + 1} times (exit code {process.exitcode})"
+                        bar.update(jobs[i].size)
+                    continue
+                if kind == "status":
+                    statuses[i] = payload
+                    bar.set_postfix_str(" | ".join(statuses.values()))
+                    continue
+                if kind == "report":
+                    report_steps(payload[0], **payload[1])
+                    continue
+                if kind == "error":
+                    raise payload
+                statuses.pop(i, None)
+                finished += 1
+                bar.update(jobs[i].size)
+                log(f"{desc}: group {finished}/{len(jobs)} ({described(jobs[i])}) {payload}")
+                feed(conn)
+        return failed
+    finally:
+        for conn, (process, task) in workers.items():
+            if task is not None and process.is_alive():
+                with contextlib.suppress(OSError):
+                    conn.send(None)
+            process.join(timeout=5)
+            if process.is_alive():
+                process.kill()
+                process.join()
 
 
 class Worker:

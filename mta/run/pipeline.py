@@ -32,13 +32,12 @@ from mta.eval import multiseed, report
 from mta.files import atomic_path, read_json, sha256_file, write_json, write_npy
 from mta.log import log, report_steps
 from mta.methods import DEFAULT, get, units
-from mta.models.checkpoint import load_llm
 from mta.models.encoders import Encoder, load_encoder
 from mta.peft.adapter import load_adapter
 from mta.precision import check_bf16
 from mta.profiles import Profile, profile_from_dict
 from mta.run import inputs
-from mta.run.calibrate import settle
+from mta.run.calibrate import executor_of, llm_of, settle
 from mta.run.executor import Executor, Job, run_jobs
 from mta.run.preflight import preflight
 from mta.run.provenance import provenance
@@ -138,7 +137,7 @@ class Run:
         """(model, tokenizer) of the profile's LLM, loaded once."""
         p = self.profile
         log(f"loading {p.llm} ({p.dtype}, {p.device})")
-        return load_llm(p.llm, dtype=p.torch_dtype, device=p.device, quant=p.base_quant)
+        return llm_of(p)
 
     @cached_property
     def engine(self) -> Engine:
@@ -158,6 +157,15 @@ class Run:
                                  f"--runs folder") from None
         if self.profile.unsettled:
             self.profile, self.calibration = settle(self.profile, self.task_spec, lambda: self.llm)
+        if self.executor.kind == "auto":
+            self.executor = executor_of(self.calibration_record, self.executor)
+
+    @property
+    def calibration_record(self) -> dict | None:
+        """How the run's "auto" settings were chosen: this command's calibration, or the one config.json records."""
+        if self.calibration is not None or not self.dir.config.exists():
+            return self.calibration
+        return read_json(self.dir.config).get("calibration")
 
     def check_inputs(self) -> None:
         """Check everything before anything is written: the device, the models and the Ray cluster
@@ -192,7 +200,8 @@ class Run:
         config = self.config_record()
         if self.calibration is not None:
             config["calibration"] = self.calibration
-        made_with = provenance(self.profile.device, {str(self.data_files[r]): h for r, h in self.data_sha256.items()})
+        made_with = provenance(self.profile.device, {str(self.data_files[r]): h for r, h in self.data_sha256.items()},
+                               {k: getattr(self.executor, k) for k in ("kind", "workers", "threads")})
         if self.dir.config.exists():
             check_config(self.dir.config, config, self.profile)
         else:
@@ -255,7 +264,7 @@ def stage1_bank(run: Run) -> None:
     if not todo:
         return
     p = run.profile
-    size = p.group_size
+    size = run.executor.group_size(len(todo), p.group_size)
     log(f"stage 1b: training {len(todo)} of {len(anchors)} meta-LoRAs (rank {p.bank.rank}, {p.bank.epochs} epochs, "
         f"at most {p.max_items_per_anchor or 'all'} items each), {size} at a time, "
         f"{run.executor.kind} executor")
@@ -438,7 +447,7 @@ def stage3_run(run: Run) -> None:
     if not todo:
         return
     p = run.profile
-    size = p.group_size
+    size = run.executor.group_size(len(todo), p.group_size)
     log(f"stage 3: {sum(map(len, todo.values()))} (user, method) units to run for {len(todo)} users, {size} at a "
         f"time, {run.executor.kind} executor")
     by_unit: dict[tuple[str, ...], list[str]] = {}
@@ -462,7 +471,7 @@ def stage3_group(run: Run, user_ids: Sequence[str], unit: Sequence, cache: dict)
     unit of the group, then raised."""
     by_id = {u.user_id: u for u in run.test_users}
     try:
-        if "bank" not in cache:  # once per process: the driver's, or a Ray worker's
+        if "bank" not in cache:  # once per process: the driver's, or a worker's
             cache["matches"] = current_matches(run, stored_matches(run))
             cache["bank"], _ = load_bank(run)
             cache["bank"].update(load_population_loras(run, [get(m) for m in run.methods]))  # `method_setup`: both
@@ -488,7 +497,7 @@ def stage3_group(run: Run, user_ids: Sequence[str], unit: Sequence, cache: dict)
 
 
 def run_job(run: Run, job: Job, cache: dict) -> None:
-    """One job of `mta.run.executor`, in the driver or in a Ray worker."""
+    """One job of `mta.run.executor`, in the driver or in a worker (a process or a Ray actor)."""
     if job.kind == "bank":
         bank_group(run, job.ids)
     else:

@@ -29,6 +29,7 @@ from mta.models.checkpoint import MODELS, load_llm
 from mta.models.encoders import REGISTRY, load_encoder, user_item_embeddings
 from mta.profiles import CPU, LoRASpec, resolve_profile
 from mta.run import cli, download
+from mta.run.calibrate import split_gain
 from mta.run.pipeline import Run
 from mta.run.preflight import PreflightError, check_device
 from mta.seeding import derive_seed, seeded_subset
@@ -317,6 +318,22 @@ def calibrate_llm(run: Run, engine: Engine, anchors: Sequence[User]) -> dict:
                       f"{CALIBRATION_STEPS['one']} of one LoRA, one decode of {len(prompts)} prompts"}
 
 
+def in_workers(run: Run, notes: list[str]) -> float:
+    """How much faster stages 1b and 3 run than the rates measured in this process: the calibration's measured gain
+    when they run in worker processes (`mta.run.calibrate.split_gain`), else 1."""
+    ex = run.executor
+    if ex.kind != "processes":
+        return 1.0
+    gain = split_gain(((run.calibration_record or {}).get("measured") or {}).get("executor", {}))
+    if gain is None:
+        notes.append(f"stages 1b and 3 run in {ex.workers} worker processes; no calibration measured their gain, so "
+                     f"their times are counted as in one process")
+        return 1.0
+    notes.append(f"stages 1b and 3 run in {ex.workers} worker processes of {ex.threads} thread(s), measured "
+                 f"{gain:.2f}x the steps per second of one process; peak memory is per worker")
+    return gain
+
+
 def why_profile(asked: str) -> str:
     if asked == "auto":
         cuda = torch.cuda.is_available()
@@ -365,11 +382,12 @@ def make_plan(run: Run, asked: str = "auto", notes: Sequence[str] = ()) -> dict:
     else:
         rates = ASSUMED_H100
     peak = {"stage1a_select": "encoder", "stage2_match_anchors": "encoder"}
+    gain = in_workers(run, notes)
     for name, work in stages.items():
-        work["seconds"] = round(seconds(work, rates), 1)
+        work["seconds"] = round(seconds(work, rates) / (gain if name in ("stage1b_bank", "stage3") else 1), 1)
         work["peak_gib"] = round(rates.peak_gib[peak.get(name, "llm")], 2)
     for work in methods.values():
-        work["seconds"] = round(seconds(work, rates), 1)
+        work["seconds"] = round(seconds(work, rates) / gain, 1)
     total = sum(w["seconds"] for w in stages.values())
     plan = {"task": run.task_spec.name, "profile": p.name, "device": p.device, "why": why_profile(asked),
             "seed": run.seed, "methods": list(run.methods), "counts": counts, "stages": stages,

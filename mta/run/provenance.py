@@ -18,12 +18,13 @@ PACKAGE = "mta"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
-def provenance(device: str, data: dict[str, str]) -> dict:
+def provenance(device: str, data: dict[str, str], executor: dict) -> dict:
     """One command's record: when it started, the code, the packages, the machine it ran on (the GPU only
-    when `device` is a CUDA device) and the data files it read, `{path: sha256}`."""
+    when `device` is a CUDA device), where its groups ran (`mta.run.executor.Executor`: kind, workers, threads)
+    and the data files it read, `{path: sha256}`."""
     return {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "code": code_version(),
             "python": platform.python_version(), "packages": package_versions(),
-            "machine": machine(device), "data": data}
+            "machine": machine(device), "executor": executor, "data": data}
 
 
 def code_version() -> dict:
