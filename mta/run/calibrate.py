@@ -103,11 +103,11 @@ def settle(profile: Profile, task: TaskSpec, llm: Callable[[], tuple]) -> tuple[
         log(f"calibrating {', '.join(fields)} and the executor on this machine (once; cached in {path})")
         model, tok = llm()
         with torch.random.fork_rng(devices=[]):  # the run's own random state is left as it was
-            times = measure(Engine(profile.replace(bf16=False, group_size=1, rows_per_pass=None), task, model, tok))
-            chosen = choose(times)
-            times["executor"] = {"one process": times["rows_per_pass"][chosen["rows_per_pass"]],
-                                 **split_step(profile, task, chosen["bf16"], chosen["rows_per_pass"])}
-        record = {"key": key, "measured": times, "chosen": {**chosen, "executor": chosen_split(times["executor"])},
+            times = measure(timing_engine(profile, task, model, tok))
+            settings = choose(times)
+            times["executor"] = {"one process": times["rows_per_pass"][settings["rows_per_pass"]],
+                                 **split_step(profile, task, settings["bf16"], settings["rows_per_pass"])}
+        record = {"key": key, "measured": times, "chosen": {**settings, "executor": chosen_split(times["executor"])},
                   "load_average": busy,
                   "seconds": round(time.perf_counter() - tic, 1)}
         write_json(path, record)
@@ -117,6 +117,11 @@ def settle(profile: Profile, task: TaskSpec, llm: Callable[[], tuple]) -> tuple[
                 f"cores, so the choice may not hold on a machine of its own (delete {path} to measure again)")
     chosen = {f: record["chosen"][f] for f in fields}
     return profile.replace(**chosen), {**record, "cache": str(path), "fields": fields}
+
+
+def timing_engine(profile: Profile, task: TaskSpec, model, tok) -> Engine:
+    """An engine for the workloads: each sets its own precision and rows per pass (`train_step`, `decode`)."""
+    return Engine(profile.replace(bf16=False, group_size=1, rows_per_pass=None), task, model, tok)
 
 
 def llm_of(profile: Profile) -> tuple:
@@ -174,8 +179,7 @@ def split_step(profile: Profile, task: TaskSpec, bf16: bool, rows_per_pass: int)
 def _split_worker(profile: Profile, task: TaskSpec, bf16: bool, rows_per_pass: int, threads: int, start, results
                   ) -> None:
     torch.set_num_threads(threads)
-    model, tok = llm_of(profile)
-    engine = Engine(profile.replace(bf16=False, group_size=1, rows_per_pass=None), task, model, tok)
+    engine = timing_engine(profile, task, *llm_of(profile))
     start.wait()
     results.put(train_step(engine, bf16, 8, rows_per_pass))
 

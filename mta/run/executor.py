@@ -120,7 +120,7 @@ def _serve(run, threads: int, work: Work, jobs: Sequence[Job], conn: Connection)
 
     torch.set_num_threads(threads)
     cache: dict = {}
-    with log_to(run.dir.root / "run.log"), on_report(lambda tag, series: conn.send(("report", i, (tag, series)))):
+    with log_to(run.dir.root / "run.log"), on_report(lambda tag, series: conn.send(("report", None, (tag, series)))):
         while (task := conn.recv()) is not None:
             i, attempt = task
             if attempt == 0 and os.environ.get(CRASH_ENV) == jobs[i].name:
