@@ -59,6 +59,17 @@ def test_the_plan_counts_what_the_run_then_does(tiny_run, tiny_plan):
     assert plan["rates"]["source"].startswith("measured here") and "gpu_hours" not in plan
 
 
+def test_with_workers_the_plan_counts_stage_1c_in_the_bank_s_pool(tiny_run, tiny_plan, tmp_path):
+    """Worker processes take stage 1c's parts beside the bank's groups (`stage1_bank`): the plan says so, as
+    timings.json will."""
+    plan = run_command("plan", [*elsewhere(tiny_run[1], tmp_path / "runs"), "--executor", "processes"])
+    parts = [k for k in plan["stages"] if k.startswith("stage1c_")]
+    assert parts == [k for k in tiny_plan[1]["stages"] if k.startswith("stage1c_")] and parts
+    assert all(plan["stages"][k]["seconds"] == 0 and plan["stages"][k]["counted_in"] == "stage1b_bank" for k in parts)
+    assert any("stage 1c's parts run beside the bank's groups" in n for n in plan["notes"])
+    assert plan["total_seconds"] == pytest.approx(sum(w["seconds"] for w in plan["stages"].values()), abs=0.5)
+
+
 def test_reproduce_plan_writes_plan_json_only(tiny_run, tmp_path, capsys):
     runs = tmp_path / "runs"
     run_command("reproduce", [*elsewhere(tiny_run[1], runs), "--plan"])

@@ -1,20 +1,20 @@
 """Where the independent groups of a stage run: in this process (`local`), in worker processes on this machine
 (`processes`), or on Ray (`ray`).
 
-A job is one group of stage 1b (anchors trained together) or of stage 3 (users of one unit of methods),
-and `work(run, job, cache)` runs it and writes its artifacts atomically into the run directory, as a
-local run does. A `processes` worker is a spawned process with `threads` torch threads that loads the run once
-and runs the jobs the driver sends it, one at a time; on a small CPU, two one-thread workers keep both cores
-busier than one two-thread process (`mta.run.calibrate` measures which is faster). On Ray each worker is an
+A job is one group of stage 1b (anchors trained together), one part of stage 1c, or one group of stage 3 (users of
+one unit of methods), and `work(run, job, cache)` runs it and writes its artifacts atomically into the run
+directory, as a local run does. A `processes` worker is a spawned process with `threads` torch threads that loads
+the run once and runs the jobs the driver sends it, one at a time; on a small CPU, two one-thread workers keep both
+cores busier than one two-thread process (`mta.run.calibrate` measures which is faster). On Ray each worker is an
 actor that holds one copy of the run (so the base model, the bank and the baselines load once per worker, in
-`cache`) and runs the jobs the driver hands it, one at a time. Workers write into the run directory
-themselves, which must therefore be on storage every worker sees (a local disk on one node, a shared file
-system on a cluster): an adapter is tens of MiB, and the atomic rename makes a half-written artifact
-impossible from any writer. The driver keeps the progress
-bar, retries a job whose worker died on a fresh worker up to `retries` times, and then records the job
-as failed while the rest of the run goes on. A local or `processes` run also shows, as the bar's postfix, the
-training step in progress within each running job (`mta.log.status`), and logs one line per finished job with its
-last status (its training's steps per second and first and last loss).
+`cache`) and runs the jobs the driver hands it, one at a time. Workers write into the run directory themselves,
+which must therefore be on storage every worker sees (a local disk on one node, a shared file system on a cluster):
+an adapter is tens of MiB, and the atomic rename makes a half-written artifact impossible from any writer. The
+driver keeps the progress bar, retries a job whose worker died on a fresh worker up to `retries` times, and then
+records the job as failed while the rest of the run goes on. A local or `processes` run also shows, as the bar's
+postfix, the training step in progress within each running job (`mta.log.status`), and logs one line per finished
+job with its last status (its training's steps per second and first and last loss). Where jobs run side by side,
+stage 1b's pool also takes stage 1c's parts (`mta.run.pipeline.stage1_bank`).
 """
 from __future__ import annotations
 
@@ -59,18 +59,23 @@ class Executor:
             raise ValueError(f"executor: workers and threads must be at least 1 and retries at least 0; "
                              f"got {self.workers}, {self.threads}, {self.retries}")
 
+    @property
+    def side_by_side(self) -> bool:
+        """Whether jobs run at the same time, in workers, rather than one after another in this process."""
+        return self.kind in ("processes", "ray")
+
     def group_size(self, n: int, size: int) -> int:
         """Items per job for `n` items in groups of at most `size`: smaller where that gives every worker a job."""
-        return size if self.kind == "local" else max(1, min(size, math.ceil(n / self.workers)))
+        return max(1, min(size, math.ceil(n / self.workers))) if self.side_by_side else size
 
 
 @dataclass(frozen=True)
 class Job:
-    name: str  # names the job in logs: "bank: a1, a2" or "stage 3, mta: u1, u2"
-    kind: str  # "bank" or "stage3"
-    ids: tuple[str, ...]  # anchor ids or user ids
+    name: str  # names the job in logs: "bank: a1, a2", "stage 1c: perpcs" or "stage 3, mta: u1, u2"
+    kind: str  # "bank", "stage1c" or "stage3"
+    ids: tuple[str, ...]  # anchor ids, the stage-1c part, or user ids
     methods: tuple[str, ...] = ()  # stage 3: the unit of methods
-    size: int = 1  # progress units (anchors, or (user, method) pairs)
+    size: int = 1  # progress units (anchors, a stage-1c part, or (user, method) pairs)
 
 
 Work = Callable[[object, Job, dict], None]
@@ -94,6 +99,8 @@ def run_jobs(run, jobs: Sequence[Job], work: Work, desc: str) -> dict[Job, str]:
 
 
 def described(job: Job) -> str:
+    if job.kind == "stage1c":
+        return f"stage 1c: {job.ids[0]}"
     return f"{len(job.ids)} {IDS[job.kind]}{'s' * (len(job.ids) > 1)}" + (f": {'+'.join(job.methods)}" if job.methods
                                                                           else "")
 
@@ -145,7 +152,7 @@ def _in_processes(run, jobs: Sequence[Job], work: Work, bar, desc: str) -> dict[
     """`jobs` over `run.executor.workers` spawned worker processes, each fed one job at a time; a job whose worker
     died goes to a fresh one, up to `retries` times."""
     ex, ctx = run.executor, multiprocessing.get_context("spawn")
-    spec = dataclasses.replace(run)  # a fresh copy: no loaded model travels to the workers
+    spec = dataclasses.replace(run, progress=False)  # a fresh copy, no model loaded; the driver keeps the bar
     queue = deque((i, 0) for i in range(len(jobs)))  # (job index, attempt)
     workers: dict[Connection, list] = {}  # the driver's end -> [process, (job index, attempt) running or None]
     statuses: dict[int, str] = {}  # job index -> its latest status
@@ -257,7 +264,7 @@ def _on_ray(run, jobs: Sequence[Job], work: Work, bar) -> dict[Job, str]:
                  include_dashboard=False, logging_level="warning", runtime_env={"env_vars": _passed_env()})
     gpus = 1 if run.profile.device.startswith("cuda") else 0
     actor = ray.remote(num_cpus=ex.threads, num_gpus=gpus, max_restarts=0)(Worker)
-    spec = dataclasses.replace(run)  # a fresh copy: no loaded model travels to the workers
+    spec = dataclasses.replace(run, progress=False)  # a fresh copy, no model loaded; the driver keeps the bar
     try:
         # Two jobs in flight per worker: it starts the next as soon as one ends, without waiting for the
         # driver's round trip (a worker still runs its jobs one at a time).

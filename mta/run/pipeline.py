@@ -256,7 +256,10 @@ def stage1_select(run: Run) -> dict:
 
 
 def stage1_bank(run: Run) -> None:
-    """Stage 1b: the meta-LoRA of every anchor that has none made from the run's inputs."""
+    """Stage 1b: the meta-LoRA of every anchor that has none made from the run's inputs. Where the executor runs
+    jobs side by side (worker processes, Ray), stage 1c's parts the run includes (`stage1c_parts`) join the bank's
+    groups as jobs of their own: they need only stage 1a, and fill the worker the bank's last group leaves idle.
+    Stage 1c then finds their artifacts made (their time is counted in stage 1b's)."""
     anchors = stage1_select(run)["anchors"]
     by_id = {u.user_id: u for u in run.candidates}
     todo = [a for a in (a["user_id"] for a in anchors)
@@ -265,12 +268,14 @@ def stage1_bank(run: Run) -> None:
         return
     p = run.profile
     size = run.executor.group_size(len(todo), p.group_size)
+    parts = stage1c_parts(run) if run.executor.side_by_side else []
     log(f"stage 1b: training {len(todo)} of {len(anchors)} meta-LoRAs (rank {p.bank.rank}, {p.bank.epochs} epochs, "
         f"at most {p.max_items_per_anchor or 'all'} items each), {size} at a time, "
-        f"{run.executor.kind} executor")
+        f"{run.executor.kind} executor" + (f"; beside them stage 1c's {', '.join(parts)}" if parts else ""))
     jobs = [Job(f"bank: {', '.join(g)}", "bank", tuple(g), size=len(g))
             for g in (todo[i: i + size] for i in range(0, len(todo), size))]
-    failed = run_jobs(run, jobs, run_job, "bank")
+    jobs += [Job(f"stage 1c: {part}", "stage1c", (part,)) for part in parts]
+    failed = run_jobs(run, jobs, run_job, "bank + stage 1c" if parts else "bank")
     if failed:
         raise RuntimeError(f"stage 1b: {len(failed)} group(s) failed ({'; '.join(failed.values())}); rerun to "
                            f"train them")
@@ -363,9 +368,15 @@ def stage1c_population(run: Run) -> None:
 def stage1c_baselines(run: Run) -> None:
     """The population LoRAs the run's methods fold, and the population-level artifacts of the baselines the run
     includes (`Procedure.build`)."""
-    stage1c_population(run)
-    for name in run.procedures:
-        BASELINES[name].build(run)
+    for part in stage1c_parts(run):
+        STAGE1C[part](run)
+
+
+def stage1c_parts(run: Run) -> list[str]:
+    """The parts of stage 1c (`STAGE1C`) the run includes, each independent of the others: the baselines' first
+    (each trains a population LoRA and more), then the population LoRAs the fuse-then-train methods fold."""
+    folds = any(get(m).population != "none" for m in run.methods)
+    return [*run.procedures, *(["population"] if folds else [])]
 
 
 def load_baselines(run: Run) -> dict[str, Baseline]:
@@ -500,6 +511,8 @@ def run_job(run: Run, job: Job, cache: dict) -> None:
     """One job of `mta.run.executor`, in the driver or in a worker (a process or a Ray actor)."""
     if job.kind == "bank":
         bank_group(run, job.ids)
+    elif job.kind == "stage1c":
+        STAGE1C[job.ids[0]](run)
     else:
         stage3_group(run, job.ids, [get(m) for m in job.methods], cache)
 
@@ -576,9 +589,12 @@ def _if_included(name: str):
     return lambda run: BASELINES[name].build(run) if name in run.procedures else None
 
 
+# The parts of stage 1c, each making its artifacts unless they were made from the run's inputs.
+STAGE1C = {"population": stage1c_population, **{name: _if_included(name) for name in BASELINES}}
+
 # Every stage `reproduce` runs, in order, under the name timings.json keeps its wall time by.
-STAGES = [("stage1a_select", stage1_select), ("stage1b_bank", stage1_bank), ("stage1c_population", stage1c_population),
-          *((f"stage1c_{name}", _if_included(name)) for name in BASELINES),
+STAGES = [("stage1a_select", stage1_select), ("stage1b_bank", stage1_bank),
+          *((f"stage1c_{part}", build) for part, build in STAGE1C.items()),
           ("stage2_match_anchors", stage2_match_anchors), ("stage3", stage3_run)]
 
 

@@ -30,7 +30,7 @@ from mta.models.encoders import REGISTRY, load_encoder, user_item_embeddings
 from mta.profiles import CPU, LoRASpec, resolve_profile
 from mta.run import cli, download
 from mta.run.calibrate import split_gain
-from mta.run.pipeline import Run
+from mta.run.pipeline import Run, stage1c_parts
 from mta.run.preflight import PreflightError, check_device
 from mta.seeding import derive_seed, seeded_subset
 from mta.stages.anchors import candidate_pool, embedded_items
@@ -386,6 +386,13 @@ def make_plan(run: Run, asked: str = "auto", notes: Sequence[str] = ()) -> dict:
     for name, work in stages.items():
         work["seconds"] = round(seconds(work, rates) / (gain if name in ("stage1b_bank", "stage3") else 1), 1)
         work["peak_gib"] = round(rates.peak_gib[peak.get(name, "llm")], 2)
+    if run.executor.side_by_side:  # stage 1c's parts run in stage 1b's workers (`stage1_bank`), counted there
+        bank = stages["stage1b_bank"]
+        for name in (f"stage1c_{part}" for part in stage1c_parts(run)):
+            bank["seconds"] = round(bank["seconds"] + stages[name]["seconds"] / gain, 1)
+            stages[name].update(seconds=0.0, counted_in="stage1b_bank")
+        notes.append("stage 1c's parts run beside the bank's groups in its workers: their time is in stage1b_bank's, "
+                     "as the run's timings.json counts it")
     for work in methods.values():
         work["seconds"] = round(seconds(work, rates) / gain, 1)
     total = sum(w["seconds"] for w in stages.values())
