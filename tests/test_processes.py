@@ -24,7 +24,7 @@ def test_worker_processes_give_the_local_results(tiny_run, tmp_path, capfd):
     assert len(result["users"]) == N_USERS and not any(result["failures"].values())
     out = capfd.readouterr().out
     assert "stage 1b: training" in out and ", processes executor; beside them stage 1c's perpcs, proper" in out
-    assert "bank + stage 1c: group 3/" in out and "(stage 1c: perpcs) done in" in out  # in the bank's workers
+    assert "bank + stage 1c: group 3/" in out and "(perpcs) done in" in out  # in the bank's workers
     assert "stage 3: group 1/" in out  # the driver logs each finished job
     # the workers' training series reach the driver (the bank's, and each trained method's per user)
     assert any(tag.startswith("bank/") for tag in reported)

@@ -100,7 +100,7 @@ def run_jobs(run, jobs: Sequence[Job], work: Work, desc: str) -> dict[Job, str]:
 
 def described(job: Job) -> str:
     if job.kind == "stage1c":
-        return f"stage 1c: {job.ids[0]}"
+        return job.ids[0]
     return f"{len(job.ids)} {IDS[job.kind]}{'s' * (len(job.ids) > 1)}" + (f": {'+'.join(job.methods)}" if job.methods
                                                                           else "")
 
