@@ -1,5 +1,5 @@
 """Per-machine settings by measurement: a profile's `bf16`, `group_size` and `rows_per_pass` set to "auto" are
-chosen at the start of a run from a short calibration of the run's own LLM on this machine (about 40 s for
+chosen at the start of a run from a short calibration of the run's own LLM on this machine (about 50 s for
 SmolLM2 on 2 cores), cached per machine, torch build and model, and recorded in the run's config.json (so a
 resumed run, a Ray worker or a sweep point keeps the choice its run made, whatever the cache holds later).
 
@@ -48,7 +48,7 @@ TOKENS = 96  # tokens per training row: 80 of prompt, 16 of target
 ROWS = (4, 8, 16)
 GROUPS = (4, 8, 16, 32)
 DECODE_TOKENS = 8
-REPEATS = 1  # timed runs of each workload after its warm-up; the least counts
+REPEATS = 2  # timed runs of each workload after its warm-up; the least counts
 BF16_GAIN = 0.10
 TIE = 0.10
 WORKERS = 2  # the split candidate: this many worker processes, the threads divided among them
