@@ -31,6 +31,16 @@ def test_worker_processes_give_the_local_results(tiny_run, tmp_path, capfd):
     assert {f"stage3/mta/{u}" for u in result["users"]} <= set(reported)
 
 
+def test_train_bank_with_workers_trains_the_bank_alone(tiny_run, tmp_path):
+    """Stage 1c joins the bank's workers only where the run goes on to it (`reproduce`, a sweep), not for the
+    `train-bank` command."""
+    _, argv, result = tiny_run
+    main("test", pipeline.stage1_bank, with_runs(argv, tmp_path / "runs") + PROCESSES)
+    run_dir = next((tmp_path / "runs").glob("*/*"))
+    assert len(list(run_dir.glob("bank/*/adapter_model.safetensors"))) == len(result["meta"]["anchors"])
+    assert not any((run_dir / d).exists() for d in ("population", "perpcs", "proper"))
+
+
 def test_a_killed_worker_process_is_retried_and_nothing_is_lost(tiny_run, tmp_path, monkeypatch, capfd):
     _, argv, result = tiny_run
     users = ", ".join(result["users"][: -(-N_USERS // 2)])  # the first of the two groups

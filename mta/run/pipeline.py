@@ -4,6 +4,7 @@ interrupted run resumes where it stopped, and every unit is a function of (confi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from collections.abc import Sequence
@@ -255,11 +256,12 @@ def stage1_select(run: Run) -> dict:
     return write_sealed(path, doc, made_from)
 
 
-def stage1_bank(run: Run) -> None:
-    """Stage 1b: the meta-LoRA of every anchor that has none made from the run's inputs. Where the executor runs
-    jobs side by side (worker processes, Ray), stage 1c's parts the run includes (`stage1c_parts`) join the bank's
-    groups as jobs of their own: they need only stage 1a, and fill the worker the bank's last group leaves idle.
-    Stage 1c then finds their artifacts made (their time is counted in stage 1b's)."""
+def stage1_bank(run: Run, with_stage1c: bool = False) -> None:
+    """Stage 1b: the meta-LoRA of every anchor that has none made from the run's inputs. `with_stage1c` (as
+    `reproduce` and a sweep run it), where the executor runs jobs side by side (worker processes, Ray): stage 1c's
+    parts the run includes (`stage1c_parts`) join the bank's groups as jobs of their own; they need only stage 1a,
+    and fill the worker the bank's last group leaves idle. Stage 1c then finds their artifacts made (their time is
+    counted in stage 1b's)."""
     anchors = stage1_select(run)["anchors"]
     by_id = {u.user_id: u for u in run.candidates}
     todo = [a for a in (a["user_id"] for a in anchors)
@@ -268,7 +270,7 @@ def stage1_bank(run: Run) -> None:
         return
     p = run.profile
     size = run.executor.group_size(len(todo), p.group_size)
-    parts = stage1c_parts(run) if run.executor.side_by_side else []
+    parts = stage1c_parts(run) if with_stage1c and run.executor.side_by_side else []
     log(f"stage 1b: training {len(todo)} of {len(anchors)} meta-LoRAs (rank {p.bank.rank}, {p.bank.epochs} epochs, "
         f"at most {p.max_items_per_anchor or 'all'} items each), {size} at a time, "
         f"{run.executor.kind} executor" + (f"; beside them stage 1c's {', '.join(parts)}" if parts else ""))
@@ -593,7 +595,7 @@ def _if_included(name: str):
 STAGE1C = {"population": stage1c_population, **{name: _if_included(name) for name in BASELINES}}
 
 # Every stage `reproduce` runs, in order, under the name timings.json keeps its wall time by.
-STAGES = [("stage1a_select", stage1_select), ("stage1b_bank", stage1_bank),
+STAGES = [("stage1a_select", stage1_select), ("stage1b_bank", functools.partial(stage1_bank, with_stage1c=True)),
           *((f"stage1c_{part}", build) for part, build in STAGE1C.items()),
           ("stage2_match_anchors", stage2_match_anchors), ("stage3", stage3_run)]
 

@@ -124,7 +124,7 @@ def run_sweep(run: Run, what: str, values: tuple | None = None, methods: tuple[s
         point.write_config()
         if point.dir.shared is None:
             _reuse_meta_loras(point, run)
-            pipeline.stage1_bank(point)
+            pipeline.stage1_bank(point, with_stage1c=True)
             pipeline.stage2_match_anchors(point)
         points[sweep.label(value)] = pipeline.run_and_report(point)
     ref = sweep.label(sweep.reference(run.profile))
