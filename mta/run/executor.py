@@ -14,7 +14,7 @@ driver keeps the progress bar, retries a job whose worker died on a fresh worker
 records the job as failed while the rest of the run goes on. A local or `processes` run also shows, as the bar's
 postfix, the training step in progress within each running job (`mta.log.status`), and logs one line per finished
 job with its last status (its training's steps per second and first and last loss). Where jobs run side by side,
-stage 1b's pool also takes stage 1c's parts (`mta.run.pipeline.stage1_bank`).
+`reproduce` hands stage 1c's parts to stage 1b's workers too (`mta.run.pipeline.stage1_bank`).
 """
 from __future__ import annotations
 

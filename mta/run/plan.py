@@ -386,11 +386,11 @@ def make_plan(run: Run, asked: str = "auto", notes: Sequence[str] = ()) -> dict:
     for name, work in stages.items():
         work["seconds"] = round(seconds(work, rates) / (gain if name in ("stage1b_bank", "stage3") else 1), 1)
         work["peak_gib"] = round(rates.peak_gib[peak.get(name, "llm")], 2)
-    if run.executor.side_by_side:  # stage 1c's parts run in stage 1b's workers (`stage1_bank`), counted there
-        bank = stages["stage1b_bank"]
-        for name in (f"stage1c_{part}" for part in stage1c_parts(run)):
-            bank["seconds"] = round(bank["seconds"] + stages[name]["seconds"] / gain, 1)
-            stages[name].update(seconds=0.0, counted_in="stage1b_bank")
+    pooled = stage1c_parts(run) if run.executor.side_by_side else []  # run in stage 1b's workers (`stage1_bank`)
+    for name in (f"stage1c_{part}" for part in pooled):
+        stages["stage1b_bank"]["seconds"] = round(stages["stage1b_bank"]["seconds"] + stages[name]["seconds"] / gain, 1)
+        stages[name].update(seconds=0.0, counted_in="stage1b_bank")
+    if pooled:
         notes.append("stage 1c's parts run beside the bank's groups in its workers: their time is in stage1b_bank's, "
                      "as the run's timings.json counts it")
     for work in methods.values():
