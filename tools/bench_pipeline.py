@@ -67,6 +67,7 @@ from mta.models.checkpoint import load_llm
 from mta.peft.multi_lora import fresh_adapter
 from mta.precision import bf16_supported
 from mta.profiles import CPU, LoRASpec, Profile
+from mta.run.executor import Executor
 from mta.run.pipeline import Run, reproduce, stored_profile, unit_failure, unit_result
 from mta.seeding import derive_seed
 from mta.stages.engine import Engine, fit_text
@@ -506,9 +507,9 @@ def run_mfu(run_dir: Path) -> dict:
               seed=config["seed"], progress=False)
     if run.dir.root.resolve() != run_dir.resolve():
         raise SystemExit(f"--mfu: {run_dir} is not a run directory (<runs>/<task>/<profile>-seed<seed>)")
-    executor = read_json(run.dir.provenance)[-1].get("executor", {})
-    if executor.get("kind") in ("processes", "ray"):  # each job had one worker's threads: the peak is theirs
-        torch.set_num_threads(executor["threads"])
+    executor = Executor(**read_json(run.dir.provenance)[-1].get("executor", {}))
+    if executor.side_by_side:  # each job had one worker's threads: the peak is theirs
+        torch.set_num_threads(executor.threads)
     side = collect(run, Engine(p, run.task_spec, *load_llm(p.llm, dtype=p.torch_dtype)), run.methods)
     peak = peak_gemm_flops(torch.bfloat16 if p.bf16 else torch.float32)
     out = {"cpu": cpu_name(), "torch": torch.__version__, "threads": torch.get_num_threads(), "run_dir": str(run_dir),
